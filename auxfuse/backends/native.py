@@ -1,0 +1,169 @@
+"""The `cpu` and `cuda` backends: the fused kernels of the compiled extension (torch.ops.auxfuse.*).
+
+The ops are defined in csrc/auxfuse.cpp; this module registers their fake kernels (for torch.compile and
+meta tensors) and their autograd formula. How each device gets its gradient (grad_mode):
+  - CPU computes the gradient inside the forward pass, while each row is in cache, with the head weight and
+    the mean's divisor folded in: one exponential per logit, and backward only scales by grad_output
+    (nothing at all when it is 1).
+  - CUDA saves the per-row log-sum-exp and writes the gradient in one backward pass that reads
+    grad_output on the device: 3 x element size bytes per logit and no host sync, where gradient-in-forward
+    would need a fourth pass to apply grad_output (it is only known in backward).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .problem import BackendResult, Problem
+
+try:
+    from auxfuse import _C  # noqa: F401  (loading it registers the ops and kernels)
+
+    _LOAD_ERROR: Optional[str] = None
+except ImportError as error:  # the package still works, on the torch backend
+    _LOAD_ERROR = f"the compiled extension auxfuse._C could not be imported ({error})"
+
+NO_GRAD, GRAD_IN_FORWARD, SAVE_LSE = 0, 1, 2
+GRAD_MODE = {"cpu": GRAD_IN_FORWARD, "cuda": SAVE_LSE}
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CUDA_MAX_HEADS = 16  # the CUDA kernels take the heads' pointers by value in the launch parameters
+
+
+def _has_kernel(dispatch_key: str) -> bool:
+    return _LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "auxfuse::multihead_ce_forward", dispatch_key
+    )
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _allocate_head_grads(heads):
+    """Mirror of allocate_head_grads in csrc/ops_common.h: gradients laid out like the heads."""
+    h0 = heads[0]
+    H, (N, C, S) = len(heads), h0.shape
+    if S > 1 and h0.stride(1) == 1:
+        return h0.new_empty((H, N, S, C)).permute(0, 1, 3, 2)
+    return h0.new_empty((H, N, C, S))
+
+
+if _LOAD_ERROR is None:
+
+    @torch.library.register_fake("auxfuse::multihead_ce_forward")
+    def _forward_fake(heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction, grad_mode):
+        h0 = heads[0]
+        N, C, S = h0.shape
+        acc = _acc_dtype(h0.dtype)
+        loss = h0.new_empty((N, S) if reduction == 0 else (), dtype=acc)
+        if grad_mode == GRAD_IN_FORWARD:
+            saved = _allocate_head_grads(heads)
+        elif grad_mode == SAVE_LSE:
+            saved = h0.new_empty((len(heads), N, S), dtype=acc)
+        else:
+            saved = h0.new_empty((0,), dtype=acc)
+        return (
+            loss,
+            h0.new_empty((len(heads),), dtype=acc),
+            h0.new_empty((len(heads),), dtype=torch.int64),
+            h0.new_empty((), dtype=torch.int64),
+            h0.new_empty((), dtype=acc),
+            saved,
+        )
+
+    @torch.library.register_fake("auxfuse::multihead_ce_backward")
+    def _backward_fake(grad_loss, heads, target, class_weight, head_weights, ignore_index, label_smoothing,
+                       reduction, lse, denom):
+        return _allocate_head_grads(heads)
+
+    def _setup_context(ctx, inputs, output):
+        heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction, grad_mode = inputs
+        saved, denom = output[5], output[4]
+        ctx.grad_mode, ctx.reduction, ctx.num_heads = grad_mode, reduction, len(heads)
+        ctx.options = (head_weights, ignore_index, label_smoothing, reduction)
+        ctx.has_class_weight = class_weight is not None
+        if grad_mode == GRAD_IN_FORWARD:
+            ctx.save_for_backward(saved)
+        elif grad_mode == SAVE_LSE:
+            extra = [class_weight] if class_weight is not None else []
+            ctx.save_for_backward(saved, denom, target, *extra, *heads)
+
+    def _backward(ctx, grad_loss, *unused_grads):
+        if grad_loss is None or ctx.grad_mode == NO_GRAD:
+            return (None,) * 8
+        if ctx.grad_mode == GRAD_IN_FORWARD:
+            (grads,) = ctx.saved_tensors
+            if ctx.reduction == 0:
+                grads = grads * grad_loss.unsqueeze(1).to(grads.dtype)
+            elif torch.compiler.is_compiling() or grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:
+                # On CPU reading grad_output costs nothing; the common loss.backward() needs no pass at all.
+                grads = grads * grad_loss.to(grads.dtype)
+        else:
+            lse, denom, target, *rest = ctx.saved_tensors
+            class_weight = rest[0] if ctx.has_class_weight else None
+            heads = rest[1:] if ctx.has_class_weight else rest
+            grads = torch.ops.auxfuse.multihead_ce_backward(grad_loss, heads, target, class_weight, *ctx.options,
+                                                            lse, denom)
+        return list(grads.unbind(0)), None, None, None, None, None, None, None
+
+    torch.library.register_autograd("auxfuse::multihead_ce_forward", _backward, setup_context=_setup_context)
+
+
+class NativeBackend:
+    """One fused-kernel backend: `cpu` or `cuda` (the dispatch key of torch.ops.auxfuse.*)."""
+
+    def __init__(self, device_type: str):
+        self.name = device_type
+        self.device_type = device_type
+        self.dispatch_key = device_type.upper()
+
+    def unavailable_reason(self) -> Optional[str]:
+        if _LOAD_ERROR is not None:
+            return _LOAD_ERROR
+        if not _has_kernel(self.dispatch_key):
+            return f"auxfuse._C was built without {self.dispatch_key} kernels"
+        if self.device_type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device is visible"
+        return None
+
+    def not_supported_reasons(self, problem: Problem) -> list[str]:
+        reasons = []
+        unavailable = self.unavailable_reason()
+        if unavailable:
+            reasons.append(unavailable)
+        if problem.device.type != self.device_type:
+            reasons.append(f"the heads are on {problem.device.type}, this backend runs on {self.device_type}")
+        if self.device_type == "cuda":
+            if problem.dtype not in CUDA_DTYPES:
+                reasons.append(f"the CUDA kernels take {[str(d) for d in CUDA_DTYPES]}, not {problem.dtype}")
+            if len(problem.heads) > CUDA_MAX_HEADS:
+                reasons.append(f"the CUDA kernels take at most {CUDA_MAX_HEADS} heads, got {len(problem.heads)}")
+        if problem.prob_target and problem.target.requires_grad:
+            reasons.append("gradients w.r.t. probability targets are computed by the torch backend only")
+        if problem.class_weight is not None and problem.class_weight.requires_grad:
+            reasons.append("gradients w.r.t. class weights are computed by the torch backend only")
+        return reasons
+
+    def compute(self, problem: Problem) -> BackendResult:
+        heads = problem.heads
+        if any(h.stride() != heads[0].stride() for h in heads[1:]):
+            # The kernels walk every head with head 0's strides.
+            heads = [h.contiguous() for h in heads]
+        grad_mode = GRAD_MODE[self.device_type] if problem.needs_grad else NO_GRAD
+        loss, head_losses, head_correct, count, _, _ = torch.ops.auxfuse.multihead_ce_forward(
+            heads,
+            problem.target,
+            problem.class_weight,
+            problem.head_weights,
+            problem.ignore_index,
+            problem.label_smoothing,
+            problem.reduction_code,
+            grad_mode,
+        )
+        return BackendResult(loss, head_losses, head_correct, count)
+
+
+cpu = NativeBackend("cpu")
+cuda = NativeBackend("cuda")

@@ -1,0 +1,195 @@
+"""multi_head_cross_entropy: read the heads, validate, pick a backend, call it."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Union
+
+import torch
+
+from .backends import select_backend
+from .backends.problem import REDUCTIONS, Problem
+from .outputs import DEFAULT_AUX_WEIGHT, Heads, Weights, collect_heads
+
+
+class MultiHeadLossOutput(NamedTuple):
+    """What ``return_details=True`` returns, all from the same fused pass.
+
+    loss: the weighted total (what to call ``backward()`` on).
+    head_losses: (H,) each head's unweighted loss, detached, in output order (reduced like ``loss``;
+        by mean when ``reduction="none"``).
+    head_correct: (H,) int64, each head's top-1 hits among the counted targets (for probability targets:
+        rows whose argmax matches the target's argmax).
+    count: () int64, the number of counted targets (not ``ignore_index``).
+    """
+
+    loss: torch.Tensor
+    head_losses: torch.Tensor
+    head_correct: torch.Tensor
+    count: torch.Tensor
+
+
+def _check_heads(heads: Heads) -> None:
+    first_name, first = heads.names[0], heads.tensors[0]
+    for name, x in zip(heads.names, heads.tensors):
+        if not x.is_floating_point():
+            raise ValueError(f"auxfuse: head {name!r} holds {x.dtype}; logits must be floating point")
+        for what, a, b in (("shape", x.shape, first.shape), ("dtype", x.dtype, first.dtype),
+                           ("device", x.device, first.device)):
+            if a != b:
+                raise ValueError(
+                    f"auxfuse: head {name!r} has {what} {a} but head {first_name!r} has {b}; "
+                    f"all heads must share one {what} (they share one target)"
+                )
+    if first.dim() == 0:
+        raise ValueError(f"auxfuse: head {first_name!r} is a scalar; logits need a class dimension (N, C, ...)")
+
+
+def _as_rows(x: torch.Tensor, batched: bool) -> torch.Tensor:
+    """(N, C, d1..dk) -> (N, C, S) without a copy wherever the strides allow (channels_last included)."""
+    if not batched:
+        x = x.unsqueeze(0)
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise ValueError(
+            f"auxfuse: target value {value} is outside [0, {num_classes}) and is not ignore_index "
+            f"({ignore_index}); every class index must name one of the {num_classes} classes"
+        )
+
+
+def build_problem(
+    heads: Heads,
+    target: torch.Tensor,
+    *,
+    weight: Optional[torch.Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    check_targets: bool,
+    want_details: bool,
+) -> tuple[Problem, tuple[int, ...]]:
+    """Validate the options against the heads; return the backends' Problem and the shape of a 'none' loss."""
+    _check_heads(heads)
+    first = heads.tensors[0]
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"auxfuse: reduction={reduction!r}; use one of {REDUCTIONS}")
+    if not (0.0 <= float(label_smoothing) <= 1.0):
+        raise ValueError(f"auxfuse: label_smoothing={label_smoothing} must be in [0, 1]")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"auxfuse: target must be a Tensor, not {type(target).__name__}")
+    if target.device != first.device:
+        raise ValueError(f"auxfuse: target is on {target.device} but the heads are on {first.device}; move one")
+    batched = first.dim() >= 2
+    num_classes = first.shape[1] if batched else first.shape[0]
+    index_shape = tuple(first.shape[:1]) + tuple(first.shape[2:]) if batched else ()
+    if target.is_floating_point() and target.shape == first.shape:
+        prob_target = True
+    elif target.shape == index_shape and not target.is_floating_point() and not target.is_complex():
+        prob_target = False
+    else:
+        hint = " (float class indices: convert with target.long())" if target.shape == index_shape else ""
+        raise ValueError(
+            f"auxfuse: target has shape {tuple(target.shape)} and dtype {target.dtype}{hint}; for heads of shape "
+            f"{tuple(first.shape)} it must be class indices of shape {index_shape} (int64) or probabilities "
+            f"of shape {tuple(first.shape)} (floating point)"
+        )
+    if prob_target:
+        target = _as_rows(target.to(first.dtype), batched)
+    else:
+        target = target.long().reshape(first.shape[0] if batched else 1, -1)
+        validate = check_targets or (target.device.type == "cpu" and not torch.compiler.is_compiling())
+        if validate:
+            _check_target_range(target, num_classes, ignore_index)
+    acc_dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    class_weight = None
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or weight.shape != (num_classes,):
+            shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+            raise ValueError(f"auxfuse: weight must be a Tensor of shape ({num_classes},), one per class; got {shape}")
+        if weight.device != first.device:
+            raise ValueError(f"auxfuse: weight is on {weight.device} but the heads are on {first.device}; move one")
+        class_weight = weight.to(acc_dtype).contiguous()
+    problem = Problem(
+        heads=[_as_rows(x, batched) for x in heads.tensors],
+        names=heads.names,
+        head_weights=[float(w) for w in heads.weights],
+        target=target,
+        prob_target=prob_target,
+        class_weight=class_weight,
+        ignore_index=int(ignore_index),
+        label_smoothing=float(label_smoothing),
+        reduction=reduction,
+        needs_grad=torch.is_grad_enabled() and any(x.requires_grad for x in heads.tensors),
+        want_details=want_details,
+    )
+    return problem, index_shape
+
+
+def multi_head_cross_entropy(
+    outputs: Any,
+    target: torch.Tensor,
+    weights: Weights = None,
+    *,
+    aux_weight: float = DEFAULT_AUX_WEIGHT,
+    main: Optional[Union[str, int]] = None,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+    check_targets: bool = False,
+    return_details: bool = False,
+) -> Union[torch.Tensor, MultiHeadLossOutput]:
+    """Weighted cross-entropy of every head of a model output, in one fused pass (forward and backward).
+
+    Equals ``sum_h weights[h] * F.cross_entropy(head_h, target, weight, ignore_index=..., reduction=...,
+    label_smoothing=...)`` for every input ``F.cross_entropy`` accepts.
+
+    Args:
+        outputs: the model's output as it comes: a Tensor, a namedtuple such as GoogLeNetOutputs /
+            InceptionOutputs (``None`` fields skipped), a dict such as ``{"out": ..., "aux": ...}``, a tuple or list.
+        target: class indices (N, d1, ...) or class probabilities (N, C, d1, ...), shared by every head.
+        weights: per-head weights, by position (sequence) or by name (mapping). None: the preset for the
+            output type (GoogLeNet 1 / 0.3 / 0.3, Inception v3 1 / 0.4, segmentation out 1 / aux 0.5),
+            else 1 for the main head and ``aux_weight`` for the others.
+        aux_weight: weight of every non-main head when ``weights`` is None and no preset applies.
+        main: the main head's name or position (default ``logits`` / ``out`` / the first).
+        weight, ignore_index, label_smoothing, reduction: as in ``torch.nn.functional.cross_entropy``.
+        backend: ``auto``, ``cuda``, ``triton``, ``cpu`` or ``torch``; see ``auxfuse.available_backends()``.
+        check_targets: on CUDA, check every class index now (one host sync) and raise a ValueError for one
+            outside [0, C); without it an invalid index makes the loss NaN. CPU always checks.
+        return_details: return a ``MultiHeadLossOutput`` (loss, head_losses, head_correct, count).
+
+    The loss is float32 (float64 for float64 logits); gradients have the logits' dtype.
+
+    Example:
+        >>> import torch
+        >>> from auxfuse import multi_head_cross_entropy
+        >>> logits, aux = torch.randn(8, 10, requires_grad=True), torch.randn(8, 10, requires_grad=True)
+        >>> target = torch.randint(0, 10, (8,))
+        >>> loss = multi_head_cross_entropy((logits, aux), target, weights=(1.0, 0.4))
+        >>> loss.backward()
+        >>> out = multi_head_cross_entropy({"out": logits, "aux": aux}, target, return_details=True)
+        >>> out.head_losses.shape, int(out.count)
+        (torch.Size([2]), 8)
+    """
+    heads = collect_heads(outputs, weights, aux_weight=aux_weight, main=main)
+    problem, index_shape = build_problem(
+        heads,
+        target,
+        weight=weight,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+        check_targets=check_targets,
+        want_details=return_details,
+    )
+    result = select_backend(backend, problem).compute(problem)
+    loss = result.loss.reshape(index_shape) if reduction == "none" else result.loss
+    if not return_details:
+        return loss
+    return MultiHeadLossOutput(loss, result.head_losses.detach(), result.head_correct, result.count)

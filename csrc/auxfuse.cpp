@@ -1,0 +1,50 @@
+// The auxfuse op schema: every op is defined here, once. Kernels register per dispatch key in
+// csrc/cpu/multihead_ce.cpp and csrc/cuda/multihead_ce.cu; fake kernels and autograd are registered
+// from Python (auxfuse/backends/native.py).
+//
+// Contract shared by every kernel (the oracle is auxfuse/backends/reference.py):
+//   heads        H >= 1 tensors of one shape (N, C, S), one dtype and device; any strides, but all heads
+//                share heads[0]'s strides (Python makes an odd one contiguous). S is the flattened
+//                spatial size (1 for classifier heads).
+//   target       class indices (N, S) int64, or probabilities (N, C, S) of the heads' dtype.
+//   class_weight optional (C,) of the accumulation dtype (float32, float64 for float64 heads).
+//   head_weights H floats.
+//   reduction    0 none, 1 mean, 2 sum (auxfuse::Reduction in multihead_ce.h).
+//   grad_mode    0 no gradient; 1 the gradient is computed in the forward and returned in `saved`,
+//                already multiplied by the head weight and, for mean, divided by `denom`;
+//                2 the per-row log-sum-exp is returned in `saved` for multihead_ce_backward.
+// Outputs (acc = float32, or float64 for float64 heads):
+//   loss         acc, () for mean / sum, (N, S) for none: sum_h w_h * cross_entropy(head_h).
+//   head_losses  acc (H,): each head's unweighted loss; reduced with `reduction`, and with none by mean.
+//   head_correct int64 (H,): rows whose argmax (first maximum) equals the target, among counted rows;
+//                for probability targets, equals the argmax of the target row.
+//   count        int64 (): counted rows (target != ignore_index; every row for probability targets).
+//   denom        acc (): the mean's divisor: sum of class_weight[target] over counted rows, or count
+//                without weights; N * S for probability targets.
+//   saved        grad_mode 0: empty (0,). 1: gradients (H, N, C, S) in the heads' dtype, laid out like
+//                the heads (see allocate_head_grads). 2: log-sum-exp (H, N, S), acc dtype.
+// A target outside [0, C) that is not ignore_index raises ValueError on CPU before anything is written;
+// on CUDA it is never read out of bounds and makes the loss NaN.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import auxfuse._C` loads this library, whose static initializers register the ops below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(auxfuse, m) {
+  m.def(
+      "multihead_ce_forward(Tensor[] heads, Tensor target, Tensor? class_weight, float[] head_weights, "
+      "int ignore_index, float label_smoothing, int reduction, int grad_mode) -> "
+      "(Tensor loss, Tensor head_losses, Tensor head_correct, Tensor count, Tensor denom, Tensor saved)");
+  // Gradient of every head from the saved log-sum-exp (grad_mode 2): grad_loss is () for mean / sum and
+  // (N, S) for none, read on the device. Returns (H, N, C, S) in the heads' dtype, laid out like the heads.
+  m.def(
+      "multihead_ce_backward(Tensor grad_loss, Tensor[] heads, Tensor target, Tensor? class_weight, "
+      "float[] head_weights, int ignore_index, float label_smoothing, int reduction, Tensor lse, "
+      "Tensor denom) -> Tensor");
+}

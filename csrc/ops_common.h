@@ -1,0 +1,100 @@
+// Host-side pieces shared by the CPU and CUDA kernels of the ops in auxfuse.cpp: argument checks,
+// the problem's sizes and strides, and output allocation (which the fake kernels in
+// auxfuse/backends/native.py mirror exactly).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <vector>
+
+#include "multihead_ce.h"
+
+namespace auxfuse {
+
+struct ProblemShape {
+  int64_t heads;        // H
+  int64_t batch;        // N
+  int64_t classes;      // C
+  int64_t spatial;      // S
+  bool prob_target;     // target holds probabilities (N, C, S) rather than indices (N, S)
+  int64_t rows() const { return batch * spatial; }
+};
+
+inline ProblemShape check_inputs(at::TensorList heads, const at::Tensor& target,
+                                 const c10::optional<at::Tensor>& class_weight, at::ArrayRef<double> head_weights,
+                                 int64_t reduction) {
+  TORCH_CHECK(!heads.empty(), "auxfuse: at least one head is needed");
+  const at::Tensor& h0 = heads[0];
+  TORCH_CHECK(h0.dim() == 3, "auxfuse: heads must be (N, C, S); got ", h0.sizes());
+  TORCH_CHECK(at::isFloatingType(h0.scalar_type()), "auxfuse: heads must be floating point; got ", h0.scalar_type());
+  for (size_t h = 1; h < heads.size(); ++h) {
+    TORCH_CHECK(heads[h].sizes() == h0.sizes() && heads[h].strides() == h0.strides() &&
+                    heads[h].scalar_type() == h0.scalar_type() && heads[h].device() == h0.device(),
+                "auxfuse: head ", h, " differs from head 0 in shape, strides, dtype or device");
+  }
+  TORCH_CHECK(static_cast<int64_t>(head_weights.size()) == static_cast<int64_t>(heads.size()),
+              "auxfuse: ", head_weights.size(), " head weights for ", heads.size(), " heads");
+  TORCH_CHECK(reduction >= kReductionNone && reduction <= kReductionSum, "auxfuse: bad reduction ", reduction);
+  TORCH_CHECK(h0.size(1) > 0, "auxfuse: heads need at least one class");
+  ProblemShape shape{static_cast<int64_t>(heads.size()), h0.size(0), h0.size(1), h0.size(2), false};
+  TORCH_CHECK(target.device() == h0.device(), "auxfuse: target is on ", target.device(), ", heads on ", h0.device());
+  if (target.dim() == 3) {
+    TORCH_CHECK(target.sizes() == h0.sizes() && target.scalar_type() == h0.scalar_type(),
+                "auxfuse: probability targets must match the heads' shape and dtype");
+    shape.prob_target = true;
+  } else {
+    TORCH_CHECK(target.dim() == 2 && target.size(0) == shape.batch && target.size(1) == shape.spatial &&
+                    target.scalar_type() == at::kLong,
+                "auxfuse: class-index targets must be int64 (N, S); got ", target.scalar_type(), " ",
+                target.sizes());
+  }
+  if (class_weight.has_value()) {
+    const auto acc_type = at::toOpMathType(h0.scalar_type());
+    TORCH_CHECK(class_weight->dim() == 1 && class_weight->size(0) == shape.classes &&
+                    class_weight->scalar_type() == acc_type && class_weight->device() == h0.device() &&
+                    class_weight->is_contiguous(),
+                "auxfuse: class_weight must be a contiguous (C,) tensor of ", acc_type, " on the heads' device");
+  }
+  return shape;
+}
+
+// Gradients (H, N, C, S) laid out like the heads: class-innermost heads (channels_last) get a
+// class-innermost gradient, so the kernels write it with the same access pattern as they read.
+inline at::Tensor allocate_head_grads(at::TensorList heads) {
+  const at::Tensor& h0 = heads[0];
+  const int64_t H = heads.size(), N = h0.size(0), C = h0.size(1), S = h0.size(2);
+  const bool class_innermost = S > 1 && h0.stride(1) == 1;
+  if (class_innermost) {
+    return at::empty({H, N, S, C}, h0.options()).permute({0, 1, 3, 2});
+  }
+  return at::empty({H, N, C, S}, h0.options());
+}
+
+struct ForwardOutputs {
+  at::Tensor loss, head_losses, head_correct, count, denom, saved;
+};
+
+inline ForwardOutputs allocate_forward_outputs(at::TensorList heads, const ProblemShape& shape, int64_t reduction,
+                                               int64_t grad_mode) {
+  const at::Tensor& h0 = heads[0];
+  const auto acc_options = h0.options().dtype(at::toOpMathType(h0.scalar_type()));
+  ForwardOutputs out;
+  out.loss = reduction == kReductionNone ? at::empty({shape.batch, shape.spatial}, acc_options)
+                                         : at::empty({}, acc_options);
+  out.head_losses = at::empty({shape.heads}, acc_options);
+  out.head_correct = at::empty({shape.heads}, h0.options().dtype(at::kLong));
+  out.count = at::empty({}, h0.options().dtype(at::kLong));
+  out.denom = at::empty({}, acc_options);
+  if (grad_mode == kGradInForward) {
+    out.saved = allocate_head_grads(heads);
+  } else if (grad_mode == kSaveLse) {
+    out.saved = at::empty({shape.heads, shape.batch, shape.spatial}, acc_options);
+  } else {
+    TORCH_CHECK(grad_mode == kNoGrad, "auxfuse: bad grad_mode ", grad_mode);
+    out.saved = at::empty({0}, acc_options);
+  }
+  return out;
+}
+
+}  // namespace auxfuse
