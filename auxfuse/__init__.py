@@ -5,7 +5,7 @@
 """
 
 from .backends import available_backends
-from .functional import MultiHeadLossOutput, multi_head_cross_entropy
+from .functional import MultiHeadLossOutput, explain_backend, multi_head_cross_entropy
 from .loss import MultiHeadLoss
 from .outputs import collect_heads, main_logits
 
@@ -15,6 +15,7 @@ __all__ = [
     "MultiHeadLossOutput",
     "available_backends",
     "collect_heads",
+    "explain_backend",
     "main_logits",
     "multi_head_cross_entropy",
 ]

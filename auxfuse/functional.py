@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
 
-from .backends import select_backend
+from .backends import AUTO_ORDER, BACKENDS, select_backend
 from .backends.problem import REDUCTIONS, Problem
 from .outputs import DEFAULT_AUX_WEIGHT, Heads, Weights, collect_heads
 
@@ -48,7 +50,7 @@ def _as_rows(x: torch.Tensor, batched: bool) -> torch.Tensor:
     """(N, C, d1..dk) -> (N, C, S) without a copy wherever the strides allow (channels_last included)."""
     if not batched:
         x = x.unsqueeze(0)
-    return x.reshape(x.shape[0], x.shape[1], -1)
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
 
 
 def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
@@ -100,7 +102,7 @@ def build_problem(
     if prob_target:
         target = _as_rows(target.to(first.dtype), batched)
     else:
-        target = target.long().reshape(first.shape[0] if batched else 1, -1)
+        target = target.long().reshape(first.shape[0] if batched else 1, math.prod(index_shape[1:]))
         validate = check_targets or (target.device.type == "cpu" and not torch.compiler.is_compiling())
         if validate:
             _check_target_range(target, num_classes, ignore_index)
@@ -193,3 +195,34 @@ def multi_head_cross_entropy(
     if not return_details:
         return loss
     return MultiHeadLossOutput(loss, result.head_losses.detach(), result.head_correct, result.count)
+
+
+def explain_backend(outputs: Any, target: torch.Tensor, weights: Weights = None, *, backend: str = "auto",
+                    **options: Any) -> dict:
+    """Which backend a call with these arguments runs on, and why each one before it in auto's order was not used.
+
+    Takes the arguments of ``multi_head_cross_entropy``. Returns ``{"chosen": name, "rejected": {name: [reasons]}}``.
+
+    Example:
+        >>> import torch, auxfuse
+        >>> info = auxfuse.explain_backend(torch.randn(4, 10), torch.zeros(4, dtype=torch.long))
+        >>> info["chosen"] in ("cpu", "torch")
+        True
+    """
+    heads = collect_heads(outputs, weights, aux_weight=options.pop("aux_weight", DEFAULT_AUX_WEIGHT),
+                          main=options.pop("main", None))
+    problem, _ = build_problem(
+        heads, target, weight=options.pop("weight", None), ignore_index=options.pop("ignore_index", -100),
+        label_smoothing=options.pop("label_smoothing", 0.0), reduction=options.pop("reduction", "mean"),
+        check_targets=options.pop("check_targets", False), want_details=options.pop("return_details", False),
+    )
+    if options:
+        raise TypeError(f"auxfuse: unexpected arguments {sorted(options)}")
+    chosen = select_backend(backend, problem).name
+    candidates = AUTO_ORDER.get(problem.device.type, ()) if backend == "auto" else (backend,)
+    rejected = {}
+    for name in candidates:
+        if name == chosen:
+            break
+        rejected[name] = BACKENDS[name].not_supported_reasons(problem)
+    return {"chosen": chosen, "rejected": rejected}

@@ -1,0 +1,233 @@
+"""The public API on real torchvision outputs, the presets, the output types and every error message."""
+
+import collections
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import auxfuse
+from auxfuse.outputs import PRESETS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _assert_same_loss_and_param_grads(model, outputs, target, naive, **criterion_options):
+    """On one train-mode output: the criterion equals `naive`, in the loss and every parameter's gradient."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = auxfuse.MultiHeadLoss(**criterion_options)(outputs, target)
+    ref = naive(outputs, target)
+    torch.testing.assert_close(loss, ref.to(loss.dtype), rtol=1e-5, atol=1e-6)
+    ours = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    theirs = torch.autograd.grad(ref, params, retain_graph=True, allow_unused=True)
+    compared = 0
+    for a, b in zip(ours, theirs):
+        assert (a is None) == (b is None)
+        if a is not None:
+            # Deep backbones amplify fp32 rounding elementwise; the gradient as a whole must agree.
+            assert (a - b).norm() <= 1e-4 * b.norm() + 1e-9
+            compared += 1
+    assert compared > 10
+    return loss
+
+
+def test_googlenet_train_outputs_match_naive_sum():
+    torch.manual_seed(0)
+    model = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False, num_classes=10).train()
+    outputs = model(torch.randn(3, 3, 32, 32))
+    assert type(outputs).__name__ == "GoogLeNetOutputs"
+    target = torch.randint(0, 10, (3,))
+    _assert_same_loss_and_param_grads(
+        model, outputs, target,
+        lambda o, t: F.cross_entropy(o.logits, t) + 0.3 * F.cross_entropy(o.aux_logits1, t)
+        + 0.3 * F.cross_entropy(o.aux_logits2, t),
+    )
+    # Every aux head's parameters receive gradients (no unused-parameter surprise in DDP).
+    loss = auxfuse.MultiHeadLoss()(outputs, target)
+    loss.backward()
+    assert model.aux1.fc2.weight.grad.abs().sum() > 0 and model.aux2.fc2.weight.grad.abs().sum() > 0
+
+
+def test_inception_v3_train_outputs_match_naive_sum():
+    torch.manual_seed(0)
+    model = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False, num_classes=7).train()
+    outputs = model(torch.randn(2, 3, 299, 299))
+    assert type(outputs).__name__ == "InceptionOutputs"
+    target = torch.tensor([1, 6])
+    _assert_same_loss_and_param_grads(
+        model, outputs, target, lambda o, t: F.cross_entropy(o.logits, t) + 0.4 * F.cross_entropy(o.aux_logits, t)
+    )
+
+
+def test_segmentation_dict_outputs_with_ignore_index_255():
+    torch.manual_seed(0)
+    model = torchvision.models.segmentation.fcn_resnet50(
+        weights=None, weights_backbone=None, num_classes=5, aux_loss=True
+    ).train()
+    outputs = model(torch.randn(2, 3, 48, 48))
+    assert set(outputs) == {"out", "aux"}
+    target = torch.randint(0, 5, (2, 48, 48))
+    target[:, :8] = 255  # void border, as in VOC
+    _assert_same_loss_and_param_grads(
+        model, outputs, target,
+        lambda o, t: F.cross_entropy(o["out"], t, ignore_index=255) + 0.5 * F.cross_entropy(o["aux"], t, ignore_index=255),
+        ignore_index=255,
+    )
+
+
+def test_eval_mode_tensor_is_plain_cross_entropy():
+    model = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False, num_classes=10).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, 32, 32))
+    assert isinstance(logits, torch.Tensor)
+    target = torch.tensor([3, 4])
+    torch.testing.assert_close(auxfuse.MultiHeadLoss()(logits, target), F.cross_entropy(logits, target))
+    # Weights written for the training-time output still work on the eval-time Tensor: the main head's weight.
+    torch.testing.assert_close(
+        auxfuse.MultiHeadLoss({"logits": 2.0, "aux_logits1": 0.3, "aux_logits2": 0.3})(logits, target),
+        2.0 * F.cross_entropy(logits, target),
+    )
+    assert auxfuse.main_logits(logits) is logits
+
+
+def test_none_fields_are_skipped():
+    outputs = torchvision.models.GoogLeNetOutputs(torch.randn(4, 6), None, None)
+    target = torch.randint(0, 6, (4,))
+    torch.testing.assert_close(auxfuse.multi_head_cross_entropy(outputs, target), F.cross_entropy(outputs.logits, target))
+    aux_only_one = torchvision.models.GoogLeNetOutputs(torch.randn(4, 6), None, torch.randn(4, 6))
+    torch.testing.assert_close(
+        auxfuse.multi_head_cross_entropy(aux_only_one, target),
+        F.cross_entropy(aux_only_one.logits, target) + 0.3 * F.cross_entropy(aux_only_one.aux_logits1, target),
+    )
+
+
+@pytest.mark.parametrize("fields, expected", [(tuple(sorted(k)), v) for k, v in PRESETS.items()])
+def test_presets_by_field_names(fields, expected):
+    x = {name: torch.randn(3, 4) for name in fields}
+    target = torch.tensor([0, 1, 3])
+    namedtuple = collections.namedtuple("Out", fields)(**x)
+    ref = sum(expected[n] * F.cross_entropy(x[n], target) for n in fields)
+    for outputs in (namedtuple, x):
+        torch.testing.assert_close(auxfuse.multi_head_cross_entropy(outputs, target), ref)
+
+
+def test_generic_outputs_use_aux_weight_and_main():
+    a, b, c = (torch.randn(5, 3) for _ in range(3))
+    t = torch.randint(0, 3, (5,))
+    ce = lambda x: F.cross_entropy(x, t)  # noqa: E731
+    torch.testing.assert_close(auxfuse.multi_head_cross_entropy((a, b, c), t), ce(a) + 0.3 * ce(b) + 0.3 * ce(c))
+    torch.testing.assert_close(auxfuse.multi_head_cross_entropy([a, b], t, aux_weight=0.4), ce(a) + 0.4 * ce(b))
+    torch.testing.assert_close(auxfuse.multi_head_cross_entropy((a, b), t, main=1), 0.3 * ce(a) + ce(b))
+    torch.testing.assert_close(auxfuse.multi_head_cross_entropy({"p": a, "q": b}, t, {"p": 0.5, "q": 2.0}),
+                               0.5 * ce(a) + 2.0 * ce(b))
+    torch.testing.assert_close(auxfuse.multi_head_cross_entropy({"p": a, "q": b}, t, main="q"), 0.3 * ce(a) + ce(b))
+    assert auxfuse.main_logits({"p": a, "q": b}, main="q") is b
+    assert auxfuse.main_logits({"aux": a, "out": b}) is b
+    assert auxfuse.main_logits((a, b)) is a
+
+
+def test_return_details():
+    torch.manual_seed(1)
+    a, b = torch.randn(6, 4), torch.randn(6, 4)
+    t = torch.tensor([0, 1, 2, 3, -100, 1])
+    out = auxfuse.multi_head_cross_entropy({"out": a, "aux": b}, t, return_details=True)
+    assert isinstance(out, auxfuse.MultiHeadLossOutput)
+    torch.testing.assert_close(out.head_losses, torch.stack([F.cross_entropy(a, t), F.cross_entropy(b, t)]))
+    valid = t != -100
+    assert out.head_correct.tolist() == [int(((x.argmax(1) == t) & valid).sum()) for x in (a, b)]
+    assert int(out.count) == 5
+    assert not out.head_losses.requires_grad
+
+
+def test_module_moves_class_weight_and_has_repr():
+    criterion = auxfuse.MultiHeadLoss(weight=torch.ones(3), label_smoothing=0.1)
+    assert "weight" in dict(criterion.named_buffers())
+    criterion = criterion.to(torch.float64)
+    assert criterion.weight.dtype == torch.float64
+    assert "reduction='mean'" in repr(criterion)
+
+
+def test_available_backends_and_explain():
+    available = auxfuse.available_backends()
+    assert set(available) == {"cuda", "triton", "cpu", "torch"}
+    assert available["torch"] is None
+    assert all(reason is None or isinstance(reason, str) and reason for reason in available.values())
+    info = auxfuse.explain_backend((torch.randn(2, 3), torch.randn(2, 3)), torch.tensor([0, 1]))
+    assert info["chosen"] in ("cpu", "torch")
+    if info["chosen"] == "torch":
+        assert info["rejected"]["cpu"]
+
+
+def test_backend_torch_forced_and_unknown_backend():
+    x, t = torch.randn(2, 3), torch.tensor([0, 2])
+    torch.testing.assert_close(auxfuse.multi_head_cross_entropy(x, t, backend="torch"), F.cross_entropy(x, t))
+    with pytest.raises(ValueError, match="unknown backend 'fast'.*choose one of"):
+        auxfuse.multi_head_cross_entropy(x, t, backend="fast")
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run this input: .*"):
+        auxfuse.multi_head_cross_entropy(x, t, backend="cuda")
+
+
+ERROR_CASES = [
+    # (outputs, target, kwargs, exception, message regex)
+    ({"out": torch.randn(2, 3)}, torch.tensor([0, 1]), {"weights": {"out": 1.0, "aux": 0.5, "extra": 1.0}},
+     ValueError, r"weights name \['aux', 'extra'\] but the output's heads are \['out'\]"),
+    ({"out": torch.randn(2, 3), "aux": torch.randn(2, 3)}, torch.tensor([0, 1]), {"weights": {"out": 1.0}},
+     ValueError, r"head\(s\) \['aux'\] have no weight"),
+    ((torch.randn(2, 3), torch.randn(2, 3)), torch.tensor([0, 1]), {"weights": [1.0, 0.3, 0.3]},
+     ValueError, r"3 weights for 2 heads \['0', '1'\]; give one weight per head"),
+    ((torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)), torch.tensor([0, 1]), {"weights": [1.0, 0.3]},
+     ValueError, r"2 weights for 3 heads"),
+    ({"out": torch.randn(2, 3), "aux": torch.randn(2, 4)}, torch.tensor([0, 1]), {},
+     ValueError, r"head 'aux' has shape torch.Size\(\[2, 4\]\) but head 'out' has torch.Size\(\[2, 3\]\)"),
+    ({"out": torch.randn(2, 3), "aux": torch.randn(2, 3, dtype=torch.float64)}, torch.tensor([0, 1]), {},
+     ValueError, r"head 'aux' has dtype torch.float64 but head 'out' has torch.float32"),
+    (torch.randn(2, 3), torch.tensor([0, 1, 2]), {},
+     ValueError, r"target has shape \(3,\).*class indices of shape \(2,\) \(int64\) or probabilities of shape \(2, 3\)"),
+    (torch.randn(2, 3), torch.tensor([0.0, 1.0]), {},
+     ValueError, r"float class indices: convert with target.long\(\)"),
+    (torch.randn(2, 3), torch.tensor([0, 3]), {},
+     ValueError, r"target value 3 is outside \[0, 3\) and is not ignore_index \(-100\)"),
+    (torch.randn(2, 3), torch.tensor([-1, 0]), {},
+     ValueError, r"target value -1 is outside \[0, 3\)"),
+    (torch.randn(2, 3), torch.tensor([0, 1]), {"weights": [float("nan")]},
+     ValueError, r"the weight of head 'output' is nan; weights must be finite"),
+    ((torch.randn(2, 3), torch.randn(2, 3)), torch.tensor([0, 1]), {"weights": [1.0, float("inf")]},
+     ValueError, r"the weight of head '1' is inf"),
+    (torch.randn(2, 3), torch.tensor([0, 1]), {"reduction": "avg"}, ValueError, r"reduction='avg'; use one of"),
+    (torch.randn(2, 3), torch.tensor([0, 1]), {"label_smoothing": 1.5}, ValueError, r"label_smoothing=1.5 must be in"),
+    (torch.randn(2, 3), torch.tensor([0, 1]), {"weight": torch.ones(4)}, ValueError, r"weight must be a Tensor of shape \(3,\)"),
+    ((torch.randn(2, 3), torch.randn(2, 3)), torch.tensor([0, 1]), {"main": 2}, ValueError, r"main=2 but the output has 2 heads"),
+    ({"out": torch.randn(2, 3)}, torch.tensor([0, 1]), {"main": "logits"}, ValueError, r"main='logits' is not a head"),
+    ((None, None), torch.tensor([0, 1]), {}, ValueError, r"the output has no logits"),
+    (torchvision.models.GoogLeNetOutputs(None, torch.randn(2, 3), torch.randn(2, 3)), torch.tensor([0, 1]), {},
+     ValueError, r"the main head 'logits' is None"),
+    ("logits", torch.tensor([0, 1]), {}, TypeError, r"cannot read heads from a str"),
+    ((torch.randn(2, 3), "aux"), torch.tensor([0, 1]), {}, TypeError, r"head '1' is a str, not a Tensor"),
+    (torch.randint(0, 3, (2, 3)), torch.tensor([0, 1]), {}, ValueError, r"head 'output' holds torch.int64"),
+    (torch.randn(2, 3), [0, 1], {}, TypeError, r"target must be a Tensor, not list"),
+]
+
+
+@pytest.mark.parametrize("outputs, target, kwargs, error, message", ERROR_CASES)
+def test_error_messages(outputs, target, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        auxfuse.multi_head_cross_entropy(outputs, target, **kwargs)
+
+
+def test_works_without_compiled_extension():
+    code = (
+        "import sys; sys.modules['auxfuse._C'] = None\n"
+        "import torch, torch.nn.functional as F, auxfuse\n"
+        "b = auxfuse.available_backends(); assert b['torch'] is None and 'auxfuse._C' in b['cpu'], b\n"
+        "x, t = torch.randn(4, 5, requires_grad=True), torch.tensor([0, 1, 2, 3])\n"
+        "loss = auxfuse.multi_head_cross_entropy((x, x * 2), t); loss.backward()\n"
+        "assert torch.allclose(loss, F.cross_entropy(x, t) + 0.3 * F.cross_entropy(x * 2, t))\n"
+        "assert auxfuse.explain_backend(x, t)['chosen'] == 'torch'\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
