@@ -124,9 +124,9 @@ def test_vector_tails(shape, reduction):
     check_backend("cpu", heads, target, [1.0, 0.4], reduction=reduction, label_smoothing=0.1)
 
 
-@pytest.mark.parametrize("spatial", [(1, 1), (3, 5), (16, 1), (17, 1), (300, 1), (257, 3)])
+@pytest.mark.parametrize("spatial", [(1, 1), (3, 5), (16, 1), (17, 1), (300, 1), (257, 3), (2049, 1), (45, 91)])
 def test_spatial_tiles(spatial):
-    """Spatial sizes around the tile width (16 lanes, up to 256 positions per tile)."""
+    """Spatial sizes around the vector width (16 lanes) and the tile width (up to 2048 positions)."""
     g = torch.Generator().manual_seed(sum(spatial))
     heads = [torch.randn((2, 21) + spatial, generator=g) for _ in range(2)]
     target = torch.randint(0, 21, (2,) + spatial, generator=g)

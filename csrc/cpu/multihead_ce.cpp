@@ -4,7 +4,7 @@
 // Structure
 //   1. A pre-pass over the class-index targets (blocked, parallel): counted rows, the mean's divisor and the
 //      first out-of-range target, which raises a ValueError before any output is allocated or written.
-//   2. One at::parallel_for over fixed blocks of work. A block is a range of rows (or of spatial tiles) for
+//   2. One at::parallel_for over fixed blocks of work, handed to the threads dynamically. A block is a range of rows (or of spatial tiles) for
 //      every head; each block writes its rows' outputs and one partial (loss sum in double, top-1 hits) per
 //      head into its own slot; the partials are reduced afterwards in block order.
 //   Two layouts, chosen from the heads' strides:
@@ -13,8 +13,10 @@
 //     targets need), pass 2 computes e = exp(x - max) once per logit, sums it and (grad_mode 1) keeps it in a
 //     per-thread fp32/fp64 row buffer, pass 3 writes the gradient e * a - b * w_c from that buffer while the
 //     row is in cache; the true class is written last from fp32 (p - 1 never rounded through bf16).
-//   - spatial path (N, C, S) with a strided class dimension (segmentation): tiles of up to 256 spatial
-//     positions, vectorized along S (each lane is one row), the same three passes over the tile.
+//   - spatial path (N, C, S) with a strided class dimension (segmentation): tiles of up to 2048 spatial
+//     positions of one sample, vectorized along S (each lane is one row). Pass 1 copies the tile out of the
+//     strided heads (long contiguous runs per class) and keeps per-lane max / argmax / sums, pass 2 turns the
+//     copy into exp(x - max) in place, pass 3 writes each gradient element once (true class folded in).
 //   Deterministic: the block partition depends only on the shape, never on the thread count; every row is
 //   computed by the same instruction sequence wherever it runs (no alignment-dependent peeling); partial
 //   sums are reduced in a fixed order.
@@ -42,6 +44,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -431,6 +435,18 @@ const scalar_t* contiguous_row(const scalar_t* p, int64_t stride, int64_t C, std
   return buf.data();
 }
 
+// Runs worker(next_block) on at::parallel_for's threads; each worker takes block indices from next_block()
+// (a shared counter) until it returns >= blocks. Blocks are handed out dynamically, so a thread slowed down
+// (another process on its core) does less of the work; no result depends on which thread ran a block.
+template <typename F>
+void parallel_blocks(int64_t blocks, const F& worker) {
+  if (blocks <= 0) return;
+  std::atomic<int64_t> counter{0};
+  const auto next_block = [&counter]() { return counter.fetch_add(1, std::memory_order_relaxed); };
+  const int64_t workers = std::min<int64_t>(blocks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(next_block); });
+}
+
 // Per-block partials: each block's unweighted loss sum (double) and top-1 hits, per head.
 struct Partials {
   std::vector<double> loss;
@@ -459,11 +475,11 @@ void forward_rows(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<scal
   const int64_t C_pad = (C + kW - 1) / kW * kW;
   const bool need_wx = a.eps != acc_t(0);
   scalar_t* grad = static_cast<scalar_t*>(out.grad);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> ebuf(grad ? C_pad : 0);
+  parallel_blocks(blocks, [&](const auto& next_block) {
+    std::unique_ptr<acc_t[]> ebuf(grad ? new acc_t[C_pad] : nullptr);
     std::vector<scalar_t> xbuf(a.sC != 1 ? C : 0), tbuf(kProb && a.tC != 1 ? C : 0);
-    acc_t* e = grad ? ebuf.data() : nullptr;
-    for (int64_t b = b0; b < b1; ++b) {
+    acc_t* e = ebuf.get();
+    for (int64_t b = next_block(); b < blocks; b = next_block()) {
       const int64_t r0 = b * rows_per_block, r1 = std::min(rows, r0 + rows_per_block);
       for (int64_t h = 0; h < H; ++h) {
         const acc_t scale = a.hw[h] * out.grad_scale_denom;
@@ -532,8 +548,8 @@ void forward_rows(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<scal
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Spatial path: (N, C, S) with a strided class dimension. A tile is up to kMaxLanes spatial positions of one
-// sample; every vector lane is one row.
+// Spatial path: (N, C, S) with a strided class dimension. A tile is up to kMaxVecs * kW spatial positions of
+// one sample; every vector lane is one row.
 
 template <typename scalar_t>
 struct Tile {
@@ -541,7 +557,7 @@ struct Tile {
   using Vec = typename io::Vec;
   using acc_t = typename io::acc_t;
   static constexpr int kW = io::kW;
-  static constexpr int kMaxVecs = 16;
+  static constexpr int kMaxVecs = 128;
 
   // Loads positions [j*kW, j*kW + kW) of class row p (spatial stride ss), `valid` of them.
   static Vec load(const scalar_t* p, int64_t ss, int j, int valid) {
@@ -557,11 +573,12 @@ struct Tile {
   }
 };
 
-// Tile width (a multiple of kW): the exponentials of a tile (C x width, acc type) stay within ~32 KiB.
+// Tile width (a multiple of kW): the tile copy (C x width, acc type) stays within ~192 KiB (L2), and each class
+// contributes a contiguous run of up to 8 KiB (long runs keep the hardware prefetchers streaming).
 template <typename scalar_t>
 int64_t tile_width(int64_t C, int64_t S) {
   using T = Tile<scalar_t>;
-  const int64_t budget = 32768 / (C * static_cast<int64_t>(sizeof(typename T::acc_t)));
+  const int64_t budget = 196608 / (C * static_cast<int64_t>(sizeof(typename T::acc_t)));
   int64_t width = std::max<int64_t>(1, std::min<int64_t>(budget / T::kW, T::kMaxVecs)) * T::kW;
   const int64_t s_pad = (S + T::kW - 1) / T::kW * T::kW;
   return std::min(width, s_pad);
@@ -574,6 +591,7 @@ void forward_tiles(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<sca
   using Vec = typename T::Vec;
   using acc_t = typename T::acc_t;
   constexpr int kW = T::kW;
+  constexpr int kLanes = T::kMaxVecs * kW;
   const int64_t C = a.C, S = a.S, H = a.H, N = a.N;
   const int64_t rows = N * S;
   const int64_t tiles_per_n = (S + width - 1) / width;
@@ -581,15 +599,28 @@ void forward_tiles(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<sca
   const bool need_wx = a.eps != acc_t(0);
   scalar_t* grad = static_cast<scalar_t*>(out.grad);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> ebuf(grad ? C * width : 0);
-    acc_t* e = ebuf.data();
-    Vec vmax[T::kMaxVecs], vidx[T::kMaxVecs], vsum[T::kMaxVecs], vwx[T::kMaxVecs];
-    Vec vwt[T::kMaxVecs], vwtx[T::kMaxVecs], vtmax[T::kMaxVecs], vtidx[T::kMaxVecs];
-    Vec va[T::kMaxVecs], vb[T::kMaxVecs], vb0[T::kMaxVecs];
-    acc_t lane[8][T::kMaxVecs * kW];
-    acc_t la[T::kMaxVecs * kW], lb[T::kMaxVecs * kW], lfix[T::kMaxVecs * kW];
-    for (int64_t b = b0; b < b1; ++b) {
+  parallel_blocks(blocks, [&](const auto& next_block) {
+    // The tile's logits, contiguous (class-major, `width` apart): read from the strided heads once, then the
+    // exponentials in place.
+    std::unique_ptr<acc_t[]> tile(new acc_t[C * width]);
+    acc_t* xt = tile.get();
+    // Per-lane state, as arrays of acc_t (loaded and stored as vectors): 8 running values, 7 lane values for
+    // the epilogue, 4 gradient coefficients, x at the target.
+    std::unique_ptr<acc_t[]> state(new acc_t[20 * kLanes]);
+    acc_t* vmax = state.get();
+    acc_t* vidx = vmax + kLanes;
+    acc_t* vsum = vidx + kLanes;
+    acc_t* vwx = vsum + kLanes;
+    acc_t* vwt = vwx + kLanes;
+    acc_t* vwtx = vwt + kLanes;
+    acc_t* vtmax = vwtx + kLanes;
+    acc_t* vtidx = vtmax + kLanes;
+    acc_t* la = vtidx + kLanes;
+    acc_t* lb = la + kLanes;
+    acc_t* lfix = lb + kLanes;
+    acc_t* ly = lfix + kLanes;
+    acc_t* xy = ly + kLanes;
+    for (int64_t b = next_block(); b < blocks; b = next_block()) {
       const int64_t u0 = b * tiles_per_block, u1 = std::min(tiles, u0 + tiles_per_block);
       for (int64_t h = 0; h < H; ++h) {
         const acc_t scale = a.hw[h] * out.grad_scale_denom;
@@ -601,86 +632,85 @@ void forward_tiles(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<sca
           const int nv = (valid + kW - 1) / kW;
           const scalar_t* xb = a.x[h] + n * a.sN + s0 * a.sS;
           const scalar_t* tb = kProb ? a.t + n * a.tN + s0 * a.tS : nullptr;
-          // Pass 1: per-lane max and first argmax over the classes (NaN wins, like argmax), and the sums.
-          for (int j = 0; j < nv; ++j) {
-            vmax[j] = Vec(ninf);
-            vidx[j] = Vec(0);
-            vwx[j] = vwt[j] = vwtx[j] = Vec(0);
-            vtmax[j] = Vec(ninf);
-            vtidx[j] = Vec(0);
+          // Pass 1: copy the tile; per-lane max and first argmax over the classes (NaN wins, like argmax);
+          // the weighted sums.
+          for (int l = 0; l < nv * kW; ++l) {
+            vmax[l] = vtmax[l] = ninf;
+            vidx[l] = vwx[l] = vwt[l] = vwtx[l] = vtidx[l] = vsum[l] = 0;
           }
           for (int64_t c = 0; c < C; ++c) {
             const Vec cv(static_cast<acc_t>(c));
             const Vec wv(a.w(c));
+            const scalar_t* xc = xb + c * a.sC;
+            acc_t* xtc = xt + c * width;
             for (int j = 0; j < nv; ++j) {
-              const Vec xv = T::load(xb + c * a.sC, a.sS, j, valid);
-              const Vec gt = (xv > vmax[j]) | (xv.isnan() & (vmax[j] == vmax[j]));
-              vmax[j] = Vec::blendv(vmax[j], xv, gt);
-              vidx[j] = Vec::blendv(vidx[j], cv, gt);
-              if (need_wx) vwx[j] = at::vec::fmadd(wv, xv, vwx[j]);
+              const int o = j * kW;
+              const Vec xv = T::load(xc, a.sS, j, valid);
+              xv.store(xtc + o);
+              const Vec m = Vec::loadu(vmax + o);
+              const Vec gt = (xv > m) | (xv.isnan() & (m == m));
+              Vec::blendv(m, xv, gt).store(vmax + o);
+              Vec::blendv(Vec::loadu(vidx + o), cv, gt).store(vidx + o);
+              if (need_wx) at::vec::fmadd(wv, xv, Vec::loadu(vwx + o)).store(vwx + o);
               if (kProb) {
                 const Vec tv = T::load(tb + c * a.tC, a.tS, j, valid);
                 const Vec wt = wv * tv;
-                vwt[j] = vwt[j] + wt;
-                vwtx[j] = at::vec::fmadd(wt, xv, vwtx[j]);
-                const Vec tgt = (tv > vtmax[j]) | (tv.isnan() & (vtmax[j] == vtmax[j]));
-                vtmax[j] = Vec::blendv(vtmax[j], tv, tgt);
-                vtidx[j] = Vec::blendv(vtidx[j], cv, tgt);
+                (Vec::loadu(vwt + o) + wt).store(vwt + o);
+                at::vec::fmadd(wt, xv, Vec::loadu(vwtx + o)).store(vwtx + o);
+                const Vec tm = Vec::loadu(vtmax + o);
+                const Vec tgt = (tv > tm) | (tv.isnan() & (tm == tm));
+                Vec::blendv(tm, tv, tgt).store(vtmax + o);
+                Vec::blendv(Vec::loadu(vtidx + o), cv, tgt).store(vtidx + o);
               }
             }
           }
-          // Pass 2: exponentials (kept for pass 3 in grad_mode 1) and their per-lane sums.
-          for (int j = 0; j < nv; ++j) vsum[j] = Vec(0);
-          for (int64_t c = 0; c < C; ++c) {
-            for (int j = 0; j < nv; ++j) {
-              const Vec ev = vexp(T::load(xb + c * a.sC, a.sS, j, valid) - vmax[j]);
-              if (grad) ev.store(e + c * width + j * kW);
-              vsum[j] = vsum[j] + ev;
+          if (!kProb) {  // the logit at each lane's target, before pass 2 overwrites the tile
+            for (int l = 0; l < nv * kW; ++l) {
+              const int64_t y = l < valid ? a.y[n * a.yN + (s0 + l) * a.yS] : a.ignore_index;
+              const bool counted = y != a.ignore_index;
+              ly[l] = counted ? static_cast<acc_t>(y) : acc_t(-1);
+              xy[l] = counted ? xt[y * width + l] : acc_t(0);
             }
           }
-          for (int j = 0; j < nv; ++j) {
-            vmax[j].store(lane[0] + j * kW);
-            vsum[j].store(lane[1] + j * kW);
-            vidx[j].store(lane[2] + j * kW);
-            vwx[j].store(lane[3] + j * kW);
-            if (kProb) {
-              vwt[j].store(lane[4] + j * kW);
-              vwtx[j].store(lane[5] + j * kW);
-              vtidx[j].store(lane[6] + j * kW);
+          // Pass 2: exponentials (in place, for pass 3) and their per-lane sums.
+          for (int64_t c = 0; c < C; ++c) {
+            acc_t* xtc = xt + c * width;
+            for (int j = 0; j < nv; ++j) {
+              const int o = j * kW;
+              const Vec ev = vexp(Vec::loadu(xtc + o) - Vec::loadu(vmax + o));
+              if (grad) ev.store(xtc + o);
+              (Vec::loadu(vsum + o) + ev).store(vsum + o);
             }
           }
           // Per-lane epilogue: loss, hits, lse, gradient coefficients.
-          for (int l = 0; l < valid; ++l) {
+          for (int l = 0; l < nv * kW; ++l) {
+            la[l] = lb[l] = lfix[l] = 0;
+            if (l >= valid) continue;
             const int64_t s = s0 + l, r = n * S + s;
-            const acc_t m = lane[0][l], sum = lane[1][l];
+            const acc_t m = vmax[l], sum = vsum[l];
             const bool finite = std::isfinite(m);
-            const int64_t argmax = static_cast<int64_t>(lane[2][l]);
+            const int64_t argmax = static_cast<int64_t>(vidx[l]);
             if (out.lse) out.lse[h * rows + r] = m + std::log(sum);
             acc_t row_loss = 0;
             if (kProb) {
-              ProbRowSums<acc_t> sums{lane[4][l], lane[5][l], lane[3][l], 0, 0};
+              ProbRowSums<acc_t> sums{vwt[l], vwtx[l], vwx[l], 0, 0};
               const acc_t lse_coef = prob_target_lse_coef(sums, a.W, a.eps, C);
               row_loss = finite ? prob_target_row_loss(SoftmaxState<acc_t>{m, sum, 0}, sums, lse_coef, a.eps, C)
                                 : nan_value<acc_t>();
-              hits += argmax == static_cast<int64_t>(lane[6][l]);
+              hits += argmax == static_cast<int64_t>(vtidx[l]);
               la[l] = finite ? scale * lse_coef / sum : nan_value<acc_t>();
               lb[l] = scale * (acc_t(1) - a.eps);
               lfix[l] = scale * a.eps / acc_t(C);
-            } else {
-              const int64_t y = a.y[n * a.yN + s * a.yS];
-              if (y == a.ignore_index) {
-                la[l] = lb[l] = lfix[l] = 0;
-              } else {
-                const acc_t w_y = a.w(y);
-                const RowCoeffs<acc_t> k = index_target_coeffs(w_y, a.W, a.eps, C);
-                const acc_t x_y = static_cast<acc_t>(xb[y * a.sC + l * a.sS]);
-                row_loss = finite ? index_target_row_loss(SoftmaxState<acc_t>{m, sum, 0}, x_y - m, lane[3][l], a.W, k)
-                                  : nan_value<acc_t>();
-                hits += argmax == y;
-                la[l] = finite ? scale * k.lse_coef / sum : nan_value<acc_t>();
-                lb[l] = scale * k.smooth_coef;
-                lfix[l] = scale * k.target_coef;
-              }
+            } else if (ly[l] >= 0) {
+              const int64_t y = static_cast<int64_t>(ly[l]);
+              const acc_t w_y = a.w(y);
+              const RowCoeffs<acc_t> k = index_target_coeffs(w_y, a.W, a.eps, C);
+              row_loss = finite ? index_target_row_loss(SoftmaxState<acc_t>{m, sum, 0}, xy[l] - m, vwx[l], a.W, k)
+                                : nan_value<acc_t>();
+              hits += argmax == y;
+              la[l] = finite ? scale * k.lse_coef / sum : nan_value<acc_t>();
+              lb[l] = scale * k.smooth_coef;
+              lfix[l] = scale * k.target_coef;
             }
             loss_sum += static_cast<double>(row_loss);
             if (out.loss_rows) {
@@ -689,32 +719,24 @@ void forward_tiles(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<sca
             }
           }
           if (!grad) continue;
-          // Pass 3: the gradient, from the kept exponentials.
-          for (int l = valid; l < nv * kW; ++l) la[l] = lb[l] = lfix[l] = 0;
-          for (int j = 0; j < nv; ++j) {
-            va[j] = Vec::loadu(la + j * kW);
-            vb[j] = Vec::loadu(lb + j * kW);
-            vb0[j] = Vec::loadu(lfix + j * kW);
-          }
+          // Pass 3: the gradient from the kept exponentials, every element written once:
+          //   index: e * a - b * w_c - [c == y] * fix;  probability: e * a - (b * t_c + fix) * w_c.
           scalar_t* gb = grad + h * rows * C + n * C * S + s0;
           for (int64_t c = 0; c < C; ++c) {
             const Vec wv(a.w(c));
+            const Vec cv(static_cast<acc_t>(c));
+            const acc_t* etc = xt + c * width;
             for (int j = 0; j < nv; ++j) {
-              const Vec ev = Vec::loadu(e + c * width + j * kW);
-              Vec minus;
+              const Vec ev = Vec::loadu(etc + j * kW);
+              const Vec av = Vec::loadu(la + j * kW), bv = Vec::loadu(lb + j * kW), fv = Vec::loadu(lfix + j * kW);
+              Vec gv;
               if (kProb) {
-                minus = at::vec::fmadd(vb[j], T::load(tb + c * a.tC, a.tS, j, valid), vb0[j]) * wv;
+                gv = at::vec::fmsub(ev, av, at::vec::fmadd(bv, T::load(tb + c * a.tC, a.tS, j, valid), fv) * wv);
               } else {
-                minus = vb[j] * wv;
+                gv = at::vec::fmsub(ev, av, bv * wv);
+                gv = gv - Vec::blendv(Vec(0), fv, Vec::loadu(ly + j * kW) == cv);
               }
-              T::store(gb + c * S, j, valid, at::vec::fmsub(ev, va[j], minus));
-            }
-          }
-          if (!kProb) {
-            for (int l = 0; l < valid; ++l) {
-              const int64_t y = a.y[n * a.yN + (s0 + l) * a.yS];
-              if (y == a.ignore_index) continue;
-              gb[y * S + l] = static_cast<scalar_t>(e[y * width + l] * la[l] - lb[l] * a.w(y) - lfix[l]);
+              T::store(gb + c * S, j, valid, gv);
             }
           }
         }
@@ -834,9 +856,9 @@ void backward_rows(const Args<scalar_t>& a, const BackwardIn<at::opmath_type<sca
   const int64_t rows = a.N * S;
   const int64_t rows_per_block = std::max<int64_t>(1, kBlockElements / (H * C));
   const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  parallel_blocks(blocks, [&](const auto& next_block) {
     std::vector<scalar_t> xbuf(a.sC != 1 ? C : 0), tbuf(kProb && a.tC != 1 ? C : 0);
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t b = next_block(); b < blocks; b = next_block()) {
       const int64_t r0 = b * rows_per_block, r1 = std::min(rows, r0 + rows_per_block);
       for (int64_t h = 0; h < H; ++h) {
         for (int64_t r = r0; r < r1; ++r) {
@@ -905,6 +927,7 @@ void backward_tiles(const Args<scalar_t>& a, const BackwardIn<at::opmath_type<sc
   using Vec = typename T::Vec;
   using acc_t = typename T::acc_t;
   constexpr int kW = T::kW;
+  constexpr int kLanes = T::kMaxVecs * kW;
   const int64_t C = a.C, S = a.S, H = a.H, N = a.N;
   const int64_t rows = N * S;
   const int64_t width = tile_width<scalar_t>(C, S);
@@ -912,11 +935,15 @@ void backward_tiles(const Args<scalar_t>& a, const BackwardIn<at::opmath_type<sc
   const int64_t tiles = N * tiles_per_n;
   const int64_t tiles_per_block = std::max<int64_t>(1, kBlockElements / (H * C * width));
   const int64_t blocks = (tiles + tiles_per_block - 1) / tiles_per_block;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    Vec va[T::kMaxVecs], vb[T::kMaxVecs], vb0[T::kMaxVecs], vl[T::kMaxVecs], vwt[T::kMaxVecs];
-    acc_t la[T::kMaxVecs * kW], lb[T::kMaxVecs * kW], lfix[T::kMaxVecs * kW], ll[T::kMaxVecs * kW];
-    acc_t lwt[T::kMaxVecs * kW];
-    for (int64_t b = b0; b < b1; ++b) {
+  parallel_blocks(blocks, [&](const auto& next_block) {
+    std::unique_ptr<acc_t[]> state(new acc_t[6 * kLanes]);
+    acc_t* la = state.get();
+    acc_t* lb = la + kLanes;
+    acc_t* lfix = lb + kLanes;
+    acc_t* ll = lfix + kLanes;
+    acc_t* ly = ll + kLanes;
+    acc_t* lwt = ly + kLanes;
+    for (int64_t b = next_block(); b < blocks; b = next_block()) {
       const int64_t u0 = b * tiles_per_block, u1 = std::min(tiles, u0 + tiles_per_block);
       for (int64_t h = 0; h < H; ++h) {
         for (int64_t u = u0; u < u1; ++u) {
@@ -925,16 +952,18 @@ void backward_tiles(const Args<scalar_t>& a, const BackwardIn<at::opmath_type<sc
           const int nv = (valid + kW - 1) / kW;
           const scalar_t* xb = a.x[h] + n * a.sN + s0 * a.sS;
           const scalar_t* tb = kProb ? a.t + n * a.tN + s0 * a.tS : nullptr;
-          if (kProb) {
-            for (int j = 0; j < nv; ++j) vwt[j] = Vec(0);
+          if (kProb) {  // sum_c w_c t_c per lane
+            for (int l = 0; l < nv * kW; ++l) lwt[l] = 0;
             for (int64_t c = 0; c < C; ++c) {
               const Vec wv(a.w(c));
-              for (int j = 0; j < nv; ++j) vwt[j] = at::vec::fmadd(wv, T::load(tb + c * a.tC, a.tS, j, valid), vwt[j]);
+              for (int j = 0; j < nv; ++j) {
+                at::vec::fmadd(wv, T::load(tb + c * a.tC, a.tS, j, valid), Vec::loadu(lwt + j * kW)).store(lwt + j * kW);
+              }
             }
-            for (int j = 0; j < nv; ++j) vwt[j].store(lwt + j * kW);
           }
           for (int l = 0; l < nv * kW; ++l) {
             la[l] = lb[l] = lfix[l] = ll[l] = 0;
+            ly[l] = -1;
             if (l >= valid) continue;
             const int64_t s = s0 + l, r = n * S + s;
             const acc_t gl = in.per_row ? in.grad_loss[n * in.glN + s * in.glS] : in.grad_loss[0];
@@ -954,34 +983,26 @@ void backward_tiles(const Args<scalar_t>& a, const BackwardIn<at::opmath_type<sc
               la[l] = finite ? scale * k.lse_coef : nan_value<acc_t>();
               lb[l] = scale * k.smooth_coef;
               lfix[l] = scale * k.target_coef;
+              ly[l] = static_cast<acc_t>(y);
             }
           }
-          for (int j = 0; j < nv; ++j) {
-            va[j] = Vec::loadu(la + j * kW);
-            vb[j] = Vec::loadu(lb + j * kW);
-            vb0[j] = Vec::loadu(lfix + j * kW);
-            vl[j] = Vec::loadu(ll + j * kW);
-          }
+          // One pass: index: exp(x - lse) * a - b * w_c - [c == y] * fix;
+          //           probability: exp(x - lse) * a - (b * t_c + fix) * w_c.
           scalar_t* gb = grad + h * rows * C + n * C * S + s0;
           for (int64_t c = 0; c < C; ++c) {
             const Vec wv(a.w(c));
+            const Vec cv(static_cast<acc_t>(c));
             for (int j = 0; j < nv; ++j) {
-              const Vec ev = vexp(T::load(xb + c * a.sC, a.sS, j, valid) - vl[j]);
-              Vec minus;
+              const int o = j * kW;
+              const Vec ev = vexp(T::load(xb + c * a.sC, a.sS, j, valid) - Vec::loadu(ll + o));
+              const Vec av = Vec::loadu(la + o), bv = Vec::loadu(lb + o), fv = Vec::loadu(lfix + o);
+              Vec gv;
               if (kProb) {
-                minus = at::vec::fmadd(vb[j], T::load(tb + c * a.tC, a.tS, j, valid), vb0[j]) * wv;
+                gv = at::vec::fmsub(ev, av, at::vec::fmadd(bv, T::load(tb + c * a.tC, a.tS, j, valid), fv) * wv);
               } else {
-                minus = vb[j] * wv;
+                gv = at::vec::fmsub(ev, av, bv * wv) - Vec::blendv(Vec(0), fv, Vec::loadu(ly + o) == cv);
               }
-              T::store(gb + c * S, j, valid, at::vec::fmsub(ev, va[j], minus));
-            }
-          }
-          if (!kProb) {
-            for (int l = 0; l < valid; ++l) {
-              const int64_t y = a.y[n * a.yN + (s0 + l) * a.yS];
-              if (y == a.ignore_index) continue;
-              const acc_t x_y = static_cast<acc_t>(xb[y * a.sC + l * a.sS]);
-              gb[y * S + l] = static_cast<scalar_t>(sexp<acc_t>(x_y - ll[l]) * la[l] - lb[l] * a.w(y) - lfix[l]);
+              T::store(gb + c * S, j, valid, gv);
             }
           }
         }
