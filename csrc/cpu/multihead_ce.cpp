@@ -358,9 +358,11 @@ RowPass1<at::opmath_type<scalar_t>> row_pass1(const scalar_t* x, const scalar_t*
 }
 
 // sum_c exp(x_c - m); with `e` non-null also stores the exponentials there (C rounded up to kW).
+// `next` (optional): the row processed after this one, prefetched into L2 while the exponentials are computed
+// (a new row's first pass otherwise waits on memory at every 4 KiB page).
 template <typename scalar_t>
 at::opmath_type<scalar_t> row_pass2(const scalar_t* x, int64_t C, at::opmath_type<scalar_t> m,
-                                    at::opmath_type<scalar_t>* e) {
+                                    at::opmath_type<scalar_t>* e, const scalar_t* next) {
   using io = IO<scalar_t>;
   using Vec = typename io::Vec;
   constexpr int kW = io::kW;
@@ -368,6 +370,10 @@ at::opmath_type<scalar_t> row_pass2(const scalar_t* x, int64_t C, at::opmath_typ
   Vec s0(0), s1(0);
   int64_t c = 0;
   for (; c + 2 * kW <= C; c += 2 * kW) {
+    if (next) {
+      for (int64_t k = 0; k < 2 * kW * int64_t(sizeof(scalar_t)); k += 64) __builtin_prefetch(
+          reinterpret_cast<const char*>(next + c) + k, 0, 2);
+    }
     const Vec e0 = vexp(io::load(x + c) - mv);
     const Vec e1 = vexp(io::load(x + c + kW) - mv);
     if (e) {
@@ -479,7 +485,12 @@ void forward_rows(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<scal
     std::unique_ptr<acc_t[]> ebuf(grad ? new acc_t[C_pad] : nullptr);
     std::vector<scalar_t> xbuf(a.sC != 1 ? C : 0), tbuf(kProb && a.tC != 1 ? C : 0);
     acc_t* e = ebuf.get();
-    for (int64_t b = next_block(); b < blocks; b = next_block()) {
+    // The row after (h, r) in this worker's order, for prefetching (contiguous rows only). The next block is
+    // taken one block ahead so that the last row of a block can prefetch the first row of the next.
+    const auto row_ptr = [&](int64_t h, int64_t r) { return a.x[h] + (r / S) * a.sN + (r % S) * a.sS; };
+    int64_t b_next = next_block();
+    for (int64_t b = b_next; b < blocks; b = b_next) {
+      b_next = next_block();
       const int64_t r0 = b * rows_per_block, r1 = std::min(rows, r0 + rows_per_block);
       for (int64_t h = 0; h < H; ++h) {
         const acc_t scale = a.hw[h] * out.grad_scale_denom;
@@ -488,12 +499,18 @@ void forward_rows(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<scal
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t n = r / S, s = r % S;
           const scalar_t* x = contiguous_row(a.x[h] + n * a.sN + s * a.sS, a.sC, C, xbuf);
+          const scalar_t* next = nullptr;
+          if (a.sC == 1) {
+            if (r + 1 < r1) next = row_ptr(h, r + 1);
+            else if (h + 1 < H) next = row_ptr(h + 1, r0);
+            else if (b_next < blocks) next = row_ptr(0, b_next * rows_per_block);
+          }
           scalar_t* g = grad ? grad + (h * rows + r) * C : nullptr;
           acc_t row_loss = 0;
           if (kProb) {
             const scalar_t* t = contiguous_row(a.t + n * a.tN + s * a.tS, a.tC, C, tbuf);
             const RowPass1<acc_t> p1 = row_pass1<scalar_t, true>(x, t, a.cw, C, need_wx);
-            const acc_t sum = row_pass2(x, C, p1.max, e);
+            const acc_t sum = row_pass2(x, C, p1.max, e, next);
             ProbRowSums<acc_t> sums{p1.wt, p1.wtx, p1.wx, p1.tmax, 0};
             const acc_t lse_coef = prob_target_lse_coef(sums, a.W, a.eps, C);
             const SoftmaxState<acc_t> st{p1.max, sum, 0};
@@ -512,7 +529,7 @@ void forward_rows(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<scal
               if (g) std::memset(static_cast<void*>(g), 0, C * sizeof(scalar_t));
             } else {
               const RowPass1<acc_t> p1 = row_pass1<scalar_t, false>(x, nullptr, a.cw, C, need_wx && counted);
-              const acc_t sum = row_pass2(x, C, p1.max, counted ? e : nullptr);
+              const acc_t sum = row_pass2(x, C, p1.max, counted ? e : nullptr, next);
               if (out.lse) out.lse[h * rows + r] = p1.max + std::log(sum);
               if (!counted) {
                 if (g) std::memset(static_cast<void*>(g), 0, C * sizeof(scalar_t));
