@@ -427,6 +427,24 @@ def test_invalid_target_raises_before_writing(layout, bad):
         auxfuse.multi_head_cross_entropy(heads, target.view((4,) + shape[2:]), backend="cpu")
 
 
+def test_many_targets_parallel_scan():
+    """Over 1M targets the target pre-pass runs in parallel blocks: count and mean divisor still exact, and the
+    first invalid target (in block order) is the one reported."""
+    g = torch.Generator().manual_seed(11)
+    S = 1_100_000
+    heads = [torch.randn(1, 3, S, generator=g)]
+    target = torch.randint(0, 3, (1, S), generator=g)
+    target[0, ::7] = -100
+    weight = torch.tensor([0.5, 1.0, 2.0])
+    out = OPS.multihead_ce_forward(heads, target, weight, [1.0], -100, 0.0, 1, 0)
+    counted = target != -100
+    assert int(out[3]) == int(counted.sum())
+    assert float(out[4]) == pytest.approx(float(weight[target[counted]].double().sum()), rel=1e-6)
+    target[0, S - 5], target[0, 1_050_000] = 3, 9
+    with pytest.raises(ValueError, match="target value 9 .at flattened position 1050000"):
+        OPS.multihead_ce_forward(heads, target, weight, [1.0], -100, 0.0, 1, 0)
+
+
 def test_auto_picks_cpu():
     heads = [torch.randn(4, 10, requires_grad=True), torch.randn(4, 10, requires_grad=True)]
     target = torch.randint(0, 10, (4,))

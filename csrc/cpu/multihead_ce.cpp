@@ -238,7 +238,8 @@ TargetStats scan_targets(const Args<scalar_t>& a) {
   const int64_t blocks = (rows + kBlock - 1) / kBlock;
   std::vector<int64_t> counts(blocks, 0), bad(blocks, -1);
   std::vector<double> denoms(blocks, 0.0);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  // Parallel only from 1M targets on: below, a parallel region costs more than the scan.
+  at::parallel_for(0, blocks, 128, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t count = 0, first_bad = -1;
       double denom = 0;
