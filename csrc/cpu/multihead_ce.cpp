@@ -2,17 +2,18 @@
 // contract: csrc/auxfuse.cpp; per-row formulas: csrc/multihead_ce.h).
 //
 // Structure
-//   1. A pre-pass over the class-index targets (blocked, parallel): counted rows, the mean's divisor and the
-//      first out-of-range target, which raises a ValueError before any output is allocated or written.
-//   2. One at::parallel_for over fixed blocks of work, handed to the threads dynamically. A block is a range of rows (or of spatial tiles) for
-//      every head; each block writes its rows' outputs and one partial (loss sum in double, top-1 hits) per
-//      head into its own slot; the partials are reduced afterwards in block order.
+//   1. A pre-pass over the class-index targets: counted rows, the mean's divisor and the first out-of-range
+//      target, which raises a ValueError before any output is allocated or written.
+//   2. One at::parallel_for over fixed blocks of work, handed to the threads dynamically. A block is a range of
+//      rows (or of spatial tiles) for every head; each block writes its rows' outputs and one partial (loss sum
+//      in double, top-1 hits) per head into its own slot; the partials are reduced afterwards in block order.
 //   Two layouts, chosen from the heads' strides:
 //   - row path (classifier heads, S == 1, or channels_last, class stride 1): one row at a time, vectorized
-//     along the classes. Pass 1 reads the row (max, and the weighted sums label smoothing / probability
-//     targets need), pass 2 computes e = exp(x - max) once per logit, sums it and (grad_mode 1) keeps it in a
-//     per-thread fp32/fp64 row buffer, pass 3 writes the gradient e * a - b * w_c from that buffer while the
-//     row is in cache; the true class is written last from fp32 (p - 1 never rounded through bf16).
+//     along the classes. Pass 1 reads the row (max; for probability targets the target's max and weighted
+//     sum), pass 2 computes e = exp(x - max) once per logit, sums it (and the weighted sums of x - max that
+//     label smoothing / probability targets need) and in grad_mode 1 keeps e in a per-thread fp32/fp64 row
+//     buffer while prefetching the next row, pass 3 writes the gradient e * a - b * w_c from that buffer while
+//     the row is in cache; the true class is written last from fp32 (p - 1 never rounded through bf16).
 //   - spatial path (N, C, S) with a strided class dimension (segmentation): tiles of up to 2048 spatial
 //     positions of one sample, vectorized along S (each lane is one row). Pass 1 copies the tile out of the
 //     strided heads (long contiguous runs per class) and keeps per-lane max / argmax / sums, pass 2 turns the
@@ -45,10 +46,10 @@
 
 #include <algorithm>
 #include <atomic>
-#include <memory>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "multihead_ce.h"
