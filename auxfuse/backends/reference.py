@@ -111,7 +111,10 @@ class _MultiHeadCrossEntropy(torch.autograd.Function):
         head_sums, hits, lses = [], [], []
         for x, w in zip(heads, problem.head_weights):
             x = x.to(acc)
-            lse = torch.logsumexp(x, dim=1)
+            # Not torch.logsumexp: it maps a +inf logit to lse = inf, where log_softmax (and every kernel
+            # here) gives NaN for the row.
+            row_max = x.amax(1, keepdim=True)
+            lse = (x - row_max).exp_().sum(1).log_().add_(row_max.squeeze(1))
             rows = terms.head_loss_rows(x, lse)
             head_sums.append(rows.sum())
             if problem.reduction == "none":
