@@ -54,15 +54,18 @@ NONE, MEAN, SUM = 0, 1, 2
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("AUXFUSE_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
 
-try:
-    import triton
-    import triton.language as tl
-
-    _IMPORT_ERROR: Optional[str] = None
-except ImportError as error:  # the package still works, on the other backends
-    triton = None
-    tl = None
-    _IMPORT_ERROR = f"triton could not be imported ({error})"
+# Importing triton and defining a triton_op (which imports torch._inductor) take seconds: only where the
+# kernels can run. AUXFUSE_TRITON_REGISTER=1 forces it (the tests compile the kernels for sm_90 on a CPU).
+_WANTED = INTERPRET or os.environ.get("AUXFUSE_TRITON_REGISTER") == "1" or torch.cuda.is_available()
+_NO_DEVICE = "no CUDA device is visible (and TRITON_INTERPRET=1 was not set when auxfuse was imported)"
+triton = tl = None
+_IMPORT_ERROR: Optional[str] = None if _WANTED else _NO_DEVICE
+if _WANTED:
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError as error:  # the package still works, on the other backends
+        _IMPORT_ERROR = f"triton could not be imported ({error})"
 
 if INTERPRET:
     NARROW_MAX_C = 128  # above: the wide (multi-chunk) path; small so CPU tests reach it
@@ -81,7 +84,7 @@ def unavailable_reason() -> Optional[str]:
     if _IMPORT_ERROR is not None:
         return _IMPORT_ERROR
     if not INTERPRET and not torch.cuda.is_available():
-        return "no CUDA device is visible (and TRITON_INTERPRET=1 was not set when auxfuse was imported)"
+        return _NO_DEVICE
     return None
 
 
@@ -288,7 +291,7 @@ if _IMPORT_ERROR is None:
                 if HITS:
                     hit = good & (arg == y)
             if SAVE:
-                tl.store(LSE + (h * R + r), lse, mask=row_mask)
+                tl.store(LSE + (tl.cast(R, tl.int64) * h + r), lse, mask=row_mask)
             if ROWS_OUT:
                 weighted_rows += _sel(h, W0, W1, W2, W3, W4, W5, W6, W7) * loss
             tl.store(PART + (pid * KP + 2 + h), tl.sum(loss, 0))
@@ -383,7 +386,7 @@ if _IMPORT_ERROR is None:
             SC = _sel(h, SC0, SC1, SC2, SC3, SC4, SC5, SC6, SC7)
             SS = _sel(h, SS0, SS1, SS2, SS3, SS4, SS5, SS6, SS7)
             x_row = n64 * SN + s64 * SS
-            lse = tl.load(LSE + (h * R + r), mask=row_mask, other=0.0)
+            lse = tl.load(LSE + (tl.cast(R, tl.int64) * h + r), mask=row_mask, other=0.0)
             row_scale = scale * _sel(h, W0, W1, W2, W3, W4, W5, W6, W7)
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + tl.arange(0, BLOCK_C)
