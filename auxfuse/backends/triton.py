@@ -466,15 +466,19 @@ if _IMPORT_ERROR is None:
             sn, ss = t.stride()
             return (0, sn) if self.classifier else (sn, ss)
 
-    def _head_args(heads, layout: _Layout, prefix: str = "X") -> dict:
+    def _head_args(heads, layout: _Layout) -> dict:
+        """X0..X7 and their strides; unused slots repeat head 0 (never read: H is a constexpr)."""
         args = {}
         for h in range(MAX_HEADS):
             x = heads[h] if h < len(heads) else heads[0]
-            sn, sc, ss = layout.strides3(x)
-            args[f"{prefix}{h}"] = x
-            if prefix == "X":
-                args[f"SN{h}"], args[f"SC{h}"], args[f"SS{h}"] = sn, sc, ss
+            args[f"X{h}"] = x
+            args[f"SN{h}"], args[f"SC{h}"], args[f"SS{h}"] = layout.strides3(x)
         return args
+
+    def _grad_args(grads, unused: torch.Tensor) -> dict:
+        """G0..G7; unused slots get a tensor the kernel never touches, so that no written argument aliases
+        another one (torch.compile's functionalization clones written arguments that alias)."""
+        return {f"G{h}": grads[h] if h < len(grads) else unused for h in range(MAX_HEADS)}
 
     def _weight_args(head_weights) -> dict:
         return {f"W{h}": float(head_weights[h]) if h < len(head_weights) else 0.0 for h in range(MAX_HEADS)}
@@ -590,7 +594,7 @@ if _IMPORT_ERROR is None:
         else:
             grad_sn, grad_ss = 0, 0
         args = _head_args(heads, layout)
-        args.update(_head_args(grads, layout, prefix="G"))
+        args.update(_grad_args(grads, unused=coef))
         args.update(_weight_args(head_weights))
         args.update(_target_args(target, prob, layout))
         args.update(

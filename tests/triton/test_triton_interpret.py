@@ -163,6 +163,9 @@ def test_spatial_many_rows_per_program():
     check_backend("triton", heads, target, [1.0, 0.5], label_smoothing=0.05)
     check_backend("triton", _heads(2, shape, torch.float16, layout="channels_last"), target, [1.0, 0.5],
                   reduction="none")
+    mixed = [_heads(1, shape, torch.float32, layout="channels_last")[0], _heads(1, shape, torch.float32)[0]]
+    assert mixed[0].stride(1) == 1 and mixed[1].stride(1) != 1  # each head read with its own strides
+    check_backend("triton", mixed, target, [1.0, 0.5], weight=_class_weight(5))
 
 
 @pytest.mark.parametrize("layout", ["sliced", "transposed", "mixed"])
