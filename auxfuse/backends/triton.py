@@ -414,7 +414,7 @@ if _IMPORT_ERROR is None:
                 grad = grad * row_scale[:, None]
                 tl.store(G + (g_row[:, None] + cols64[None, :] * G_SC), grad.to(G.dtype.element_ty), mask=mask)
 
-    def _configs(narrow: bool, stage: str):
+    def _configs(narrow: bool):
         """The deliberate config lists. BLOCK_R is not tuned: it fixes the number of partial sums."""
         if narrow:
             options = [dict(num_warps=4), dict(num_warps=8)]
@@ -424,15 +424,15 @@ if _IMPORT_ERROR is None:
             configs = [triton.Config({"BLOCK_C": b}, num_warps=w) for b, w in options]
         return configs if AUTOTUNE else configs[:1]
 
-    def _tuned(kernel, narrow: bool, stage: str):
+    def _tuned(kernel, narrow: bool):
         key = ["C", "H", "BLOCK_R"] if narrow else ["C", "H"]
-        return triton.autotune(configs=_configs(narrow, stage), key=key)(kernel)
+        return triton.autotune(configs=_configs(narrow), key=key)(kernel)
 
     _KERNELS = {
-        ("forward", True): _tuned(_forward_kernel, True, "forward"),
-        ("forward", False): _tuned(_forward_kernel, False, "forward"),
-        ("backward", True): _tuned(_backward_kernel, True, "backward"),
-        ("backward", False): _tuned(_backward_kernel, False, "backward"),
+        ("forward", True): _tuned(_forward_kernel, True),
+        ("forward", False): _tuned(_forward_kernel, False),
+        ("backward", True): _tuned(_backward_kernel, True),
+        ("backward", False): _tuned(_backward_kernel, False),
     }
 
     def _next_pow2(v: int) -> int:
