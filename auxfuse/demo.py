@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> Optional[float]:
     if not main_process:
         return None
     accuracy = evaluate(model, test_x, test_y, 256, device)
-    processes = f" x {world_size} processes (DDP)" if world_size > 1 else ""
+    processes = f" x {world_size} processes (DDP)" if args.distributed else ""
     print(f"model: {args.model} ({image_size}x{image_size} digits), device: {device}{processes}, "
           f"loss backend: {used_backend}, train time: {train_seconds:.1f} s")
     print(f"held-out top-1 accuracy of the main head (eval mode, aux heads dropped): "
