@@ -19,12 +19,11 @@ import torch
 
 import auxfuse
 
+# tests/ is on sys.path: through conftest.py under pytest, as the script's own folder under torchrun.
+from test_training import CPU_BACKEND_NAMES, CPU_BACKENDS, TinyAuxNet, _assert_grads_close, _batch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:  # as a torchrun worker
-    sys.path.insert(0, HERE)
-
-from test_training import CPU_BACKEND_NAMES, CPU_BACKENDS, TinyAuxNet, _assert_grads_close, _batch  # noqa: E402
 
 GLOBAL_BATCH, STEPS, WORLD = 8, 2, 2
 

@@ -8,7 +8,6 @@ GPU tests (marked `gpu`) on each CUDA backend that can run, and skip without a G
 from __future__ import annotations
 
 import collections
-import copy
 import importlib.util
 import os
 import subprocess
@@ -41,7 +40,6 @@ def _backend_params(names, need_cuda=False):
 CPU_BACKENDS = _backend_params(("cpu", "torch"))
 CPU_BACKEND_NAMES = [name for name in ("cpu", "torch") if AVAILABLE[name] is None]
 GPU_BACKENDS = _backend_params(("cuda", "triton", "torch"), need_cuda=True)
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device is visible")]
 
 # An Inception-v3-like output: MultiHeadLoss's preset weighs it logits 1, aux_logits 0.4.
 AuxOutputs = collections.namedtuple("AuxOutputs", ["logits", "aux_logits"])
