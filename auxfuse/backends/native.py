@@ -31,6 +31,7 @@ CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CUDA_MAX_HEADS = 16  # the CUDA kernels take the heads' pointers by value in the launch parameters
 
 
+@torch.compiler.assume_constant_result  # a static fact: no graph break under torch.compile(fullgraph=True)
 def _has_kernel(dispatch_key: str) -> bool:
     return _LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
         "auxfuse::multihead_ce_forward", dispatch_key
@@ -97,7 +98,8 @@ if _LOAD_ERROR is None:
             (grads,) = ctx.saved_tensors
             if ctx.reduction == 0:
                 grads = grads * grad_loss.unsqueeze(1).to(grads.dtype)
-            elif torch.compiler.is_compiling() or grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:
+            elif (torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor  # traced: no .item()
+                  or grad_loss.device.type != "cpu" or grad_loss.item() != 1.0):
                 # On CPU reading grad_output costs nothing; the common loss.backward() needs no pass at all.
                 grads = grads * grad_loss.to(grads.dtype)
         else:

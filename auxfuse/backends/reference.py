@@ -54,8 +54,8 @@ class _RowTerms:
             self.lse_coef = self.weighted_target.sum(1)
             rows = t.shape[0] * t.shape[2]
             self.valid = None
-            self.count = torch.tensor(rows, device=target.device)
-            self.denom = torch.tensor(float(rows), dtype=acc, device=target.device)
+            self.count = target.new_full((), rows, dtype=torch.int64)  # no host-to-device copy (CUDA graphs)
+            self.denom = target.new_full((), float(rows), dtype=acc)
             return
         valid = target != problem.ignore_index
         in_range = (target >= 0) & (target < C)
@@ -137,7 +137,7 @@ class _MultiHeadCrossEntropy(torch.autograd.Function):
                 hits.append(terms.hits(x, problem))
             del logp
         head_sums = torch.stack(head_sums)
-        weights = torch.tensor(problem.head_weights, dtype=acc, device=problem.device)
+        weights = torch.stack([head_sums.new_full((), w) for w in problem.head_weights])  # no copy: CUDA graphs
         if problem.reduction == "sum":
             loss, head_losses = (head_sums * weights).sum(), head_sums
         else:
