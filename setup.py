@@ -55,13 +55,13 @@ def _extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
     march = os.environ.get("AUXFUSE_CPU_ARCH", "native")
-    cxx_flags = ["-O3", "-std=c++17", f"-march={march}", "-fno-math-errno"]
+    cxx_flags = ["-O3", f"-march={march}", "-fno-math-errno"]
     sources = [os.path.join("csrc", "auxfuse.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     define_macros = [("Py_LIMITED_API", "0x03090000")]
     extra = {"cxx": cxx_flags}
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         extension_class = cpp_extension.CUDAExtension
     else:
         extension_class = cpp_extension.CppExtension
