@@ -34,6 +34,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "multihead_ce.h"
 
@@ -112,11 +113,18 @@ struct Vec<float> {
 __device__ __forceinline__ float half_bits_to_float(unsigned int bits) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
 }
-__device__ __forceinline__ unsigned int float_to_half_bits(float v) {
-  return static_cast<unsigned int>(__half_as_ushort(__float2half_rn(v)));
+// Two floats -> two rounded (nearest-even) 16-bit values in one word, `lo` in the low half (one cvt on sm_80+).
+__device__ __forceinline__ unsigned int pack_half2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  unsigned int bits;
+  memcpy(&bits, &h, sizeof(bits));
+  return bits;
 }
-__device__ __forceinline__ unsigned int float_to_bf16_bits(float v) {
-  return static_cast<unsigned int>(__bfloat16_as_ushort(__float2bfloat16_rn(v)));
+__device__ __forceinline__ unsigned int pack_bf162(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  unsigned int bits;
+  memcpy(&bits, &h, sizeof(bits));
+  return bits;
 }
 
 template <>
@@ -133,7 +141,7 @@ struct Vec<c10::Half> {
   __device__ __forceinline__ static uint4 pack(const float (&f)[8]) {
     unsigned int w[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) w[i] = float_to_half_bits(f[2 * i]) | (float_to_half_bits(f[2 * i + 1]) << 16);
+    for (int i = 0; i < 4; ++i) w[i] = pack_half2(f[2 * i], f[2 * i + 1]);
     return make_uint4(w[0], w[1], w[2], w[3]);
   }
 };
@@ -152,7 +160,7 @@ struct Vec<c10::BFloat16> {
   __device__ __forceinline__ static uint4 pack(const float (&f)[8]) {
     unsigned int w[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) w[i] = float_to_bf16_bits(f[2 * i]) | (float_to_bf16_bits(f[2 * i + 1]) << 16);
+    for (int i = 0; i < 4; ++i) w[i] = pack_bf162(f[2 * i], f[2 * i + 1]);
     return make_uint4(w[0], w[1], w[2], w[3]);
   }
 };
@@ -446,13 +454,13 @@ __device__ __forceinline__ void write_row_index(const T* __restrict__ x, int64_t
     }
     for (int c = shift + nvec * V + lane; c < C; c += G) g[c] = to_scalar<T>(grad_of(load_float(x + c), c));
   } else {
-    constexpr int K = 8;
+    constexpr int K = (G == 1) ? 16 : 8;  // a thread per row: more loads in flight
     for (int c0 = lane; c0 < C; c0 += K * G) {
       float f[K];
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         const int c = c0 + k * G;
-        if (c < C) f[k] = load_float(x + static_cast<int64_t>(c) * cs);
+        f[k] = c < C ? load_float(x + static_cast<int64_t>(c) * cs) : 0.f;
       }
 #pragma unroll
       for (int k = 0; k < K; ++k) {
@@ -732,8 +740,14 @@ __global__ void __launch_bounds__(BLOCK, min_blocks<BLOCK>()) multihead_ce_forwa
   }
 }
 
+// The thread-per-row backward keeps 16 loads in flight per thread (80 registers, 768 threads per SM).
+template <int G, int BLOCK>
+constexpr int backward_min_blocks() {
+  return G == 1 ? 3 : min_blocks<BLOCK>();
+}
+
 template <typename T, int G, int BLOCK>
-__global__ void __launch_bounds__(BLOCK, min_blocks<BLOCK>()) multihead_ce_backward_kernel(const BackwardParams bp) {
+__global__ void __launch_bounds__(BLOCK, backward_min_blocks<G, BLOCK>()) multihead_ce_backward_kernel(const BackwardParams bp) {
   constexpr int kGroups = BLOCK / G;
   __shared__ ReduceScratch scratch;
   const CommonParams& p = bp.p;
