@@ -27,6 +27,8 @@
 // any gradient can be written, i.e. a second pass, and grad_output is only known in backward.
 // AUXFUSE_KERNELS_ONLY: compile the kernels alone (no ATen / torch headers), for quick register checks:
 //   nvcc -DAUXFUSE_KERNELS_ONLY -Xptxas=-v -I csrc -I <torch>/include -c csrc/cuda/multihead_ce.cu
+// AUXFUSE_EMULATE (set by tests/cuda_emulation/cuda_shim.h): kernels and host logic compiled as C++ and run on
+// CPU threads by tests/cuda_emulation/emulate.cpp, with its own launcher instead of the CUDA one below.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -40,20 +42,23 @@
 
 #ifndef AUXFUSE_KERNELS_ONLY
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDACachingAllocator.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
-#include <map>
-#include <mutex>
 #include <tuple>
-#include <utility>
 
 #include "ops_common.h"
+#endif
+#if !defined(AUXFUSE_KERNELS_ONLY) && !defined(AUXFUSE_EMULATE)
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <map>
+#include <mutex>
+#include <utility>
 #endif
 
 namespace auxfuse_cuda {
@@ -63,8 +68,14 @@ using auxfuse::RowCoeffs;
 using auxfuse::SoftmaxState;
 
 constexpr int kMaxHeads = 16;            // the heads' pointers travel by value in the launch parameters
-constexpr int kMaxForwardBlocks = 1024;  // bounds the partials the last block sums
-constexpr int kMaxBackwardBlocks = 1 << 16;
+#ifndef AUXFUSE_MAX_FORWARD_BLOCKS
+#define AUXFUSE_MAX_FORWARD_BLOCKS 1024  // bounds the partials the last block sums
+#endif
+#ifndef AUXFUSE_MAX_BACKWARD_BLOCKS
+#define AUXFUSE_MAX_BACKWARD_BLOCKS (1 << 16)
+#endif
+constexpr int kMaxForwardBlocks = AUXFUSE_MAX_FORWARD_BLOCKS;  // the emulation lowers both to test grid strides
+constexpr int kMaxBackwardBlocks = AUXFUSE_MAX_BACKWARD_BLOCKS;
 constexpr int kWarpMaxClasses = 2048;    // above: a block per row
 constexpr int kThreadMaxClasses = 32;    // below (contiguous classes): a thread per row
 constexpr int kRowBlock = 512;           // block-per-row threads
@@ -77,9 +88,13 @@ constexpr float kLog2e = 1.4426950408889634f;
 // ------------------------------------------------------------------------------------------------
 
 __device__ __forceinline__ float fast_exp2(float x) {
+#if defined(__CUDA_ARCH__)
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#else
+  return std::exp2(x);  // host pass of nvcc (never called) and the CPU emulation of the kernels
+#endif
 }
 
 template <typename T>
@@ -818,44 +833,19 @@ AUXFUSE_INSTANTIATE(c10::Half, kRowBlock, kRowBlock)
 #else
 
 // ------------------------------------------------------------------------------------------------
-// Host side
+// Host side: checks, mapping, parameters, outputs. The launches go through a Launcher: CudaLauncher below, or
+// the CPU-thread emulation in tests/cuda_emulation/emulate.cpp, so both run this same host logic.
 // ------------------------------------------------------------------------------------------------
-
-// A zeroed ticket counter for the forward kernel's last-block detection. Outside graph capture: one
-// buffer per (device, stream), allocated and zeroed once, reset to 0 by every kernel that uses it (launches
-// on one stream are ordered; different streams never share one). During capture: a fresh buffer from the
-// graph's pool, zeroed by a captured memset, so replays never share a counter with eager launches.
-unsigned int* ticket_for(const c10::cuda::CUDAStream& stream, const at::TensorOptions& options, at::Tensor& holder) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
-  if (status != cudaStreamCaptureStatusNone) {
-    holder = at::empty({1}, options.dtype(at::kInt));
-    C10_CUDA_CHECK(cudaMemsetAsync(holder.data_ptr(), 0, sizeof(unsigned int), stream.stream()));
-    return static_cast<unsigned int*>(holder.data_ptr());
-  }
-  static std::mutex mutex;
-  static std::map<std::pair<int, int64_t>, unsigned int*> tickets;  // never freed: 4 bytes per stream
-  std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_pair(static_cast<int>(stream.device_index()), static_cast<int64_t>(stream.id()));
-  auto it = tickets.find(key);
-  if (it != tickets.end()) return it->second;
-  void* ptr = c10::cuda::CUDACachingAllocator::raw_alloc_with_stream(sizeof(unsigned int), stream.stream());
-  C10_CUDA_CHECK(cudaMemsetAsync(ptr, 0, sizeof(unsigned int), stream.stream()));
-  auto* ticket = static_cast<unsigned int*>(ptr);
-  tickets.emplace(key, ticket);
-  return ticket;
-}
 
 enum class Mapping { kThread, kWarp, kBlock };
 
-Mapping choose_mapping(const at::Tensor& h0) {
-  const int64_t C = h0.size(1);
-  const bool classes_contiguous = C == 1 || h0.stride(1) == 1;
+inline Mapping choose_mapping(int64_t C, int64_t class_stride) {
+  const bool classes_contiguous = C == 1 || class_stride == 1;
   if (!classes_contiguous || C < kThreadMaxClasses) return Mapping::kThread;
   return C <= kWarpMaxClasses ? Mapping::kWarp : Mapping::kBlock;
 }
 
-int rows_per_block(Mapping m) {
+inline int rows_per_block(Mapping m) {
   switch (m) {
     case Mapping::kThread:
       return kThreadBlock;
@@ -866,10 +856,14 @@ int rows_per_block(Mapping m) {
   }
 }
 
-void check_cuda_inputs(at::TensorList heads, const auxfuse::ProblemShape& shape) {
-  const at::Tensor& h0 = heads[0];
-  TORCH_CHECK(h0.is_cuda(), "auxfuse: the CUDA kernels need CUDA tensors");
-  const auto dtype = h0.scalar_type();
+inline int grid_for(int64_t rows, Mapping m, int max_blocks) {
+  const int64_t per_block = rows_per_block(m);
+  const int64_t units = (rows + per_block - 1) / per_block;
+  return static_cast<int>(std::min<int64_t>(units, max_blocks));
+}
+
+inline void check_kernel_limits(at::TensorList heads, const auxfuse::ProblemShape& shape) {
+  const auto dtype = heads[0].scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "auxfuse: the CUDA kernels take float32, float16 or bfloat16 logits, not ", dtype);
   TORCH_CHECK(shape.heads <= kMaxHeads, "auxfuse: the CUDA kernels take at most ", kMaxHeads, " heads, got ",
@@ -878,9 +872,9 @@ void check_cuda_inputs(at::TensorList heads, const auxfuse::ProblemShape& shape)
               shape.classes);
 }
 
-CommonParams make_common(at::TensorList heads, const auxfuse::ProblemShape& shape, const at::Tensor& target,
-                         const c10::optional<at::Tensor>& class_weight, at::ArrayRef<double> head_weights,
-                         int64_t ignore_index, double label_smoothing, int64_t reduction) {
+inline CommonParams make_common(at::TensorList heads, const auxfuse::ProblemShape& shape, const at::Tensor& target,
+                                const c10::optional<at::Tensor>& class_weight, at::ArrayRef<double> head_weights,
+                                int64_t ignore_index, double label_smoothing, int64_t reduction) {
   CommonParams p{};
   const at::Tensor& h0 = heads[0];
   for (int64_t h = 0; h < shape.heads; ++h) {
@@ -928,73 +922,37 @@ void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
-template <typename T>
-void launch_forward(Mapping m, int grid, cudaStream_t stream, const ForwardParams& fp) {
-  switch (m) {
-    case Mapping::kThread:
-      multihead_ce_forward_kernel<T, 1, kThreadBlock><<<grid, kThreadBlock, 0, stream>>>(fp);
-      break;
-    case Mapping::kWarp:
-      multihead_ce_forward_kernel<T, 32, kWarpBlock><<<grid, kWarpBlock, 0, stream>>>(fp);
-      break;
-    case Mapping::kBlock:
-      multihead_ce_forward_kernel<T, kRowBlock, kRowBlock><<<grid, kRowBlock, 0, stream>>>(fp);
-      break;
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-template <typename T>
-void launch_backward(Mapping m, int grid, cudaStream_t stream, const BackwardParams& bp) {
-  switch (m) {
-    case Mapping::kThread:
-      multihead_ce_backward_kernel<T, 1, kThreadBlock><<<grid, kThreadBlock, 0, stream>>>(bp);
-      break;
-    case Mapping::kWarp:
-      multihead_ce_backward_kernel<T, 32, kWarpBlock><<<grid, kWarpBlock, 0, stream>>>(bp);
-      break;
-    case Mapping::kBlock:
-      multihead_ce_backward_kernel<T, kRowBlock, kRowBlock><<<grid, kRowBlock, 0, stream>>>(bp);
-      break;
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-int grid_for(int64_t rows, Mapping m, int max_blocks) {
-  const int64_t per_block = rows_per_block(m);
-  const int64_t units = (rows + per_block - 1) / per_block;
-  return static_cast<int>(std::min<int64_t>(units, max_blocks));
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multihead_ce_forward_cuda(
-    at::TensorList heads, const at::Tensor& target, const c10::optional<at::Tensor>& class_weight,
-    at::ArrayRef<double> head_weights, int64_t ignore_index, double label_smoothing, int64_t reduction,
-    int64_t grad_mode) {
+// Launcher: unsigned int* ticket(const at::TensorOptions&, at::Tensor& holder) (a zeroed counter);
+// template <typename T> void forward(Mapping, int grid, const ForwardParams&); likewise backward.
+template <typename Launcher>
+ForwardResult forward_impl(Launcher& launcher, at::TensorList heads, const at::Tensor& target,
+                           const c10::optional<at::Tensor>& class_weight, at::ArrayRef<double> head_weights,
+                           int64_t ignore_index, double label_smoothing, int64_t reduction, int64_t grad_mode) {
   const auxfuse::ProblemShape shape = auxfuse::check_inputs(heads, target, class_weight, head_weights, reduction);
-  check_cuda_inputs(heads, shape);
+  check_kernel_limits(heads, shape);
   TORCH_CHECK(grad_mode == auxfuse::kNoGrad || grad_mode == auxfuse::kSaveLse,
               "auxfuse: the CUDA kernels save the log-sum-exp for backward (grad_mode 2) or compute no gradient "
               "(grad_mode 0); grad_mode ", grad_mode, " is not available on CUDA");
   const at::Tensor& h0 = heads[0];
-  c10::cuda::CUDAGuard guard(h0.device());
   auxfuse::ForwardOutputs out = auxfuse::allocate_forward_outputs(heads, shape, reduction, grad_mode);
 
   if (shape.rows() == 0) {
     // No rows: no launch. As PyTorch: mean is 0 / 0 = NaN, sum is 0, every count 0.
-    const double empty_mean = reduction == auxfuse::kReductionSum ? 0.0 : std::numeric_limits<double>::quiet_NaN();
-    if (reduction != auxfuse::kReductionNone) out.loss.fill_(empty_mean);
-    out.head_losses.fill_(empty_mean);
+    const double empty = reduction == auxfuse::kReductionSum ? 0.0 : std::numeric_limits<double>::quiet_NaN();
+    if (reduction != auxfuse::kReductionNone) out.loss.fill_(empty);
+    out.head_losses.fill_(empty);
     out.head_correct.zero_();
     out.count.zero_();
     out.denom.zero_();
     return {out.loss, out.head_losses, out.head_correct, out.count, out.denom, out.saved};
   }
 
-  const Mapping mapping = choose_mapping(h0);
+  const Mapping mapping = choose_mapping(shape.classes, h0.stride(1));
   const int grid = grid_for(shape.rows(), mapping, kMaxForwardBlocks);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t slots = (shape.heads + 1) * static_cast<int64_t>(grid);
-  // One allocation for the partials: int64 first (8-byte aligned), then float.
+  // One allocation for the partials, never zeroed (every block writes its own): int64 first, then float.
   at::Tensor workspace = at::empty({slots * static_cast<int64_t>(sizeof(long long) + sizeof(float))},
                                    h0.options().dtype(at::kByte));
   at::Tensor ticket_holder;
@@ -1010,27 +968,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   fp.denom = out.denom.data_ptr<float>();
   fp.part_i = reinterpret_cast<long long*>(workspace.data_ptr());
   fp.part_f = reinterpret_cast<float*>(fp.part_i + slots);
-  fp.ticket = ticket_for(stream, h0.options(), ticket_holder);
+  fp.ticket = launcher.ticket(h0.options(), ticket_holder);
 
   dispatch_dtype(h0.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    launch_forward<T>(mapping, grid, stream.stream(), fp);
+    launcher.template forward<T>(mapping, grid, fp);
   });
   return {out.loss, out.head_losses, out.head_correct, out.count, out.denom, out.saved};
 }
 
-at::Tensor multihead_ce_backward_cuda(const at::Tensor& grad_loss, at::TensorList heads, const at::Tensor& target,
-                                      const c10::optional<at::Tensor>& class_weight, at::ArrayRef<double> head_weights,
-                                      int64_t ignore_index, double label_smoothing, int64_t reduction,
-                                      const at::Tensor& lse, const at::Tensor& denom) {
+template <typename Launcher>
+at::Tensor backward_impl(Launcher& launcher, const at::Tensor& grad_loss, at::TensorList heads,
+                         const at::Tensor& target, const c10::optional<at::Tensor>& class_weight,
+                         at::ArrayRef<double> head_weights, int64_t ignore_index, double label_smoothing,
+                         int64_t reduction, const at::Tensor& lse, const at::Tensor& denom) {
   const auxfuse::ProblemShape shape = auxfuse::check_inputs(heads, target, class_weight, head_weights, reduction);
-  check_cuda_inputs(heads, shape);
+  check_kernel_limits(heads, shape);
   const at::Tensor& h0 = heads[0];
-  c10::cuda::CUDAGuard guard(h0.device());
-  TORCH_CHECK(lse.is_cuda() && lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == shape.heads &&
-                  lse.size(1) == shape.batch && lse.size(2) == shape.spatial,
+  TORCH_CHECK(lse.device() == h0.device() && lse.scalar_type() == at::kFloat && lse.dim() == 3 &&
+                  lse.size(0) == shape.heads && lse.size(1) == shape.batch && lse.size(2) == shape.spatial,
               "auxfuse: lse must be the forward's (H, N, S) float32 log-sum-exp; got ", lse.sizes());
-  TORCH_CHECK(denom.is_cuda() && denom.numel() == 1, "auxfuse: denom must be the forward's scalar denominator");
+  TORCH_CHECK(denom.device() == h0.device() && denom.numel() == 1,
+              "auxfuse: denom must be the forward's scalar denominator");
   if (reduction == auxfuse::kReductionNone) {
     TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == shape.batch && grad_loss.size(1) == shape.spatial,
                 "auxfuse: grad_loss of reduction none must be (N, S); got ", grad_loss.sizes());
@@ -1047,9 +1006,8 @@ at::Tensor multihead_ce_backward_cuda(const at::Tensor& grad_loss, at::TensorLis
   const at::Tensor denom_f = denom.to(at::kFloat);
   const at::Tensor grad_f = grad_loss.to(at::kFloat);  // no copy when already float32 (keeps expanded strides)
 
-  const Mapping mapping = choose_mapping(h0);
+  const Mapping mapping = choose_mapping(shape.classes, h0.stride(1));
   const int grid = grid_for(shape.rows(), mapping, kMaxBackwardBlocks);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
 
   BackwardParams bp{};
   bp.p = make_common(heads, shape, target, class_weight, head_weights, ignore_index, label_smoothing, reduction);
@@ -1068,9 +1026,96 @@ at::Tensor multihead_ce_backward_cuda(const at::Tensor& grad_loss, at::TensorLis
 
   dispatch_dtype(h0.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    launch_backward<T>(mapping, grid, stream.stream(), bp);
+    launcher.template backward<T>(mapping, grid, bp);
   });
   return grads;
+}
+
+#ifndef AUXFUSE_EMULATE
+
+struct CudaLauncher {
+  c10::cuda::CUDAGuard guard;
+  c10::cuda::CUDAStream stream;
+
+  explicit CudaLauncher(const at::Device& device) : guard(device), stream(c10::cuda::getCurrentCUDAStream()) {}
+
+  // A zeroed ticket counter for the forward kernel's last-block detection. Outside graph capture: one
+  // buffer per (device, stream), allocated and zeroed once, reset to 0 by every kernel that uses it
+  // (launches on one stream are ordered; different streams never share one). During capture: a fresh
+  // buffer from the graph's pool zeroed by a captured memset, so replays never share a counter with eager
+  // launches or with other graphs.
+  unsigned int* ticket(const at::TensorOptions& options, at::Tensor& holder) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
+    if (status != cudaStreamCaptureStatusNone) {
+      holder = at::empty({1}, options.dtype(at::kInt));
+      C10_CUDA_CHECK(cudaMemsetAsync(holder.data_ptr(), 0, sizeof(unsigned int), stream.stream()));
+      return static_cast<unsigned int*>(holder.data_ptr());
+    }
+    static std::mutex mutex;
+    static std::map<std::pair<int, int64_t>, unsigned int*> tickets;  // never freed: 4 bytes per stream
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto key = std::make_pair(static_cast<int>(stream.device_index()), static_cast<int64_t>(stream.id()));
+    auto it = tickets.find(key);
+    if (it != tickets.end()) return it->second;
+    void* ptr = c10::cuda::CUDACachingAllocator::raw_alloc_with_stream(sizeof(unsigned int), stream.stream());
+    C10_CUDA_CHECK(cudaMemsetAsync(ptr, 0, sizeof(unsigned int), stream.stream()));
+    auto* counter = static_cast<unsigned int*>(ptr);
+    tickets.emplace(key, counter);
+    return counter;
+  }
+
+  template <typename T>
+  void forward(Mapping m, int grid, const ForwardParams& fp) {
+    switch (m) {
+      case Mapping::kThread:
+        multihead_ce_forward_kernel<T, 1, kThreadBlock><<<grid, kThreadBlock, 0, stream.stream()>>>(fp);
+        break;
+      case Mapping::kWarp:
+        multihead_ce_forward_kernel<T, 32, kWarpBlock><<<grid, kWarpBlock, 0, stream.stream()>>>(fp);
+        break;
+      case Mapping::kBlock:
+        multihead_ce_forward_kernel<T, kRowBlock, kRowBlock><<<grid, kRowBlock, 0, stream.stream()>>>(fp);
+        break;
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename T>
+  void backward(Mapping m, int grid, const BackwardParams& bp) {
+    switch (m) {
+      case Mapping::kThread:
+        multihead_ce_backward_kernel<T, 1, kThreadBlock><<<grid, kThreadBlock, 0, stream.stream()>>>(bp);
+        break;
+      case Mapping::kWarp:
+        multihead_ce_backward_kernel<T, 32, kWarpBlock><<<grid, kWarpBlock, 0, stream.stream()>>>(bp);
+        break;
+      case Mapping::kBlock:
+        multihead_ce_backward_kernel<T, kRowBlock, kRowBlock><<<grid, kRowBlock, 0, stream.stream()>>>(bp);
+        break;
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+ForwardResult multihead_ce_forward_cuda(at::TensorList heads, const at::Tensor& target,
+                                        const c10::optional<at::Tensor>& class_weight,
+                                        at::ArrayRef<double> head_weights, int64_t ignore_index,
+                                        double label_smoothing, int64_t reduction, int64_t grad_mode) {
+  TORCH_CHECK(!heads.empty() && heads[0].is_cuda(), "auxfuse: the CUDA kernels need CUDA heads");
+  CudaLauncher launcher(heads[0].device());
+  return forward_impl(launcher, heads, target, class_weight, head_weights, ignore_index, label_smoothing,
+                      reduction, grad_mode);
+}
+
+at::Tensor multihead_ce_backward_cuda(const at::Tensor& grad_loss, at::TensorList heads, const at::Tensor& target,
+                                      const c10::optional<at::Tensor>& class_weight, at::ArrayRef<double> head_weights,
+                                      int64_t ignore_index, double label_smoothing, int64_t reduction,
+                                      const at::Tensor& lse, const at::Tensor& denom) {
+  TORCH_CHECK(!heads.empty() && heads[0].is_cuda(), "auxfuse: the CUDA kernels need CUDA heads");
+  CudaLauncher launcher(heads[0].device());
+  return backward_impl(launcher, grad_loss, heads, target, class_weight, head_weights, ignore_index,
+                       label_smoothing, reduction, lse, denom);
 }
 
 }  // namespace auxfuse_cuda
@@ -1080,4 +1125,9 @@ TORCH_LIBRARY_IMPL(auxfuse, CUDA, m) {
   m.impl("multihead_ce_backward", &auxfuse_cuda::multihead_ce_backward_cuda);
 }
 
+#else  // AUXFUSE_EMULATE: the emulation's launcher and op registration live in emulate.cpp
+
+}  // namespace auxfuse_cuda
+
+#endif  // AUXFUSE_EMULATE
 #endif  // AUXFUSE_KERNELS_ONLY
