@@ -361,12 +361,13 @@ __device__ __forceinline__ void scan_row_index(const T* __restrict__ x, int64_t 
       state_add<1>(st, v, c, 1);
     }
   } else {
-    // Two chunks of K per iteration: 2K loads in flight, padding (-inf) only in the last chunk.
-    constexpr int K = 8;
-    for (int c0 = lane; c0 < C; c0 += 2 * K * G) {
-      float f[2][K];
+    // J chunks of K per iteration: J * K loads in flight (a whole row of up to 24 classes, e.g. VOC's 21,
+    // in one round trip), padding (-inf) only in the last chunk.
+    constexpr int K = 8, J = 3;
+    for (int c0 = lane; c0 < C; c0 += J * K * G) {
+      float f[J][K];
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
+      for (int j = 0; j < J; ++j) {
 #pragma unroll
         for (int k = 0; k < K; ++k) {
           const int c = c0 + (j * K + k) * G;
@@ -374,7 +375,7 @@ __device__ __forceinline__ void scan_row_index(const T* __restrict__ x, int64_t 
         }
       }
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
+      for (int j = 0; j < J; ++j) {
         const int cj = c0 + j * K * G;
         if (cj < C) {
           if (need_xs) {
@@ -597,8 +598,15 @@ constexpr int min_blocks() {
   return 1024 / BLOCK;
 }
 
+// Thread-per-row kernels keep 16 (backward) or 24 (forward) loads in flight per thread: up to 80 registers,
+// 768 threads per SM; the others 64 registers, 1024 threads per SM.
+template <int G, int BLOCK>
+constexpr int kernel_min_blocks() {
+  return G == 1 ? 3 : min_blocks<BLOCK>();
+}
+
 template <typename T, int G, int BLOCK>
-__global__ void __launch_bounds__(BLOCK, min_blocks<BLOCK>()) multihead_ce_forward_kernel(const ForwardParams fp) {
+__global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>()) multihead_ce_forward_kernel(const ForwardParams fp) {
   constexpr int kGroups = BLOCK / G;
   constexpr int kWarps = BLOCK / 32;
   __shared__ ReduceScratch scratch;
@@ -755,14 +763,8 @@ __global__ void __launch_bounds__(BLOCK, min_blocks<BLOCK>()) multihead_ce_forwa
   }
 }
 
-// The thread-per-row backward keeps 16 loads in flight per thread (80 registers, 768 threads per SM).
-template <int G, int BLOCK>
-constexpr int backward_min_blocks() {
-  return G == 1 ? 3 : min_blocks<BLOCK>();
-}
-
 template <typename T, int G, int BLOCK>
-__global__ void __launch_bounds__(BLOCK, backward_min_blocks<G, BLOCK>()) multihead_ce_backward_kernel(const BackwardParams bp) {
+__global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>()) multihead_ce_backward_kernel(const BackwardParams bp) {
   constexpr int kGroups = BLOCK / G;
   __shared__ ReduceScratch scratch;
   const CommonParams& p = bp.p;
