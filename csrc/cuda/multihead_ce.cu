@@ -2,14 +2,18 @@
 //
 // Forward (grad_mode 0 and 2): ONE launch for all heads. A "group" of G threads owns one row (n, s) at a time
 // and loops over the heads inside the row, so the row's target is read once for every head:
-//   G = 1    thread per row: class-strided logits (N, C, S) with S > 1 (segmentation; consecutive threads
-//            take consecutive s, so every class step is a coalesced load), or tiny C (< 32);
+//   G = 1    thread per row: class-strided logits, e.g. (N, C, S) segmentation heads (consecutive threads
+//            take consecutive s, so every class step is a coalesced load; up to 24 loads in flight per
+//            thread), or tiny C (< 32);
 //   G = 32   warp per row, classes contiguous (classifiers, channels_last), 32 <= C <= 2048;
 //   G = 512  block per row, classes contiguous, C > 2048 (LM vocabularies).
 // Contiguous classes are read with 16-byte vector loads (a scalar prologue up to the first 16-byte boundary,
 // a scalar tail), each logit read once: an online softmax keeps (max, sum of exp, first argmax) per thread
-// and merges them across the group in a fixed order. Rows are handed out grid-stride from a grid whose size
-// depends only on the shape, so every sum has a fixed order: the results are bitwise repeatable.
+// and merges them across the group in a fixed order (its own RowState rather than multihead_ce.h's
+// SoftmaxState add / merge, which turn a leading -inf logit into NaN via exp(-inf - -inf); -inf logits,
+// e.g. a masked vocabulary, add 0 here). The loss and gradient coefficients are multihead_ce.h's.
+// Rows are handed out grid-stride from a grid whose size depends only on the shape, so every sum has a
+// fixed order: the results are bitwise repeatable.
 // The cross-row reduction (per-head loss sums and hits, count, denom, the final loss) is done in the same
 // launch without float atomics: every block writes its partials to a workspace, takes an integer ticket,
 // and the last block sums the partials in block order (in double) and resets the ticket to 0.
@@ -25,6 +29,7 @@
 // address: the row reads class 0 instead, its loss is NaN (so the loss is NaN) and its gradient row NaN.
 // grad_mode 1 (gradient in the forward) is not offered on CUDA: for mean it needs the denominator before
 // any gradient can be written, i.e. a second pass, and grad_output is only known in backward.
+//
 // AUXFUSE_KERNELS_ONLY: compile the kernels alone (no ATen / torch headers), for quick register checks:
 //   nvcc -DAUXFUSE_KERNELS_ONLY -Xptxas=-v -I csrc -I <torch>/include -c csrc/cuda/multihead_ce.cu
 // AUXFUSE_EMULATE (set by tests/cuda_emulation/cuda_shim.h): kernels and host logic compiled as C++ and run on
