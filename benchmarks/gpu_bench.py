@@ -117,24 +117,15 @@ def make_provider(name: str, shape: Shape) -> tuple[Callable, bool]:
         return (lambda heads, t: naive_sum(heads, t, weights)), False
     if name == "compile":
         if "naive" not in _COMPILED:
-            import torch._dynamo
+            import torch._dynamo as dynamo  # (a bare `import torch._dynamo` would make `torch` local here)
 
             for knob in ("cache_size_limit", "recompile_limit"):  # renamed across torch versions
-                if hasattr(torch._dynamo.config, knob):
-                    setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
+                if hasattr(dynamo.config, knob):
+                    setattr(dynamo.config, knob, max(getattr(dynamo.config, knob), 64))
             # Static shapes: one specialised graph per benchmark shape, as a training job gets.
             _COMPILED["naive"] = torch.compile(naive_sum, dynamic=False)
         fn = _COMPILED["naive"]
         return (lambda heads, t: fn(list(heads), t, weights)), False
-    if name.startswith("auxfuse-"):
-        import auxfuse
-
-        backend = name.split("-", 1)[1]
-        reason = auxfuse.available_backends().get(backend)
-        if reason is not None:
-            raise RuntimeError(f"skip: {reason}")
-        return (lambda heads, t: auxfuse.multi_head_cross_entropy(list(heads), t, list(weights),
-                                                                  backend=backend)), False
     if name == "auxfuse-cuda-op":
         # The registered op with its autograd formula, without auxfuse's Python front end: how much of the
         # cuda provider's time is the front end (output parsing, validation, backend choice).
@@ -151,6 +142,15 @@ def make_provider(name: str, shape: Shape) -> tuple[Callable, bool]:
             return torch.ops.auxfuse.multihead_ce_forward(rows, t.reshape(n, -1), None, w, -100, 0.0, 1, 2)[0]
 
         return op_loss, False
+    if name.startswith("auxfuse-"):
+        import auxfuse
+
+        backend = name.split("-", 1)[1]
+        reason = auxfuse.available_backends().get(backend)
+        if reason is not None:
+            raise RuntimeError(f"skip: {reason}")
+        return (lambda heads, t: auxfuse.multi_head_cross_entropy(list(heads), t, list(weights),
+                                                                  backend=backend)), False
     if name == "liger":
         try:
             from liger_kernel.transformers import LigerCrossEntropyLoss
