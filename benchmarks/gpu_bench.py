@@ -1,6 +1,6 @@
 """GPU benchmark of the weighted multi-head cross-entropy: providers x shapes x modes, one table.
 
-    python3 benchmarks/gpu_bench.py [--json PATH] [--only SHAPE_ID ...] [--budget-s 300]
+    python3 benchmarks/gpu_bench.py [--json PATH] [--only SHAPE_ID ...] [--budget-s 240]
     python3 benchmarks/gpu_bench.py --dry-run     # the plan: shapes, providers, bytes; no GPU needed
     python3 benchmarks/gpu_bench.py --smoke       # tiny shapes on whatever device is here (code-path check)
 
@@ -451,7 +451,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write full results here (default: $OUT/gpu_results.json)")
     parser.add_argument("--only", nargs="*", default=None, help="shape ids to run")
     parser.add_argument("--providers", nargs="*", default=list(PROVIDERS))
-    parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting measurements after this")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="stop starting measurements after this")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--target-ms", type=float, default=60.0, help="time per repeat")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
