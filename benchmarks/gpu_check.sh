@@ -11,6 +11,7 @@
 # Expected time on an H200: build ~1-2 min, GPU tests ~2-3 min, benchmark ~3-4 min (no new measurement starts
 # after AUXFUSE_BENCH_BUDGET_S, default 240 s; torch.compile warm-ups dominate).
 set -euo pipefail
+export PYTHONUNBUFFERED=1
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -19,9 +20,14 @@ OUT_DIR="${OUT:-}"
 if [[ -n "$OUT_DIR" ]]; then
   mkdir -p "$OUT_DIR"
 fi
-# Test locations run with -m gpu; add more directories or files here.
-TEST_TARGETS=(tests)
-BENCH_ARGS=(--budget-s "${AUXFUSE_BENCH_BUDGET_S:-240}")
+# Test locations run with -m gpu; add more directories or files here. The Triton tests (tests/triton) run on
+# CUDA tensors in a step of their own (they carry no gpu mark: on CPU they run in Triton's interpreter).
+TEST_TARGETS=(tests --ignore=tests/triton)
+# Wall-clock caps per step (seconds), so that the whole script fits one lease.
+TESTS_TIMEOUT_S="${AUXFUSE_TESTS_TIMEOUT_S:-170}"
+TRITON_TIMEOUT_S="${AUXFUSE_TRITON_TIMEOUT_S:-90}"
+BENCH_TIMEOUT_S="${AUXFUSE_BENCH_TIMEOUT_S:-200}"
+BENCH_ARGS=(--budget-s "${AUXFUSE_BENCH_BUDGET_S:-130}")
 
 STATUS=0
 note_failure() {  # note_failure STEP CODE
@@ -94,14 +100,21 @@ section "GPU tests: ${TEST_TARGETS[*]}"
 JUNIT=()
 if [[ -n "$OUT_DIR" ]]; then JUNIT=(--junitxml "$OUT_DIR/junit-gpu.xml"); fi
 TEST_START=$SECONDS
-"$PY" -m pytest "${TEST_TARGETS[@]}" -m gpu -q -ra --tb=short -p no:cacheprovider "${JUNIT[@]}" 2>&1 \
-  | log_to pytest-gpu.log 150 || note_failure tests $?
+timeout "$TESTS_TIMEOUT_S" "$PY" -m pytest "${TEST_TARGETS[@]}" -m gpu -q -ra --tb=short -p no:cacheprovider \
+  "${JUNIT[@]}" 2>&1 | log_to pytest-gpu.log 150 || note_failure tests $?
 echo "tests took $((SECONDS - TEST_START)) s"
+
+section "Triton tests on CUDA tensors: tests/triton"
+TEST_START=$SECONDS
+AUXFUSE_TRITON_AUTOTUNE=0 timeout "$TRITON_TIMEOUT_S" "$PY" -m pytest tests/triton -q -ra --tb=short \
+  -p no:cacheprovider 2>&1 | log_to pytest-triton.log 60 || note_failure triton-tests $?
+echo "triton tests took $((SECONDS - TEST_START)) s"
 
 section "benchmark"
 JSON=()
 if [[ -n "$OUT_DIR" ]]; then JSON=(--json "$OUT_DIR/gpu_results.json"); fi
-"$PY" benchmarks/gpu_bench.py "${BENCH_ARGS[@]}" "${JSON[@]}" 2>&1 | log_to gpu_bench.log || note_failure bench $?
+timeout "$BENCH_TIMEOUT_S" "$PY" benchmarks/gpu_bench.py "${BENCH_ARGS[@]}" "${JSON[@]}" 2>&1 | log_to gpu_bench.log \
+  || note_failure bench $?
 
 section "done: status $STATUS"
 exit "$STATUS"
