@@ -8,6 +8,9 @@ broken build never passes silently.
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +18,8 @@ import torch.nn.functional as F
 
 import auxfuse
 from oracle import _tolerance, check_backend, naive_loss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
@@ -449,10 +454,21 @@ def test_opcheck(shape, kind):
 
 @needs_cuda_backend
 def test_grad_in_forward_mode_is_refused():
-    heads = [h.reshape(4, 10, 1) for h in make_heads((4, 10), 2, torch.float32)]
-    target = make_target((4, 10), 10, "index").reshape(4, 1)
-    with pytest.raises(RuntimeError, match="grad_mode"):
-        torch.ops.auxfuse.multihead_ce_forward(heads, target, None, [1.0, 0.3], -100, 0.0, 1, 1)
+    # In a subprocess: on the H200 (torch 2.11) this refusal once crashed the process with a segmentation
+    # fault instead of raising, which must fail this test, not end the whole GPU run.
+    code = """
+import torch, auxfuse
+heads = [torch.randn(4, 10, 1, device="cuda") for _ in range(2)]
+target = torch.zeros(4, 1, dtype=torch.long, device="cuda")
+try:
+    torch.ops.auxfuse.multihead_ce_forward(heads, target, None, [1.0, 0.3], -100, 0.0, 1, 1)
+except RuntimeError as error:
+    assert "grad_mode" in str(error), error
+    print("refused")
+"""
+    result = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0 and "refused" in result.stdout, (result.returncode, result.stderr[-2000:])
 
 
 def _kernel_names(prof):
