@@ -55,7 +55,8 @@ def _extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
     march = os.environ.get("AUXFUSE_CPU_ARCH", "native")
-    cxx_flags = ["-O3", f"-march={march}", "-fno-math-errno"]
+    # -fopenmp: at::parallel_for is header-inline; without it the CPU kernel runs on one thread.
+    cxx_flags = ["-O3", f"-march={march}", "-fno-math-errno", "-fopenmp"]
     sources = [os.path.join("csrc", "auxfuse.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     define_macros = [("Py_LIMITED_API", "0x03090000")]
     extra = {"cxx": cxx_flags}
@@ -70,6 +71,7 @@ def _extensions():
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
         define_macros=define_macros,
         py_limited_api=True,
     )
