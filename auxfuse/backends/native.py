@@ -96,7 +96,7 @@ if _LOAD_ERROR is None:
 
     def _backward(ctx, grad_loss, *unused_grads):
         if grad_loss is None or ctx.grad_mode == NO_GRAD:
-            return (None,) * 8
+            return [None] * ctx.num_heads, None, None, None, None, None, None, None
         if ctx.grad_mode == GRAD_IN_FORWARD:
             (grads,) = ctx.saved_tensors
             if ctx.reduction == 0:
