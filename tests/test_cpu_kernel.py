@@ -176,12 +176,20 @@ def test_confident_bf16_keeps_p_minus_1(layout):
 
 
 def test_large_logits():
+    """Shift invariance: with label smoothing and probability targets the loss needs sum_c w_c x_c, which cancels
+    against C * lse unless taken relative to the max (offset 1e5: every sum is ~1e7 in fp32)."""
     g = torch.Generator().manual_seed(4)
-    for offset, scale in ((1e4, 1.0), (0.0, 60.0), (-3e4, 20.0)):
+    for offset, scale in ((1e5, 1.0), (1e4, 1.0), (0.0, 60.0), (-3e4, 20.0)):
+        weight = torch.rand(300, generator=g) + 0.5
         heads = [torch.randn(5, 300, generator=g) * scale + offset for _ in range(2)]
-        check_backend("cpu", heads, torch.randint(0, 300, (5,), generator=g), [1.0, 0.4], label_smoothing=0.1)
+        check_backend("cpu", heads, torch.randint(0, 300, (5,), generator=g), [1.0, 0.4], label_smoothing=0.1,
+                      weight=weight)
+        prob = torch.softmax(torch.randn(5, 300, generator=g), 1)
+        check_backend("cpu", heads, prob, [1.0, 0.4], label_smoothing=0.1, weight=weight)
         heads = [torch.randn(2, 9, 20, generator=g) * scale + offset for _ in range(2)]
-        check_backend("cpu", heads, torch.randint(0, 9, (2, 20), generator=g), [1.0, 0.4])
+        check_backend("cpu", heads, torch.randint(0, 9, (2, 20), generator=g), [1.0, 0.4], label_smoothing=0.2)
+        check_backend("cpu", heads, torch.softmax(torch.randn(2, 9, 20, generator=g), 1), [1.0, 0.4],
+                      label_smoothing=0.2)
 
 
 def test_ties_count_first_maximum():

@@ -301,26 +301,25 @@ int64_t first_index_of(const scalar_t* x, int64_t C, at::opmath_type<scalar_t> t
   return -1;
 }
 
+// Pass 1 of a row: the max (NaN-propagating), and for probability targets the target's max and sum_c w_c t_c.
 template <typename acc_t>
 struct RowPass1 {
   acc_t max;
-  acc_t wx;   // sum_c w_c x_c      (label smoothing / probability targets with smoothing)
-  acc_t wt;   // sum_c w_c t_c      (probability targets)
-  acc_t wtx;  // sum_c w_c t_c x_c  (probability targets)
+  acc_t wt;  // sum_c w_c t_c  (probability targets)
   acc_t tmax;
 };
 
 template <typename scalar_t, bool kProb>
 RowPass1<at::opmath_type<scalar_t>> row_pass1(const scalar_t* x, const scalar_t* t, const at::opmath_type<scalar_t>* cw,
-                                              int64_t C, bool need_wx) {
+                                              int64_t C) {
   using io = IO<scalar_t>;
   using Vec = typename io::Vec;
   using acc_t = typename io::acc_t;
   constexpr int kW = io::kW;
   const Vec ninf(-std::numeric_limits<acc_t>::infinity());
-  Vec vmax(ninf), vwx(0), vwt(0), vwtx(0), vtmax(ninf);
+  Vec vmax(ninf), vwt(0), vtmax(ninf);
   int64_t c0 = 0;
-  if (!kProb && !need_wx) {
+  if (!kProb) {
     // The common case: the max alone, with four independent chains (NaN-propagating max is 4 dependent ops).
     Vec m1(ninf), m2(ninf), m3(ninf);
     for (; c0 + 4 * kW <= C; c0 += 4 * kW) {
@@ -334,57 +333,82 @@ RowPass1<at::opmath_type<scalar_t>> row_pass1(const scalar_t* x, const scalar_t*
   for_chunks<kW>(C - c0, [&](int64_t c, int n) {
     c += c0;
     const bool full = n == kW;
-    Vec xv = full ? io::load(x + c) : io::load(x + c, n);  // zero beyond n: harmless in the sums
+    const Vec xv = full ? io::load(x + c) : io::load(x + c, n);
     vmax = at::vec::maximum(vmax, full ? xv : Vec::set(ninf, xv, n));
-    if (kProb || need_wx) {
-      const Vec wv = cw ? (full ? Vec::loadu(cw + c) : Vec::loadu(cw + c, n)) : Vec(1);
-      if (need_wx) vwx = cw ? at::vec::fmadd(wv, xv, vwx) : vwx + xv;
-      if (kProb) {
-        const Vec tv = full ? io::load(t + c) : io::load(t + c, n);
-        const Vec wt = cw ? wv * tv : tv;
-        vwt = vwt + wt;
-        vwtx = at::vec::fmadd(wt, xv, vwtx);
-        vtmax = at::vec::maximum(vtmax, full ? tv : Vec::set(ninf, tv, n));
-      }
+    if (kProb) {
+      const Vec tv = full ? io::load(t + c) : io::load(t + c, n);  // zero beyond n: harmless in the sum
+      vwt = vwt + (cw ? (full ? Vec::loadu(cw + c) : Vec::loadu(cw + c, n)) * tv : tv);
+      vtmax = at::vec::maximum(vtmax, full ? tv : Vec::set(ninf, tv, n));
     }
   });
   RowPass1<acc_t> r;
   r.max = hmax(vmax);
-  r.wx = need_wx ? hsum(vwx) : acc_t(0);
   r.wt = kProb ? hsum(vwt) : acc_t(0);
-  r.wtx = kProb ? hsum(vwtx) : acc_t(0);
   r.tmax = kProb ? hmax(vtmax) : acc_t(0);
   return r;
 }
 
-// sum_c exp(x_c - m); with `e` non-null also stores the exponentials there (C rounded up to kW).
-template <typename scalar_t>
-at::opmath_type<scalar_t> row_pass2(const scalar_t* x, int64_t C, at::opmath_type<scalar_t> m,
-                                    at::opmath_type<scalar_t>* e) {
+// Pass 2 of a row: s = sum_c exp(x_c - m); with `e` non-null it also stores the exponentials there (C rounded up
+// to kW). With kSums, the sums the loss needs for label smoothing / probability targets, taken relative to the
+// max (d_c = x_c - m) so that they do not cancel against the log-sum-exp for large logits:
+//   wd = sum_c w_c d_c,  wtd = sum_c w_c t_c d_c  (probability targets).
+// `next` (optional): the row processed after this one, prefetched into L2 while the exponentials are computed
+// (a new row's first pass otherwise waits on memory at every 4 KiB page).
+template <typename acc_t>
+struct RowPass2 {
+  acc_t sum, wd, wtd;
+};
+
+template <typename scalar_t, bool kSums, bool kProb>
+RowPass2<at::opmath_type<scalar_t>> row_pass2(const scalar_t* x, const scalar_t* t, const at::opmath_type<scalar_t>* cw,
+                                              int64_t C, at::opmath_type<scalar_t> m, at::opmath_type<scalar_t>* e,
+                                              const scalar_t* next) {
   using io = IO<scalar_t>;
   using Vec = typename io::Vec;
+  using acc_t = typename io::acc_t;
   constexpr int kW = io::kW;
   const Vec mv(m), zero(0);
-  Vec s0(0), s1(0);
+  Vec s0(0), s1(0), vwd(0), vwtd(0);
   int64_t c = 0;
-  for (; c + 2 * kW <= C; c += 2 * kW) {
-    const Vec e0 = vexp(io::load(x + c) - mv);
-    const Vec e1 = vexp(io::load(x + c + kW) - mv);
-    if (e) {
-      e0.store(e + c);
-      e1.store(e + c + kW);
+  if (!kSums) {
+    for (; c + 2 * kW <= C; c += 2 * kW) {
+      if (next) {
+        for (int64_t k = 0; k < 2 * kW * int64_t(sizeof(scalar_t)); k += 64) {
+          __builtin_prefetch(reinterpret_cast<const char*>(next + c) + k, 0, 2);
+        }
+      }
+      const Vec e0 = vexp(io::load(x + c) - mv);
+      const Vec e1 = vexp(io::load(x + c + kW) - mv);
+      if (e) {
+        e0.store(e + c);
+        e1.store(e + c + kW);
+      }
+      s0 = s0 + e0;
+      s1 = s1 + e1;
     }
-    s0 = s0 + e0;
-    s1 = s1 + e1;
   }
   for (; c < C; c += kW) {
     const int n = static_cast<int>(std::min<int64_t>(kW, C - c));
-    Vec ev = vexp((n == kW ? io::load(x + c) : io::load(x + c, n)) - mv);
-    if (n < kW) ev = Vec::set(zero, ev, n);
+    const bool full = n == kW;
+    if (next) {
+      for (int64_t k = 0; k < kW * int64_t(sizeof(scalar_t)); k += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(next + c) + k, 0, 2);
+      }
+    }
+    Vec d = (full ? io::load(x + c) : io::load(x + c, n)) - mv;
+    if (!full) d = Vec::set(zero, d, n);  // lanes beyond n: d = 0, exp(d) = 1 (masked out of the sum below)
+    Vec ev = vexp(d);
     if (e) ev.store(e + c);
+    if (!full) ev = Vec::set(zero, ev, n);
     s0 = s0 + ev;
+    if (kSums) {
+      const Vec wv = cw ? (full ? Vec::loadu(cw + c) : Vec::loadu(cw + c, n)) : Vec(1);
+      const Vec wd = cw ? wv * d : d;
+      vwd = vwd + wd;
+      if (kProb) vwtd = at::vec::fmadd(wd, full ? io::load(t + c) : io::load(t + c, n), vwtd);
+    }
   }
-  return hsum(s0 + s1);
+  return {hsum(s0 + s1), kSums ? hsum(vwd) : acc_t(0), kProb ? hsum(vwtd) : acc_t(0)};
 }
 
 // Gradient of a class-index row: g_c = e_c * a - b * w_c (b = 0 without smoothing).
@@ -479,7 +503,12 @@ void forward_rows(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<scal
     std::unique_ptr<acc_t[]> ebuf(grad ? new acc_t[C_pad] : nullptr);
     std::vector<scalar_t> xbuf(a.sC != 1 ? C : 0), tbuf(kProb && a.tC != 1 ? C : 0);
     acc_t* e = ebuf.get();
-    for (int64_t b = next_block(); b < blocks; b = next_block()) {
+    // The row after (h, r) in this worker's order, for prefetching (contiguous rows only). The next block is
+    // taken one block ahead so that the last row of a block can prefetch the first row of the next.
+    const auto row_ptr = [&](int64_t h, int64_t r) { return a.x[h] + (r / S) * a.sN + (r % S) * a.sS; };
+    int64_t b_next = next_block();
+    for (int64_t b = b_next; b < blocks; b = b_next) {
+      b_next = next_block();
       const int64_t r0 = b * rows_per_block, r1 = std::min(rows, r0 + rows_per_block);
       for (int64_t h = 0; h < H; ++h) {
         const acc_t scale = a.hw[h] * out.grad_scale_denom;
@@ -488,15 +517,24 @@ void forward_rows(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<scal
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t n = r / S, s = r % S;
           const scalar_t* x = contiguous_row(a.x[h] + n * a.sN + s * a.sS, a.sC, C, xbuf);
+          const scalar_t* next = nullptr;
+          if (a.sC == 1) {
+            if (r + 1 < r1) next = row_ptr(h, r + 1);
+            else if (h + 1 < H) next = row_ptr(h + 1, r0);
+            else if (b_next < blocks) next = row_ptr(0, b_next * rows_per_block);
+          }
           scalar_t* g = grad ? grad + (h * rows + r) * C : nullptr;
           acc_t row_loss = 0;
           if (kProb) {
             const scalar_t* t = contiguous_row(a.t + n * a.tN + s * a.tS, a.tC, C, tbuf);
-            const RowPass1<acc_t> p1 = row_pass1<scalar_t, true>(x, t, a.cw, C, need_wx);
-            const acc_t sum = row_pass2(x, C, p1.max, e);
-            ProbRowSums<acc_t> sums{p1.wt, p1.wtx, p1.wx, p1.tmax, 0};
+            const RowPass1<acc_t> p1 = row_pass1<scalar_t, true>(x, t, a.cw, C);
+            const RowPass2<acc_t> p2 = row_pass2<scalar_t, true, true>(x, t, a.cw, C, p1.max, e, next);
+            const acc_t sum = p2.sum;
+            // The row's formulas with every logit shifted by the max (the loss is shift-invariant): max 0 and the
+            // sums relative to the max, so nothing cancels for large logits.
+            ProbRowSums<acc_t> sums{p1.wt, p2.wtd, p2.wd, p1.tmax, 0};
             const acc_t lse_coef = prob_target_lse_coef(sums, a.W, a.eps, C);
-            const SoftmaxState<acc_t> st{p1.max, sum, 0};
+            const SoftmaxState<acc_t> st{acc_t(0), sum, 0};
             const bool finite = std::isfinite(p1.max);
             row_loss = finite ? prob_target_row_loss(st, sums, lse_coef, a.eps, C) : nan_value<acc_t>();
             hits += first_index_of(x, C, p1.max) == first_index_of(t, C, p1.tmax);
@@ -511,8 +549,14 @@ void forward_rows(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<scal
             if (!counted && !out.lse) {
               if (g) std::memset(static_cast<void*>(g), 0, C * sizeof(scalar_t));
             } else {
-              const RowPass1<acc_t> p1 = row_pass1<scalar_t, false>(x, nullptr, a.cw, C, need_wx && counted);
-              const acc_t sum = row_pass2(x, C, p1.max, counted ? e : nullptr);
+              const RowPass1<acc_t> p1 = row_pass1<scalar_t, false>(x, nullptr, a.cw, C);
+              RowPass2<acc_t> p2;
+              if (need_wx && counted) {
+                p2 = row_pass2<scalar_t, true, false>(x, nullptr, a.cw, C, p1.max, e, next);
+              } else {
+                p2 = row_pass2<scalar_t, false, false>(x, nullptr, a.cw, C, p1.max, counted ? e : nullptr, next);
+              }
+              const acc_t sum = p2.sum;
               if (out.lse) out.lse[h * rows + r] = p1.max + std::log(sum);
               if (!counted) {
                 if (g) std::memset(static_cast<void*>(g), 0, C * sizeof(scalar_t));
@@ -520,9 +564,10 @@ void forward_rows(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<scal
                 const bool finite = std::isfinite(p1.max);
                 const acc_t w_y = a.w(y);
                 const RowCoeffs<acc_t> k = index_target_coeffs(w_y, a.W, a.eps, C);
-                const SoftmaxState<acc_t> st{p1.max, sum, 0};
+                // Shifted by the max, as above: max 0, x_y - m, and sum_c w_c (x_c - m).
+                const SoftmaxState<acc_t> st{acc_t(0), sum, 0};
                 const acc_t x_y = static_cast<acc_t>(x[y]);
-                row_loss = finite ? index_target_row_loss(st, x_y - p1.max, p1.wx, a.W, k) : nan_value<acc_t>();
+                row_loss = finite ? index_target_row_loss(st, x_y - p1.max, p2.wd, a.W, k) : nan_value<acc_t>();
                 hits += first_index_of(x, C, p1.max) == y;
                 if (g) {
                   const acc_t ga = finite ? scale * k.lse_coef / sum : nan_value<acc_t>();
@@ -604,9 +649,9 @@ void forward_tiles(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<sca
     // exponentials in place.
     std::unique_ptr<acc_t[]> tile(new acc_t[C * width]);
     acc_t* xt = tile.get();
-    // Per-lane state, as arrays of acc_t (loaded and stored as vectors): 8 running values, 7 lane values for
-    // the epilogue, 4 gradient coefficients, x at the target.
-    std::unique_ptr<acc_t[]> state(new acc_t[20 * kLanes]);
+    // Per-lane state as arrays of acc_t, loaded and stored as vectors: 8 running values (max, argmax, sum, sums,
+    // target max / argmax), 3 gradient coefficients, the target class and the logit there.
+    std::unique_ptr<acc_t[]> state(new acc_t[13 * kLanes]);
     acc_t* vmax = state.get();
     acc_t* vidx = vmax + kLanes;
     acc_t* vsum = vidx + kLanes;
@@ -632,8 +677,8 @@ void forward_tiles(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<sca
           const int nv = (valid + kW - 1) / kW;
           const scalar_t* xb = a.x[h] + n * a.sN + s0 * a.sS;
           const scalar_t* tb = kProb ? a.t + n * a.tN + s0 * a.tS : nullptr;
-          // Pass 1: copy the tile; per-lane max and first argmax over the classes (NaN wins, like argmax);
-          // the weighted sums.
+          // Pass 1: copy the tile; per-lane max and first argmax over the classes (NaN wins, like argmax); for
+          // probability targets the target's argmax and sum_c w_c t_c.
           for (int l = 0; l < nv * kW; ++l) {
             vmax[l] = vtmax[l] = ninf;
             vidx[l] = vwx[l] = vwt[l] = vwtx[l] = vtidx[l] = vsum[l] = 0;
@@ -651,12 +696,9 @@ void forward_tiles(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<sca
               const Vec gt = (xv > m) | (xv.isnan() & (m == m));
               Vec::blendv(m, xv, gt).store(vmax + o);
               Vec::blendv(Vec::loadu(vidx + o), cv, gt).store(vidx + o);
-              if (need_wx) at::vec::fmadd(wv, xv, Vec::loadu(vwx + o)).store(vwx + o);
               if (kProb) {
                 const Vec tv = T::load(tb + c * a.tC, a.tS, j, valid);
-                const Vec wt = wv * tv;
-                (Vec::loadu(vwt + o) + wt).store(vwt + o);
-                at::vec::fmadd(wt, xv, Vec::loadu(vwtx + o)).store(vwtx + o);
+                at::vec::fmadd(wv, tv, Vec::loadu(vwt + o)).store(vwt + o);
                 const Vec tm = Vec::loadu(vtmax + o);
                 const Vec tgt = (tv > tm) | (tv.isnan() & (tm == tm));
                 Vec::blendv(tm, tv, tgt).store(vtmax + o);
@@ -672,14 +714,22 @@ void forward_tiles(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<sca
               xy[l] = counted ? xt[y * width + l] : acc_t(0);
             }
           }
-          // Pass 2: exponentials (in place, for pass 3) and their per-lane sums.
+          // Pass 2: exponentials (in place, for pass 3) and their per-lane sums; the weighted sums the loss needs
+          // relative to the max, d = x - m (no cancellation against the log-sum-exp for large logits).
           for (int64_t c = 0; c < C; ++c) {
             acc_t* xtc = xt + c * width;
+            const Vec wv(a.w(c));
             for (int j = 0; j < nv; ++j) {
               const int o = j * kW;
-              const Vec ev = vexp(Vec::loadu(xtc + o) - Vec::loadu(vmax + o));
+              const Vec d = Vec::loadu(xtc + o) - Vec::loadu(vmax + o);
+              const Vec ev = vexp(d);
               if (grad) ev.store(xtc + o);
               (Vec::loadu(vsum + o) + ev).store(vsum + o);
+              if (need_wx || kProb) {
+                const Vec wd = wv * d;
+                if (need_wx) (Vec::loadu(vwx + o) + wd).store(vwx + o);
+                if (kProb) at::vec::fmadd(wd, T::load(tb + c * a.tC, a.tS, j, valid), Vec::loadu(vwtx + o)).store(vwtx + o);
+              }
             }
           }
           // Per-lane epilogue: loss, hits, lse, gradient coefficients.
@@ -695,7 +745,7 @@ void forward_tiles(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<sca
             if (kProb) {
               ProbRowSums<acc_t> sums{vwt[l], vwtx[l], vwx[l], 0, 0};
               const acc_t lse_coef = prob_target_lse_coef(sums, a.W, a.eps, C);
-              row_loss = finite ? prob_target_row_loss(SoftmaxState<acc_t>{m, sum, 0}, sums, lse_coef, a.eps, C)
+              row_loss = finite ? prob_target_row_loss(SoftmaxState<acc_t>{0, sum, 0}, sums, lse_coef, a.eps, C)
                                 : nan_value<acc_t>();
               hits += argmax == static_cast<int64_t>(vtidx[l]);
               la[l] = finite ? scale * lse_coef / sum : nan_value<acc_t>();
@@ -705,7 +755,7 @@ void forward_tiles(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<sca
               const int64_t y = static_cast<int64_t>(ly[l]);
               const acc_t w_y = a.w(y);
               const RowCoeffs<acc_t> k = index_target_coeffs(w_y, a.W, a.eps, C);
-              row_loss = finite ? index_target_row_loss(SoftmaxState<acc_t>{m, sum, 0}, xy[l] - m, vwx[l], a.W, k)
+              row_loss = finite ? index_target_row_loss(SoftmaxState<acc_t>{0, sum, 0}, xy[l] - m, vwx[l], a.W, k)
                                 : nan_value<acc_t>();
               hits += argmax == y;
               la[l] = finite ? scale * k.lse_coef / sum : nan_value<acc_t>();
