@@ -132,6 +132,14 @@ def _ignored_with_inf():
     return [x, randn(3, 4, seed=2)], torch.tensor([0, -100, 2]), {"label_smoothing": 0.1}
 
 
+def _ignored_pixel_with_inf():
+    x = randn(2, 3, 4, 5)
+    x[0, :, 1, 2] = float("inf")  # an ignored pixel
+    target = torch.randint(0, 3, (2, 4, 5), generator=_g(1))
+    target[0, 1, 2] = 255
+    return [x, randn(2, 3, 4, 5, seed=1)], target, {"ignore_index": 255}
+
+
 def _prob_not_normalized():
     return [randn(4, 5), randn(4, 5, seed=1)], torch.rand(4, 5, generator=_g(3)) * 3, {"label_smoothing": 0.1}
 
@@ -149,6 +157,7 @@ EDGES = [
     ("nan and inf logits", _nan_inf),
     ("-inf for masked classes", _masked),
     ("ignored row holding inf", _ignored_with_inf),
+    ("ignored pixel holding inf", _ignored_pixel_with_inf),
     ("logits +-1e4 fp32", lambda: ([randn(6, 7, scale=1e4), randn(6, 7, scale=1e4, seed=1)],
                                    torch.tensor([0, 1, 2, 3, 4, 5]), {"label_smoothing": 0.1})),
     ("logits near the fp16 max", _fp16_near_max),
