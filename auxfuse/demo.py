@@ -1,10 +1,15 @@
 """`python -m auxfuse demo`: train torchvision's GoogLeNet (or Inception v3) with its auxiliary heads on
 scikit-learn's handwritten digits (1,797 real 8 x 8 images that ship with the package: no download), using
-MultiHeadLoss, then drop the aux heads (eval mode) and report the main head's held-out top-1 accuracy."""
+MultiHeadLoss, then drop the aux heads (eval mode) and report the main head's held-out top-1 accuracy.
+
+With ``--distributed``, under torchrun (``torchrun --nproc-per-node 2 -m auxfuse demo --distributed``), every
+process trains a DistributedDataParallel replica on its own shard of each epoch (gloo on CPU, nccl on CUDA);
+``--batch-size`` stays the global batch, and only rank 0 prints, evaluates and plots."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Optional
 
@@ -77,19 +82,61 @@ def plot_losses(history: dict[str, list[float]], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> float:
+def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Without --distributed: (0, 1, the chosen device). With it, under torchrun
+    (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): one process per rank, nccl on CUDA
+    (one GPU per local rank), gloo on CPU."""
+    requested = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not args.distributed:
+        return 0, 1, requested
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        raise SystemExit("--distributed needs torchrun: torchrun --nproc-per-node 2 -m auxfuse demo --distributed")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if requested.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = requested
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def shard(order: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's part of an epoch's order, as DistributedSampler(drop_last=True) deals it: every rank gets
+    the same number of samples (so every rank runs the same number of steps), rank r takes r, r + W, ..."""
+    usable = len(order) - len(order) % world_size
+    return order[:usable][rank::world_size]
+
+
+def run(args: argparse.Namespace) -> Optional[float]:
     from tqdm import tqdm
 
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world_size, device = setup_distributed(args)
+    main_process = rank == 0
     image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.model]
     train_x, train_y, test_x, test_y = load_digits(image_size, args.seed)
-    model = build_model(args.model).to(device)
+    model = build_model(args.model).to(device)  # the same seed on every rank: DDP also broadcasts rank 0's
+    net = model
+    if args.distributed:
+        # Every parameter gets a gradient in training (the aux heads' too): no find_unused_parameters needed.
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     criterion = auxfuse.MultiHeadLoss(backend=args.backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    steps_per_epoch = (len(train_y) + args.batch_size - 1) // args.batch_size
+    if args.batch_size % world_size:
+        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the {world_size} processes")
+    rank_batch = args.batch_size // world_size
+    rank_samples = len(shard(train_y, rank, world_size))
+    steps_per_epoch = (rank_samples + rank_batch - 1) // rank_batch
+    if args.max_steps:
+        steps_per_epoch = min(steps_per_epoch, args.max_steps)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.25
     )
@@ -98,28 +145,38 @@ def run(args: argparse.Namespace) -> float:
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(args.seed)
     for epoch in range(args.epochs):
-        model.train()
-        order = torch.randperm(len(train_y), generator=generator)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=True, dynamic_ncols=True)
+        net.train()
+        order = shard(torch.randperm(len(train_y), generator=generator), rank, world_size)  # same perm on every rank
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=True, dynamic_ncols=True,
+                   disable=not main_process)
         for step in bar:
-            idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+            idx = order[step * rank_batch:(step + 1) * rank_batch]
             images, target = train_x[idx].to(device), train_y[idx].to(device)
-            outputs = model(images)
+            outputs = net(images)
             details = criterion(outputs, target, return_details=True)
             optimizer.zero_grad(set_to_none=True)
-            details.loss.backward()
+            details.loss.backward()  # DDP averages the gradients over the ranks here
             optimizer.step()
             scheduler.step()
+            losses = torch.cat([details.loss.detach().reshape(1), details.head_losses])
+            if args.distributed:  # the global batch's losses, for the progress bar and the plot
+                torch.distributed.all_reduce(losses)
+                losses /= world_size
+            total, *head_losses = losses.tolist()
             names = auxfuse.collect_heads(outputs).names
-            for name, value in zip(names, details.head_losses.tolist()):
+            for name, value in zip(names, head_losses):
                 history.setdefault(name, []).append(value)
-            bar.set_postfix({"loss": f"{details.loss.item():.3f}",
-                             **{n: f"{v:.3f}" for n, v in zip(names, details.head_losses.tolist())}})
+            bar.set_postfix({"loss": f"{total:.3f}", **{n: f"{v:.3f}" for n, v in zip(names, head_losses)}})
         if used_backend is None:
             used_backend = auxfuse.explain_backend(outputs, target, backend=args.backend)["chosen"]
     train_seconds = time.perf_counter() - start
+    if args.distributed:
+        torch.distributed.destroy_process_group()
+    if not main_process:
+        return None
     accuracy = evaluate(model, test_x, test_y, 256, device)
-    print(f"model: {args.model} ({image_size}x{image_size} digits), device: {device}, "
+    processes = f" x {world_size} processes (DDP)" if args.distributed else ""
+    print(f"model: {args.model} ({image_size}x{image_size} digits), device: {device}{processes}, "
           f"loss backend: {used_backend}, train time: {train_seconds:.1f} s")
     print(f"held-out top-1 accuracy of the main head (eval mode, aux heads dropped): "
           f"{accuracy * 100:.2f}% on {len(test_y)} images")
@@ -140,3 +197,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--plot", default="auxfuse_demo_losses.png", help="PNG of per-head losses ('' to skip)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="DistributedDataParallel under torchrun: torchrun --nproc-per-node 2 -m auxfuse demo "
+                             "--distributed (gloo on CPU, nccl on CUDA; --batch-size is the global batch)")
+    parser.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (0: all)")

@@ -1,8 +1,9 @@
 """The `torch` backend: pure PyTorch, the fallback on every device and the oracle of the fused kernels.
 
-All heads go through one autograd node that saves each head's per-row log-sum-exp, not an N x C
-log-probability tensor per head; backward rebuilds the softmax from it. The per-row formulas are the ones
-of csrc/multihead_ce.h.
+All heads go through one autograd node that saves nothing of size N x C beyond the logits themselves (the
+naive sum saves a log-probability tensor per head): the forward takes each head's fused log_softmax, reduces
+it to per-row losses and drops it; backward rebuilds the softmax with ATen's fused kernel and folds every
+coefficient into one scale per row. The per-row formulas are the ones of csrc/multihead_ce.h.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ def not_supported_reasons(problem: Problem) -> list[str]:
     return []
 
 
+def _over_classes(fn, x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """log_softmax / softmax over the class dimension of (N, C, S). Classifier heads (S == 1) go through a
+    2-D view: ATen's last-dimension kernels are many times faster than its strided ones."""
+    if x.shape[2] == 1:
+        return fn(x.squeeze(2), 1, dtype=acc).unsqueeze(2)
+    return fn(x, 1, dtype=acc)
+
+
 class _RowTerms:
     """Per-row quantities shared by every head: which rows count, and the loss / gradient coefficients."""
 
@@ -45,8 +54,8 @@ class _RowTerms:
             self.lse_coef = self.weighted_target.sum(1)
             rows = t.shape[0] * t.shape[2]
             self.valid = None
-            self.count = torch.tensor(rows, device=target.device)
-            self.denom = torch.tensor(float(rows), dtype=acc, device=target.device)
+            self.count = target.new_full((), rows, dtype=torch.int64)  # no host-to-device copy (CUDA graphs)
+            self.denom = target.new_full((), float(rows), dtype=acc)
             return
         valid = target != problem.ignore_index
         in_range = (target >= 0) & (target < C)
@@ -60,31 +69,38 @@ class _RowTerms:
         self.count = valid.sum()
         self.denom = w_y.sum()
 
-    def head_loss_rows(self, x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-        """Each row's unweighted loss (N, S) for logits x (N, C, S) in the accumulation dtype."""
+    def head_loss_rows(self, logp: torch.Tensor) -> torch.Tensor:
+        """Each row's unweighted loss (N, S) from the head's log-probabilities (N, C, S)."""
         if self.valid is None:
-            return self.lse_coef * lse - (self.weighted_target * x).sum(1)
-        rows = self.target_coef * (lse - x.gather(1, self.index).squeeze(1))
+            return -(self.weighted_target * logp).sum(1)
+        rows = -self.target_coef * logp.gather(1, self.index).squeeze(1)
         if self.smooth_coef:
-            weighted_x = x.sum(1) if self.class_weight_b is None else (x * self.class_weight_b).sum(1)
-            rows = rows + self.smooth_coef * (self.weight_sum * lse - weighted_x)
+            weighted = logp if self.class_weight_b is None else logp * self.class_weight_b
+            rows = rows - self.smooth_coef * weighted.sum(1)
         rows = torch.where(self.valid, rows, 0.0)
         return torch.where(self.bad_rows, float("nan"), rows)
 
-    def head_grad(self, x: torch.Tensor, lse: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-        """d(sum_i row_scale_i * loss_i)/dx for one head, in the accumulation dtype."""
-        grad = torch.exp(x - lse.unsqueeze(1)).mul_(self.lse_coef.unsqueeze(1))
+    def head_grad(self, x: torch.Tensor, row_scale: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+        """d(sum_i row_scale_i * loss_i)/dx for one head, in x's dtype. row_scale is 0 on rows that do not
+        count. grad = A * (p - B / A * onehot - C / A * w): the corrections go into the fp32 softmax (p - 1
+        before any rounding) and the final scale by A writes x's dtype directly, so the N x C tensor is
+        written once in fp32 and once in x's dtype."""
+        scale = self.lse_coef * row_scale  # A, per row
+        safe = torch.where(scale != 0, scale, 1.0)
+        grad = _over_classes(torch.softmax, x, acc)
         if self.valid is None:
-            grad.sub_(self.weighted_target)
+            grad.sub_(self.weighted_target * (row_scale / safe).unsqueeze(1))
         else:
             if self.smooth_coef:
-                smooth = (self.valid.to(x.dtype) * self.smooth_coef).unsqueeze(1)
+                smooth = (row_scale * self.smooth_coef / safe).unsqueeze(1)
                 grad.sub_(smooth if self.class_weight_b is None else smooth * self.class_weight_b)
-            grad.scatter_add_(1, self.index, -self.target_coef.unsqueeze(1).to(x.dtype))
-        return grad.mul_(row_scale.unsqueeze(1))
+            grad.scatter_add_(1, self.index, -(self.target_coef * row_scale / safe).unsqueeze(1))
+        out = grad if x.dtype == acc else torch.empty_like(x, memory_format=torch.contiguous_format)
+        return torch.mul(grad, scale.unsqueeze(1), out=out)
 
-    def hits(self, x: torch.Tensor, problem: Problem) -> torch.Tensor:
-        predicted = x.argmax(1)
+    def hits(self, scores: torch.Tensor, problem: Problem) -> torch.Tensor:
+        """Top-1 hits among counted rows (first maximum of the logits, as torch.argmax)."""
+        predicted = scores.argmax(1)
         if self.valid is None:
             return (predicted == problem.target.argmax(1)).sum()
         return ((predicted == problem.target) & self.valid).sum()
@@ -108,26 +124,27 @@ class _MultiHeadCrossEntropy(torch.autograd.Function):
         acc = problem.acc_dtype
         terms = _RowTerms(problem)
         weighted_rows = None
-        head_sums, hits, lses = [], [], []
+        head_sums, hits = [], []
         for x, w in zip(heads, problem.head_weights):
-            x = x.to(acc)
-            lse = torch.logsumexp(x, dim=1)
-            rows = terms.head_loss_rows(x, lse)
+            # ATen's fused log_softmax, in fp32 for fp16 / bf16 logits (fp16 log-probabilities overflow for
+            # logits near its max), lives for this loop iteration only: nothing N x C is saved for backward.
+            logp = _over_classes(torch.log_softmax, x, acc)
+            rows = terms.head_loss_rows(logp)
             head_sums.append(rows.sum())
             if problem.reduction == "none":
                 weighted_rows = rows * w if weighted_rows is None else weighted_rows + rows * w
             if problem.want_details:
                 hits.append(terms.hits(x, problem))
-            lses.append(lse)
+            del logp
         head_sums = torch.stack(head_sums)
-        weights = torch.tensor(problem.head_weights, dtype=acc, device=problem.device)
+        weights = torch.stack([head_sums.new_full((), w) for w in problem.head_weights])  # no copy: CUDA graphs
         if problem.reduction == "sum":
             loss, head_losses = (head_sums * weights).sum(), head_sums
         else:
             head_losses = head_sums / terms.denom
             loss = weighted_rows if problem.reduction == "none" else (head_sums * weights).sum() / terms.denom
         ctx.problem, ctx.terms = problem, terms
-        ctx.save_for_backward(*heads, *lses)
+        ctx.save_for_backward(*heads)
         head_correct = torch.stack(hits) if hits else None
         ctx.mark_non_differentiable(head_losses, terms.count)
         return loss, head_losses, head_correct, terms.count
@@ -135,12 +152,10 @@ class _MultiHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         problem, terms = ctx.problem, ctx.terms
-        saved = ctx.saved_tensors
-        heads, lses = saved[: len(saved) // 2], saved[len(saved) // 2 :]
         row_scale = _row_scale(problem, terms, grad_loss)
         grads = []
-        for x, lse, w, needs in zip(heads, lses, problem.head_weights, ctx.needs_input_grad[1:]):
-            grads.append(terms.head_grad(x.to(problem.acc_dtype), lse, row_scale * w).to(x.dtype) if needs else None)
+        for x, w, needs in zip(ctx.saved_tensors, problem.head_weights, ctx.needs_input_grad[1:]):
+            grads.append(terms.head_grad(x, row_scale * w, problem.acc_dtype) if needs else None)
         return (None, *grads)
 
 

@@ -1,21 +1,634 @@
-"""The `triton` backend: Triton kernels behind torch.library.triton_op (not written yet)."""
+"""The `triton` backend: Triton kernels behind ``torch.library.triton_op``.
+
+Two ops, registered at import when Triton is importable:
+
+  auxfuse::triton_multihead_ce_forward   one main kernel over every head + one tiny finalize kernel
+  auxfuse::triton_multihead_ce_backward  one kernel over every head (the gradient from the saved lse)
+
+The kernels are launched with ``torch.library.wrap_triton``, so ``torch.compile(fullgraph=True)`` traces
+through them. The per-row formulas are the ones of csrc/multihead_ce.h; the oracle is reference.py.
+
+How the heads reach the kernels: each head is its own pointer argument (X0..X7, with its own three strides),
+and the kernels loop over the heads with ``tl.static_range``, picking the head's pointer at compile time.
+A table of ``data_ptr()``s in an int64 tensor was the other option; it needs ``data_ptr()`` (which a
+FakeTensor does not have, so ``torch.compile`` could not trace the op) and a host-to-device copy per call
+(one more transfer, and not capturable in a CUDA graph). The cost is a limit of MAX_HEADS heads.
+
+Program mapping. A head (N, C, S) is walked as N "outer" rows times S "inner" rows; a classifier head
+(S == 1) is re-viewed as 1 x N, so a program always takes one outer index n and BLOCK_R consecutive inner
+rows s, a [BLOCK_R, BLOCK_C] tile, and loops over the classes in BLOCK_C chunks with an online softmax:
+  - narrow (C <= NARROW_MAX_C): one chunk holds the whole row, BLOCK_R rows per program (a small C like a
+    segmentation's 21 classes gets 128 rows per program, read along the spatial axis, which is the
+    contiguous one for NCHW and strided by C for channels_last);
+  - wide (C > NARROW_MAX_C, LM vocabularies): one row per program, BLOCK_C chunks (autotuned).
+Every program handles all heads of its rows, so the target and class weights are read once for all heads.
+
+Reductions are deterministic: each program writes one row of partial sums (count, denominator, each head's
+loss sum, each head's hits) and the finalize kernel, one program, sums them in a fixed order and writes
+loss, head_losses, head_correct, count and denom. reduction="none" writes the weighted per-row loss from
+the main kernel. No host syncs: grad_output and the mean's divisor are read on the device in backward.
+
+Autotuning: a small config list (narrow: num_warps 4 / 8; wide: BLOCK_C 4096 / 8192 / 16384 with 8 / 16
+warps). The config changes the order of the floating-point sums, so two processes may differ in the last
+bit; set AUXFUSE_TRITON_AUTOTUNE=0 for fixed configs (bitwise reproducible across runs). Under
+TRITON_INTERPRET=1 there is one config (nothing is benchmarked) and smaller blocks, so tests on CPU
+tensors exercise the multi-chunk path at small C.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Optional
+
+import torch
 
 from .problem import BackendResult, Problem
 
 name = "triton"
 
+MAX_HEADS = 8
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NONE, MEAN, SUM = 0, 1, 2
+
+# Read once, at import: Triton decides at decoration time whether a kernel is interpreted.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+AUTOTUNE = os.environ.get("AUXFUSE_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
+
+# Importing triton and defining a triton_op (which imports torch._inductor) take seconds: only where the
+# kernels can run. AUXFUSE_TRITON_REGISTER=1 forces it (the tests compile the kernels for sm_90 on a CPU).
+_WANTED = INTERPRET or os.environ.get("AUXFUSE_TRITON_REGISTER") == "1" or torch.cuda.is_available()
+_NO_DEVICE = "no CUDA device is visible (and TRITON_INTERPRET=1 was not set when auxfuse was imported)"
+triton = tl = None
+_IMPORT_ERROR: Optional[str] = None if _WANTED else _NO_DEVICE
+if _WANTED:
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError as error:  # the package still works, on the other backends
+        _IMPORT_ERROR = f"triton could not be imported ({error})"
+
+if INTERPRET:
+    NARROW_MAX_C = 128  # above: the wide (multi-chunk) path; small so CPU tests reach it
+    TILE = 1024  # elements of a narrow program's tile (BLOCK_R * BLOCK_C)
+    MIN_PROGRAMS = 4
+    WIDE_BLOCK_C = 128
+else:
+    NARROW_MAX_C = 4096
+    TILE = 4096
+    MIN_PROGRAMS = 264  # two waves over an H100/H200's 132 SMs before tiles grow
+    WIDE_BLOCK_C = 8192
+FINALIZE_BLOCK = 256
+
 
 def unavailable_reason() -> Optional[str]:
-    return "the Triton kernels are not written yet"
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if not INTERPRET and not torch.cuda.is_available():
+        return _NO_DEVICE
+    return None
 
 
 def not_supported_reasons(problem: Problem) -> list[str]:
-    return [unavailable_reason()]
+    reasons = []
+    unavailable = unavailable_reason()
+    if unavailable:
+        reasons.append(unavailable)
+    device = problem.device.type
+    if device == "cpu":
+        if not INTERPRET:
+            reasons.append("CPU tensors run the Triton kernels only in the interpreter (TRITON_INTERPRET=1)")
+    elif device != "cuda":
+        reasons.append(f"the heads are on {device}; the Triton kernels run on CUDA")
+    if problem.dtype not in DTYPES:
+        reasons.append(f"the Triton kernels take float32 / float16 / bfloat16 logits, not {problem.dtype} "
+                       "(use backend='torch' or 'cpu' for float64)")
+    if len(problem.heads) > MAX_HEADS:
+        reasons.append(f"the Triton kernels take at most {MAX_HEADS} heads (one pointer argument each), "
+                       f"got {len(problem.heads)}")
+    if problem.num_classes < 1:
+        reasons.append("the heads have no classes")
+    if problem.prob_target and problem.target.requires_grad:
+        reasons.append("gradients w.r.t. probability targets are computed by the torch backend only")
+    if problem.class_weight is not None and problem.class_weight.requires_grad:
+        reasons.append("gradients w.r.t. class weights are computed by the torch backend only")
+    return reasons
 
 
 def compute(problem: Problem) -> BackendResult:
-    raise NotImplementedError(unavailable_reason())
+    """Weighted cross-entropy of all heads: one fused forward (main + finalize kernel), one backward kernel.
+
+    Example (CUDA, or CPU tensors under TRITON_INTERPRET=1):
+        >>> loss = auxfuse.multi_head_cross_entropy((logits, aux), target, backend="triton")  # doctest: +SKIP
+    """
+    loss, head_losses, head_correct, count, _denom, _lse, _coef = torch.ops.auxfuse.triton_multihead_ce_forward(
+        problem.heads,
+        problem.target,
+        problem.class_weight,
+        problem.head_weights,
+        problem.ignore_index,
+        problem.label_smoothing,
+        problem.reduction_code,
+        problem.want_details,
+        problem.needs_grad,
+    )
+    return BackendResult(loss, head_losses, head_correct if problem.want_details else None, count)
+
+
+if _IMPORT_ERROR is None:
+
+    @triton.jit
+    def _sel(h: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
+        """The h-th of eight arguments, chosen at compile time (h is a constexpr)."""
+        if h == 0:
+            v = a0
+        elif h == 1:
+            v = a1
+        elif h == 2:
+            v = a2
+        elif h == 3:
+            v = a3
+        elif h == 4:
+            v = a4
+        elif h == 5:
+            v = a5
+        elif h == 6:
+            v = a6
+        else:
+            v = a7
+        return v
+
+    @triton.jit
+    def _rows(S, BLOCK_R: tl.constexpr):
+        """This program's outer index n (int64) and inner rows s (int64), the row mask and row index."""
+        pid = tl.program_id(0)
+        n_blocks = tl.cdiv(S, BLOCK_R)
+        n = pid // n_blocks
+        s = (pid - n * n_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_mask = s < S
+        n64 = n.to(tl.int64)
+        s64 = s.to(tl.int64)
+        return n64, s64, row_mask, n64 * S + s64
+
+    @triton.jit
+    def _weight_sum(CW, C, BLOCK_C: tl.constexpr):
+        acc = tl.zeros([BLOCK_C], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            acc += tl.load(CW + cols, mask=cols < C, other=0.0)
+        return tl.sum(acc, 0)
+
+    @triton.jit
+    def _forward_kernel(
+        X0, X1, X2, X3, X4, X5, X6, X7,
+        SN0, SC0, SS0, SN1, SC1, SS1, SN2, SC2, SS2, SN3, SC3, SS3,
+        SN4, SC4, SS4, SN5, SC5, SS5, SN6, SC6, SS6, SN7, SC7, SS7,
+        W0, W1, W2, W3, W4, W5, W6, W7,
+        T, T_SN, T_SC, T_SS, CW,
+        LOSS_ROWS, LSE, COEF, PART,
+        C, S, R, ignore_index, eps,
+        H: tl.constexpr, PROB: tl.constexpr, HAS_CW: tl.constexpr, SMOOTH: tl.constexpr,
+        ROWS_OUT: tl.constexpr, SAVE: tl.constexpr, HITS: tl.constexpr, KP: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        n64, s64, row_mask, r = _rows(S, BLOCK_R)
+        pid = tl.program_id(0).to(tl.int64)
+        t_row = n64 * T_SN + s64 * T_SS
+        smooth_coef = eps / C
+        if SMOOTH and HAS_CW:
+            weight_sum = _weight_sum(CW, C, BLOCK_C)
+        else:
+            weight_sum = C * 1.0
+        if PROB:
+            counted = row_mask
+            w_y = tl.where(row_mask, 1.0, 0.0)
+            wt = tl.zeros([BLOCK_R], tl.float32)  # sum_c w_c t_c (head 0 computes it)
+            t_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
+            t_arg = tl.zeros([BLOCK_R], tl.int32)
+        else:
+            y = tl.load(T + t_row, mask=row_mask, other=ignore_index)
+            counted = row_mask & (y != ignore_index)
+            good = counted & (y >= 0) & (y < C)
+            bad = counted != good  # a class index outside [0, C): never read, NaN loss
+            y_safe = tl.where(good, y, 0)
+            if HAS_CW:
+                w_y = tl.load(CW + y_safe, mask=good, other=0.0)
+            else:
+                w_y = tl.where(good, 1.0, 0.0)
+            target_coef = (1.0 - eps) * w_y
+            coef = tl.where(good, target_coef + smooth_coef * weight_sum, 0.0)
+            coef = tl.where(bad, float("nan"), coef)
+        weighted_rows = tl.zeros([BLOCK_R], tl.float32)
+        for h in tl.static_range(H):
+            X = _sel(h, X0, X1, X2, X3, X4, X5, X6, X7)
+            SN = _sel(h, SN0, SN1, SN2, SN3, SN4, SN5, SN6, SN7)
+            SC = _sel(h, SC0, SC1, SC2, SC3, SC4, SC5, SC6, SC7)
+            SS = _sel(h, SS0, SS1, SS2, SS3, SS4, SS5, SS6, SS7)
+            x_row = n64 * SN + s64 * SS
+            m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+            sum_exp = tl.zeros([BLOCK_R], tl.float32)
+            arg = tl.zeros([BLOCK_R], tl.int32)
+            wx = tl.zeros([BLOCK_R], tl.float32)  # sum_c w_c x_c (smoothing)
+            wtx = tl.zeros([BLOCK_R], tl.float32)  # sum_c w_c t_c x_c (probability targets)
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                col_mask = cols < C
+                mask = row_mask[:, None] & col_mask[None, :]
+                cols64 = cols.to(tl.int64)
+                x = tl.load(X + (x_row[:, None] + cols64[None, :] * SC), mask=mask, other=float("-inf"))
+                x = x.to(tl.float32)
+                chunk_max = tl.max(x, 1)
+                m_new = tl.maximum(m, chunk_max)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows of -inf only: no NaN here
+                sum_exp = sum_exp * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
+                if HITS:
+                    chunk_arg = tl.argmax(x, 1, tie_break_left=True).to(tl.int32) + c0
+                    arg = tl.where(chunk_max > m, chunk_arg, arg)  # strictly greater: the first maximum
+                m = m_new
+                if SMOOTH or PROB:
+                    x_zero = tl.where(mask, x, 0.0)  # masked elements hold -inf; these sums want 0
+                if HAS_CW and (SMOOTH or PROB):
+                    wc = tl.load(CW + cols, mask=col_mask, other=0.0)
+                if SMOOTH:
+                    if HAS_CW:
+                        wx += tl.sum(x_zero * wc[None, :], 1)
+                    else:
+                        wx += tl.sum(x_zero, 1)
+                if PROB:
+                    t = tl.load(T + (t_row[:, None] + cols64[None, :] * T_SC), mask=mask, other=0.0)
+                    t = t.to(tl.float32)
+                    if HAS_CW:
+                        w_t = t * wc[None, :]
+                    else:
+                        w_t = t
+                    wtx += tl.sum(w_t * x_zero, 1)
+                    if h == 0:
+                        wt += tl.sum(w_t, 1)
+                        if HITS:
+                            t_masked = tl.where(mask, t, float("-inf"))
+                            t_chunk_max = tl.max(t_masked, 1)
+                            t_chunk_arg = tl.argmax(t_masked, 1, tie_break_left=True).to(tl.int32) + c0
+                            t_arg = tl.where(t_chunk_max > t_max, t_chunk_arg, t_arg)
+                            t_max = tl.maximum(t_max, t_chunk_max)
+            # Rows past the end (masked) get lse 0 instead of -inf: nothing is stored for them.
+            log_s = tl.log(tl.where(row_mask, sum_exp, 1.0))
+            m = tl.where(row_mask, m, 0.0)
+            lse = m + log_s
+            if PROB:
+                coef = (1.0 - eps) * wt + smooth_coef * weight_sum
+                loss = coef * lse - (1.0 - eps) * wtx
+                if SMOOTH:
+                    loss -= smooth_coef * wx
+                loss = tl.where(row_mask, loss, 0.0)
+                if HITS:
+                    hit = row_mask & (arg == t_arg)
+            else:
+                x_y = tl.load(X + (x_row + y_safe * SC), mask=good, other=0.0).to(tl.float32)
+                loss = target_coef * (log_s - (x_y - m))
+                if SMOOTH:
+                    loss += smooth_coef * (weight_sum * lse - wx)
+                loss = tl.where(counted, loss, 0.0)
+                loss = tl.where(bad, float("nan"), loss)
+                if HITS:
+                    hit = good & (arg == y)
+            if SAVE:
+                tl.store(LSE + (tl.cast(R, tl.int64) * h + r), lse, mask=row_mask)
+            if ROWS_OUT:
+                weighted_rows += _sel(h, W0, W1, W2, W3, W4, W5, W6, W7) * loss
+            tl.store(PART + (pid * KP + 2 + h), tl.sum(loss, 0))
+            if HITS:
+                tl.store(PART + (pid * KP + 2 + H + h), tl.sum(hit.to(tl.float32), 0))
+        tl.store(PART + pid * KP, tl.sum(counted.to(tl.float32), 0))
+        tl.store(PART + (pid * KP + 1), tl.sum(w_y, 0))
+        if ROWS_OUT:
+            tl.store(LOSS_ROWS + r, weighted_rows, mask=row_mask)
+        if SAVE:
+            tl.store(COEF + r, coef, mask=row_mask)
+
+    @triton.jit
+    def _finalize_kernel(
+        PART, P, W0, W1, W2, W3, W4, W5, W6, W7,
+        LOSS, HEAD_LOSSES, HEAD_CORRECT, COUNT, DENOM,
+        H: tl.constexpr, KP: tl.constexpr, RED: tl.constexpr, HITS: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        """One program: the partial sums of every main-kernel program, added in a fixed order."""
+        cols = tl.arange(0, KP)
+        is_int = (cols == 0) | ((cols >= 2 + H) & (cols < 2 + 2 * H))
+        f_acc = tl.zeros([KP], tl.float32)
+        i_acc = tl.zeros([KP], tl.int64)
+        for p0 in range(0, P, BLOCK_P):
+            rows = p0 + tl.arange(0, BLOCK_P)
+            v = tl.load(PART + (rows.to(tl.int64)[:, None] * KP + cols[None, :]), mask=(rows < P)[:, None], other=0.0)
+            f_acc += tl.sum(v, 0)
+            i_acc += tl.sum(tl.where(is_int[None, :], v, 0.0).to(tl.int64), 0)
+        count = tl.sum(tl.where(cols == 0, i_acc, 0), 0)
+        denom = tl.sum(tl.where(cols == 1, f_acc, 0.0), 0)
+        is_head = (cols >= 2) & (cols < 2 + H)
+        head_weights = tl.zeros([KP], tl.float32)
+        for h in tl.static_range(H):
+            head_weights = tl.where(cols == 2 + h, _sel(h, W0, W1, W2, W3, W4, W5, W6, W7), head_weights)
+        total = tl.sum(tl.where(is_head, f_acc * head_weights, 0.0), 0)
+        if RED == 2:
+            head_losses = f_acc
+            tl.store(LOSS, total)
+        else:
+            head_losses = f_acc / denom
+            if RED == 1:
+                tl.store(LOSS, total / denom)
+        tl.store(HEAD_LOSSES + (cols - 2), head_losses, mask=is_head)
+        if HITS:
+            tl.store(HEAD_CORRECT + (cols - 2 - H), i_acc, mask=(cols >= 2 + H) & (cols < 2 + 2 * H))
+        tl.store(COUNT, count)
+        tl.store(DENOM, denom)
+
+    @triton.jit
+    def _backward_kernel(
+        X0, X1, X2, X3, X4, X5, X6, X7,
+        SN0, SC0, SS0, SN1, SC1, SS1, SN2, SC2, SS2, SN3, SC3, SS3,
+        SN4, SC4, SS4, SN5, SC5, SS5, SN6, SC6, SS6, SN7, SC7, SS7,
+        G0, G1, G2, G3, G4, G5, G6, G7, G_SN, G_SC, G_SS,
+        W0, W1, W2, W3, W4, W5, W6, W7,
+        T, T_SN, T_SC, T_SS, CW,
+        LSE, COEF, DENOM, GRAD, GRAD_SN, GRAD_SS,
+        C, S, R, ignore_index, eps,
+        H: tl.constexpr, PROB: tl.constexpr, HAS_CW: tl.constexpr, SMOOTH: tl.constexpr, RED: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        n64, s64, row_mask, r = _rows(S, BLOCK_R)
+        t_row = n64 * T_SN + s64 * T_SS
+        smooth_coef = eps / C
+        if RED == 0:
+            g = tl.load(GRAD + (n64 * GRAD_SN + s64 * GRAD_SS), mask=row_mask, other=0.0).to(tl.float32)
+        else:
+            g = tl.load(GRAD).to(tl.float32) + tl.zeros([BLOCK_R], tl.float32)
+            if RED == 1:
+                g = g / tl.load(DENOM)
+        if PROB:
+            counted = row_mask
+        else:
+            y = tl.load(T + t_row, mask=row_mask, other=ignore_index)
+            counted = row_mask & (y != ignore_index)
+            good = counted & (y >= 0) & (y < C)
+            y_safe = tl.where(good, y, 0)
+            if HAS_CW:
+                w_y = tl.load(CW + y_safe, mask=good, other=0.0)
+            else:
+                w_y = tl.where(good, 1.0, 0.0)
+            target_coef = (1.0 - eps) * w_y
+            smooth_row = tl.where(counted, smooth_coef, 0.0)
+        # Rows that count for nothing get exactly zero (also when all are ignored and the divisor is 0).
+        scale = tl.where(counted, g, 0.0)
+        coef = tl.load(COEF + r, mask=row_mask, other=0.0)
+        g_row = n64 * G_SN + s64 * G_SS
+        for h in tl.static_range(H):
+            X = _sel(h, X0, X1, X2, X3, X4, X5, X6, X7)
+            G = _sel(h, G0, G1, G2, G3, G4, G5, G6, G7)
+            SN = _sel(h, SN0, SN1, SN2, SN3, SN4, SN5, SN6, SN7)
+            SC = _sel(h, SC0, SC1, SC2, SC3, SC4, SC5, SC6, SC7)
+            SS = _sel(h, SS0, SS1, SS2, SS3, SS4, SS5, SS6, SS7)
+            x_row = n64 * SN + s64 * SS
+            lse = tl.load(LSE + (tl.cast(R, tl.int64) * h + r), mask=row_mask, other=0.0)
+            row_scale = scale * _sel(h, W0, W1, W2, W3, W4, W5, W6, W7)
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                col_mask = cols < C
+                mask = row_mask[:, None] & col_mask[None, :]
+                cols64 = cols.to(tl.int64)
+                x = tl.load(X + (x_row[:, None] + cols64[None, :] * SC), mask=mask, other=0.0).to(tl.float32)
+                grad = tl.exp(x - lse[:, None]) * coef[:, None]
+                if HAS_CW and (SMOOTH or PROB):
+                    wc = tl.load(CW + cols, mask=col_mask, other=0.0)
+                if PROB:
+                    t = tl.load(T + (t_row[:, None] + cols64[None, :] * T_SC), mask=mask, other=0.0)
+                    t_smooth = (1.0 - eps) * t.to(tl.float32) + smooth_coef
+                    if HAS_CW:
+                        t_smooth = t_smooth * wc[None, :]
+                    grad -= t_smooth
+                else:
+                    # p - 1 at the target, in fp32, before rounding to the logits' dtype.
+                    grad = tl.where(cols64[None, :] == y_safe[:, None], grad - target_coef[:, None], grad)
+                    if SMOOTH:
+                        if HAS_CW:
+                            grad -= smooth_row[:, None] * wc[None, :]
+                        else:
+                            grad -= smooth_row[:, None]
+                grad = grad * row_scale[:, None]
+                tl.store(G + (g_row[:, None] + cols64[None, :] * G_SC), grad.to(G.dtype.element_ty), mask=mask)
+
+    def _configs(narrow: bool):
+        """The deliberate config lists. BLOCK_R is not tuned: it fixes the number of partial sums."""
+        if narrow:
+            options = [dict(num_warps=4), dict(num_warps=8)]
+            configs = [triton.Config({}, **o) for o in options]
+        else:
+            options = [(WIDE_BLOCK_C, 8), (4096, 8), (8192, 16), (16384, 16)]
+            configs = [triton.Config({"BLOCK_C": b}, num_warps=w) for b, w in options]
+        return configs if AUTOTUNE else configs[:1]
+
+    def _tuned(kernel, narrow: bool):
+        key = ["C", "H", "BLOCK_R"] if narrow else ["C", "H"]
+        return triton.autotune(configs=_configs(narrow), key=key)(kernel)
+
+    _KERNELS = {
+        ("forward", True): _tuned(_forward_kernel, True),
+        ("forward", False): _tuned(_forward_kernel, False),
+        ("backward", True): _tuned(_backward_kernel, True),
+        ("backward", False): _tuned(_backward_kernel, False),
+    }
+
+    def _next_pow2(v: int) -> int:
+        return 1 << max(0, int(v) - 1).bit_length()
+
+    def _plan(C: int, outer: int, inner: int) -> tuple[bool, int, Optional[int]]:
+        """(narrow, BLOCK_R, BLOCK_C or None when autotuned) from static shapes only."""
+        if C > NARROW_MAX_C:
+            return False, 1, None
+        block_c = max(16, _next_pow2(C))
+        block_r = max(1, min(TILE // block_c, _next_pow2(inner)))
+        while block_r > 1 and outer * triton.cdiv(inner, block_r) < MIN_PROGRAMS:
+            block_r //= 2
+        return True, block_r, block_c
+
+    class _Layout:
+        """The heads' sizes as the kernels walk them: outer x inner rows (a classifier: 1 x N)."""
+
+        def __init__(self, heads):
+            N, C, S = heads[0].shape
+            self.N, self.C, self.S = N, C, S
+            self.R = N * S
+            self.classifier = S == 1
+            self.outer, self.inner = (1, N) if self.classifier else (N, S)
+
+        def strides3(self, t: torch.Tensor) -> tuple[int, int, int]:
+            sn, sc, ss = t.stride()
+            return (0, sc, sn) if self.classifier else (sn, sc, ss)
+
+        def strides2(self, t: torch.Tensor) -> tuple[int, int]:
+            sn, ss = t.stride()
+            return (0, sn) if self.classifier else (sn, ss)
+
+    def _head_args(heads, layout: _Layout) -> dict:
+        """X0..X7 and their strides; unused slots repeat head 0 (never read: H is a constexpr)."""
+        args = {}
+        for h in range(MAX_HEADS):
+            x = heads[h] if h < len(heads) else heads[0]
+            args[f"X{h}"] = x
+            args[f"SN{h}"], args[f"SC{h}"], args[f"SS{h}"] = layout.strides3(x)
+        return args
+
+    def _grad_args(grads, unused: torch.Tensor) -> dict:
+        """G0..G7; unused slots get a tensor the kernel never touches, so that no written argument aliases
+        another one (torch.compile's functionalization clones written arguments that alias)."""
+        return {f"G{h}": grads[h] if h < len(grads) else unused for h in range(MAX_HEADS)}
+
+    def _weight_args(head_weights) -> dict:
+        return {f"W{h}": float(head_weights[h]) if h < len(head_weights) else 0.0 for h in range(MAX_HEADS)}
+
+    def _target_args(target: torch.Tensor, prob: bool, layout: _Layout) -> dict:
+        if prob:
+            t_sn, t_sc, t_ss = layout.strides3(target)
+        else:
+            (t_sn, t_ss), t_sc = layout.strides2(target), 0
+        return dict(T=target, T_SN=t_sn, T_SC=t_sc, T_SS=t_ss)
+
+    def _launch(stage: str, layout: _Layout, args: dict):
+        narrow, block_r, block_c = _plan(layout.C, layout.outer, layout.inner)
+        args["BLOCK_R"] = block_r
+        if narrow:
+            args["BLOCK_C"] = block_c
+        grid = (layout.outer * triton.cdiv(layout.inner, block_r),)
+        _run(_KERNELS[(stage, narrow)], grid, args)
+        return grid[0]
+
+    def _run(kernel, grid, args: dict):
+        if INTERPRET and any(_is_fake(v) for v in args.values()):
+            # Under TRITON_INTERPRET=1 wrap_triton hands back the interpreted kernel itself (no HOP), which
+            # would run on fake tensors: skip it, leaving the outputs' metadata (the fake kernel's job).
+            return
+        torch.library.wrap_triton(kernel)[grid](**args)
+
+    def _is_fake(value) -> bool:
+        from torch._subclasses.fake_tensor import is_fake
+
+        return isinstance(value, torch.Tensor) and (value.device.type == "meta" or is_fake(value))
+
+    def _num_programs(layout: _Layout) -> int:
+        _, block_r, _ = _plan(layout.C, layout.outer, layout.inner)
+        return layout.outer * triton.cdiv(layout.inner, block_r)
+
+    @torch.library.triton_op("auxfuse::triton_multihead_ce_forward", mutates_args=())
+    def _forward_op(
+        heads: list[torch.Tensor],
+        target: torch.Tensor,
+        class_weight: Optional[torch.Tensor],
+        head_weights: list[float],
+        ignore_index: int,
+        label_smoothing: float,
+        reduction: int,
+        want_hits: bool,
+        save_lse: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """loss, head_losses, head_correct ((0,) unless want_hits), count, denom, lse (H, N, S), coef (N, S)."""
+        H = len(heads)
+        h0 = heads[0]
+        layout = _Layout(heads)
+        prob = target.dim() == 3
+        f32 = dict(dtype=torch.float32, device=h0.device)
+        loss = torch.empty((layout.N, layout.S) if reduction == NONE else (), **f32)
+        head_losses = torch.empty((H,), **f32)
+        head_correct = torch.empty((H if want_hits else 0,), dtype=torch.int64, device=h0.device)
+        count = torch.empty((), dtype=torch.int64, device=h0.device)
+        denom = torch.empty((), **f32)
+        lse = torch.empty((H, layout.N, layout.S) if save_lse else (0,), **f32)
+        coef = torch.empty((layout.N, layout.S) if save_lse else (0,), **f32)
+        kp = _next_pow2(2 + 2 * H)
+        programs = _num_programs(layout)
+        part = torch.empty((programs, kp), **f32)
+        args = _head_args(heads, layout)
+        args.update(_weight_args(head_weights))
+        args.update(_target_args(target, prob, layout))
+        args.update(
+            CW=class_weight if class_weight is not None else head_losses,
+            LOSS_ROWS=loss, LSE=lse, COEF=coef, PART=part,
+            C=layout.C, S=layout.inner, R=layout.R, ignore_index=ignore_index, eps=float(label_smoothing),
+            H=H, PROB=prob, HAS_CW=class_weight is not None, SMOOTH=label_smoothing != 0.0,
+            ROWS_OUT=reduction == NONE, SAVE=save_lse, HITS=want_hits, KP=kp,
+        )
+        _launch("forward", layout, args)
+        _run(_finalize_kernel, (1,), dict(
+            PART=part, P=programs, **_weight_args(head_weights),
+            LOSS=loss, HEAD_LOSSES=head_losses, HEAD_CORRECT=head_correct, COUNT=count, DENOM=denom,
+            H=H, KP=kp, RED=reduction, HITS=want_hits, BLOCK_P=FINALIZE_BLOCK,
+        ))
+        return loss, head_losses, head_correct, count, denom, lse, coef
+
+    def _allocate_grads(heads) -> list[torch.Tensor]:
+        """One gradient per head, all laid out like head 0 (class-innermost heads get class-innermost ones)."""
+        h0 = heads[0]
+        N, C, S = h0.shape
+        if S > 1 and h0.stride(1) == 1:
+            return [h0.new_empty((N, S, C)).permute(0, 2, 1) for _ in heads]
+        return [h0.new_empty((N, C, S)) for _ in heads]
+
+    @torch.library.triton_op("auxfuse::triton_multihead_ce_backward", mutates_args=())
+    def _backward_op(
+        grad_loss: torch.Tensor,
+        heads: list[torch.Tensor],
+        target: torch.Tensor,
+        class_weight: Optional[torch.Tensor],
+        head_weights: list[float],
+        ignore_index: int,
+        label_smoothing: float,
+        reduction: int,
+        lse: torch.Tensor,
+        coef: torch.Tensor,
+        denom: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        """Every head's gradient from the saved lse and coef; grad_loss () or (N, S), read on the device."""
+        layout = _Layout(heads)
+        prob = target.dim() == 3
+        grads = _allocate_grads(heads)
+        g_sn, g_sc, g_ss = layout.strides3(grads[0])
+        if reduction == NONE:
+            grad_sn, grad_ss = layout.strides2(grad_loss.reshape(layout.N, layout.S))
+            grad_loss = grad_loss.reshape(layout.N, layout.S)
+        else:
+            grad_sn, grad_ss = 0, 0
+        args = _head_args(heads, layout)
+        args.update(_grad_args(grads, unused=coef))
+        args.update(_weight_args(head_weights))
+        args.update(_target_args(target, prob, layout))
+        args.update(
+            G_SN=g_sn, G_SC=g_sc, G_SS=g_ss,
+            CW=class_weight if class_weight is not None else lse,
+            LSE=lse, COEF=coef, DENOM=denom, GRAD=grad_loss, GRAD_SN=grad_sn, GRAD_SS=grad_ss,
+            C=layout.C, S=layout.inner, R=layout.R, ignore_index=ignore_index, eps=float(label_smoothing),
+            H=len(heads), PROB=prob, HAS_CW=class_weight is not None, SMOOTH=label_smoothing != 0.0,
+            RED=reduction,
+        )
+        _launch("backward", layout, args)
+        return grads
+
+    def _setup_context(ctx, inputs, output):
+        heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction, _, save_lse = inputs
+        ctx.options = (head_weights, ignore_index, label_smoothing, reduction)
+        ctx.num_heads = len(heads)
+        ctx.has_class_weight = class_weight is not None
+        ctx.saved_lse = save_lse
+        denom, lse, coef = output[4], output[5], output[6]
+        extra = [class_weight] if class_weight is not None else []
+        ctx.save_for_backward(lse, coef, denom, target, *extra, *heads)
+
+    def _backward(ctx, grad_loss, *unused):
+        if grad_loss is None:
+            return (None,) * 9
+        if not ctx.saved_lse:
+            raise RuntimeError("auxfuse: the triton forward ran with save_lse=False (no gradient was expected)")
+        lse, coef, denom, target, *rest = ctx.saved_tensors
+        class_weight = rest[0] if ctx.has_class_weight else None
+        heads = rest[1:] if ctx.has_class_weight else rest
+        grads = torch.ops.auxfuse.triton_multihead_ce_backward(
+            grad_loss, list(heads), target, class_weight, *ctx.options, lse, coef, denom
+        )
+        return list(grads), None, None, None, None, None, None, None, None
+
+    _forward_op.register_autograd(_backward, setup_context=_setup_context)

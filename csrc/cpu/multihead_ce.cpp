@@ -454,6 +454,24 @@ void row_write_prob_grad(scalar_t* g, const at::opmath_type<scalar_t>* e, const 
 }
 
 // Copies a strided row into `buf` (for heads or targets whose class dimension is not contiguous).
+// The gradient row of an ignored target, as PyTorch's: zero, except NaN where log_softmax of the row is NaN
+// (a NaN or +inf logit, or every logit -inf), since autograd multiplies that NaN by the zero weight.
+template <typename scalar_t>
+void write_ignored_row_grad(scalar_t* g, const scalar_t* x, int64_t C) {
+  float row_max = -INFINITY;
+  bool nan_row = false;
+  for (int64_t c = 0; c < C && !nan_row; ++c) {
+    const float v = static_cast<float>(x[c]);
+    nan_row = std::isnan(v) || v == INFINITY;
+    row_max = std::max(row_max, v);
+  }
+  if (nan_row || row_max == -INFINITY) {
+    std::fill(g, g + C, std::numeric_limits<scalar_t>::quiet_NaN());
+  } else {
+    std::memset(static_cast<void*>(g), 0, C * sizeof(scalar_t));
+  }
+}
+
 template <typename scalar_t>
 const scalar_t* contiguous_row(const scalar_t* p, int64_t stride, int64_t C, std::vector<scalar_t>& buf) {
   if (stride == 1) return p;
@@ -549,7 +567,7 @@ void forward_rows(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<scal
             const int64_t y = a.y[n * a.yN + s * a.yS];
             const bool counted = y != a.ignore_index;
             if (!counted && !out.lse) {
-              if (g) std::memset(static_cast<void*>(g), 0, C * sizeof(scalar_t));
+              if (g) write_ignored_row_grad(g, x, C);
             } else {
               const RowPass1<acc_t> p1 = row_pass1<scalar_t, false>(x, nullptr, a.cw, C);
               RowPass2<acc_t> p2;
@@ -561,7 +579,7 @@ void forward_rows(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<scal
               const acc_t sum = p2.sum;
               if (out.lse) out.lse[h * rows + r] = p1.max + std::log(sum);
               if (!counted) {
-                if (g) std::memset(static_cast<void*>(g), 0, C * sizeof(scalar_t));
+                if (g) write_ignored_row_grad(g, x, C);
               } else {
                 const bool finite = std::isfinite(p1.max);
                 const acc_t w_y = a.w(y);
@@ -919,14 +937,14 @@ void backward_rows(const Args<scalar_t>& a, const BackwardIn<at::opmath_type<sca
           const acc_t gl = in.per_row ? in.grad_loss[n * in.glN + s * in.glS] : in.grad_loss[0];
           const acc_t scale = gl * a.hw[h] * in.inv_denom;
           int64_t y = -1;
+          const scalar_t* x = contiguous_row(a.x[h] + n * a.sN + s * a.sS, a.sC, C, xbuf);
           if (!kProb) {
             y = a.y[n * a.yN + s * a.yS];
             if (y == a.ignore_index) {
-              std::memset(static_cast<void*>(g), 0, C * sizeof(scalar_t));
+              write_ignored_row_grad(g, x, C);
               continue;
             }
           }
-          const scalar_t* x = contiguous_row(a.x[h] + n * a.sN + s * a.sS, a.sC, C, xbuf);
           const acc_t lse = in.lse[h * rows + r];
           const bool finite = std::isfinite(lse);
           const Vec lv(lse);

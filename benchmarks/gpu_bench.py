@@ -1,0 +1,512 @@
+"""GPU benchmark of the weighted multi-head cross-entropy: providers x shapes x modes, one table.
+
+    python3 benchmarks/gpu_bench.py [--json PATH] [--only SHAPE_ID ...] [--budget-s 240]
+    python3 benchmarks/gpu_bench.py --dry-run     # the plan: shapes, providers, bytes; no GPU needed
+    python3 benchmarks/gpu_bench.py --smoke       # tiny shapes on whatever device is here (code-path check)
+
+Providers: naive eager sum of F.cross_entropy; torch.compile of that sum; auxfuse backends torch, cuda and
+triton (triton only when auxfuse.available_backends()["triton"] is None); auxfuse-cuda-op, the registered op
+called directly (the cuda kernels without the Python front end); Liger-Kernel's
+LigerCrossEntropyLoss looped over the heads when liger_kernel imports (2-D logits only).
+Modes: fwd (the training forward: inputs require grad, no backward) and fwd+bwd (forward, then
+torch.autograd.grad of the loss w.r.t. every head).
+
+Timing: back-to-back iterations between CUDA events (so CPU launch overhead counts, as in a training loop),
+input sets rotated so that every iteration reads logits that are not in L2 (several sets when one set is
+smaller than 256 MB), the median over repeats. Per row: median ms, speed-up vs naive and vs compile,
+achieved GB/s on the floor's bytes (2 x element size x logits for fwd+bwd, 1 x for fwd) and as a fraction of
+the device-to-device copy bandwidth measured in the same run, peak memory above the inputs
+(torch.cuda.max_memory_allocated delta), and device operations (kernels, memsets, copies) per fwd+bwd
+counted with torch.profiler. For the cuda provider the kernel's own bytes (3 x element size x logits + the
+targets twice + the saved log-sum-exp for fwd+bwd) are reported too. A failing provider prints its error
+in the table and the run goes on. The Markdown table is printed last; with --json (or $OUT set) the full
+results go to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+GiB = 1024**3
+
+
+@dataclass
+class Shape:
+    id: str
+    heads: int
+    logits: tuple  # (N, C, *spatial)
+    dtype: torch.dtype
+    weights: tuple
+
+    @property
+    def numel(self) -> int:
+        return self.heads * math.prod(self.logits)
+
+    @property
+    def rows(self) -> int:
+        return self.logits[0] * math.prod(self.logits[2:])
+
+    @property
+    def elem(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def floor_bytes(self, mode: str) -> int:
+        return (2 if mode == "fwd+bwd" else 1) * self.elem * self.numel
+
+    def cuda_own_bytes(self, mode: str) -> int:
+        """What the cuda backend moves: logits read once per pass, the gradient written once, the int64
+        targets read per pass, the fp32 log-sum-exp written in forward and read in backward."""
+        if mode == "fwd+bwd":
+            return 3 * self.elem * self.numel + 2 * 8 * self.rows + 2 * 4 * self.heads * self.rows
+        return self.elem * self.numel + 8 * self.rows + 4 * self.heads * self.rows
+
+    def describe(self) -> str:
+        dims = "x".join(map(str, self.logits))
+        return f"{self.heads}x{dims} {str(self.dtype).replace('torch.', '')}"
+
+
+SHAPES = [
+    Shape("googlenet-fp32", 3, (256, 1000), torch.float32, (1.0, 0.3, 0.3)),
+    Shape("googlenet-bf16", 3, (256, 1000), torch.bfloat16, (1.0, 0.3, 0.3)),
+    Shape("inception-fp32", 2, (256, 1000), torch.float32, (1.0, 0.4)),
+    Shape("lm2-bf16", 2, (8192, 128256), torch.bfloat16, (1.0, 0.3)),
+    Shape("seg-fp16", 2, (8, 21, 512, 512), torch.float16, (1.0, 0.5)),
+    Shape("lm4-bf16", 4, (8192, 128256), torch.bfloat16, (1.0, 0.3, 0.3, 0.3)),
+]
+SMOKE_SHAPES = [
+    Shape("smoke-cls", 3, (8, 37), torch.float32, (1.0, 0.3, 0.3)),
+    Shape("smoke-seg", 2, (2, 5, 4, 4), torch.float32, (1.0, 0.5)),
+]
+MODES = ("fwd+bwd", "fwd")
+PROVIDERS = ("naive", "compile", "auxfuse-torch", "auxfuse-cuda", "auxfuse-cuda-op", "auxfuse-triton", "liger")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Providers: each returns a loss function (heads, target) -> scalar loss, or raises with the reason.
+# ---------------------------------------------------------------------------------------------------------
+
+def naive_sum(heads, target, weights):
+    return sum(w * F.cross_entropy(h, target) for w, h in zip(weights, heads))
+
+
+_COMPILED = {}
+
+
+def make_provider(name: str, shape: Shape) -> tuple[Callable, bool]:
+    """(loss_fn, needs_private_inputs). Raises RuntimeError('skip: ...') when the provider does not apply."""
+    weights = shape.weights
+    if name == "naive":
+        return (lambda heads, t: naive_sum(heads, t, weights)), False
+    if name == "compile":
+        if "naive" not in _COMPILED:
+            import torch._dynamo as dynamo  # (a bare `import torch._dynamo` would make `torch` local here)
+
+            for knob in ("cache_size_limit", "recompile_limit"):  # renamed across torch versions
+                if hasattr(dynamo.config, knob):
+                    setattr(dynamo.config, knob, max(getattr(dynamo.config, knob), 64))
+            # Static shapes: one specialised graph per benchmark shape, as a training job gets.
+            _COMPILED["naive"] = torch.compile(naive_sum, dynamic=False)
+        fn = _COMPILED["naive"]
+        return (lambda heads, t: fn(list(heads), t, weights)), False
+    if name == "auxfuse-cuda-op":
+        # The registered op with its autograd formula, without auxfuse's Python front end: how much of the
+        # cuda provider's time is the front end (output parsing, validation, backend choice).
+        import auxfuse
+
+        reason = auxfuse.available_backends().get("cuda")
+        if reason is not None:
+            raise RuntimeError(f"skip: {reason}")
+        n, c = shape.logits[0], shape.logits[1]
+        w = list(weights)
+
+        def op_loss(heads, t):
+            rows = [h.reshape(n, c, -1) for h in heads]
+            return torch.ops.auxfuse.multihead_ce_forward(rows, t.reshape(n, -1), None, w, -100, 0.0, 1, 2)[0]
+
+        return op_loss, False
+    if name.startswith("auxfuse-"):
+        import auxfuse
+
+        backend = name.split("-", 1)[1]
+        reason = auxfuse.available_backends().get(backend)
+        if reason is not None:
+            raise RuntimeError(f"skip: {reason}")
+        return (lambda heads, t: auxfuse.multi_head_cross_entropy(list(heads), t, list(weights),
+                                                                  backend=backend)), False
+    if name == "liger":
+        try:
+            from liger_kernel.transformers import LigerCrossEntropyLoss
+        except Exception as error:  # noqa: BLE001
+            raise RuntimeError(f"skip: liger_kernel not importable ({type(error).__name__})")
+        if len(shape.logits) != 2:
+            raise RuntimeError("skip: LigerCrossEntropyLoss takes 2-D logits only")
+        criterion = LigerCrossEntropyLoss()
+        # Liger writes its gradient into the logits' storage: it gets inputs of its own.
+        return (lambda heads, t: sum(w * criterion(h, t) for w, h in zip(weights, heads))), True
+    raise ValueError(name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measurement helpers
+# ---------------------------------------------------------------------------------------------------------
+
+def make_inputs(shape: Shape, device, num_sets: int, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    sets = []
+    for _ in range(num_sets):
+        heads = [(torch.randn(shape.logits, generator=g, device=device) * 2).to(shape.dtype).requires_grad_(True)
+                 for _ in range(shape.heads)]
+        target = torch.randint(0, shape.logits[1], (shape.logits[0], *shape.logits[2:]), generator=g, device=device)
+        sets.append((heads, target))
+    return sets
+
+
+def num_input_sets(shape: Shape) -> int:
+    """Enough sets that consecutive iterations never find their logits in L2 (H200: 60 MB)."""
+    set_bytes = shape.elem * shape.numel
+    return max(1, min(32, math.ceil(256 * 2**20 / set_bytes)))
+
+
+def step_fn(loss_fn, mode: str):
+    if mode == "fwd":
+        return lambda heads, t: loss_fn(heads, t)
+
+    def fwd_bwd(heads, t):
+        loss = loss_fn(heads, t)
+        return torch.autograd.grad(loss, heads)
+
+    return fwd_bwd
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        sync(self.device)
+        if self.device.type == "cuda":
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.end = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.end.record()
+            self.end.synchronize()
+            self.ms = self.start.elapsed_time(self.end)
+        else:
+            self.ms = (time.perf_counter() - self.t0) * 1e3
+
+
+def time_step(step, sets, device, target_ms: float, repeats: int) -> tuple[float, list]:
+    """Median over `repeats` of the mean ms per iteration of back-to-back iterations, rotating input sets."""
+    with Timer(device) as t:
+        step(*sets[0])
+    iters = max(len(sets), min(200, math.ceil(target_ms / max(t.ms, 1e-3))))
+    samples = []
+    for _ in range(repeats):
+        with Timer(device) as t:
+            for i in range(iters):
+                step(*sets[i % len(sets)])
+        samples.append(t.ms / iters)
+    return statistics.median(samples), samples
+
+
+def peak_memory_delta(step, inputs, device) -> Optional[int]:
+    if device.type != "cuda":
+        return None
+    sync(device)
+    gc.collect()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = step(*inputs)
+    del out
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def device_ops(step, inputs, device) -> Optional[dict]:
+    """Device-side operations of one step: kernels, memsets, memcpys (names kept for the JSON)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(*inputs)
+        sync(device)
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    memsets = [n for n in names if "memset" in n.lower()]
+    copies = [n for n in names if "memcpy" in n.lower()]
+    kernels = [n for n in names if n not in memsets and n not in copies]
+    return {"total": len(names), "kernels": len(kernels), "memsets": len(memsets), "memcpys": len(copies),
+            "auxfuse_kernels": sum("auxfuse" in n for n in kernels), "names": names}
+
+
+def copy_bandwidth(device, gib: float = 2.0) -> Optional[float]:
+    """Device-to-device copy: (read + write) bytes / time, GB/s (1e9), median of 10."""
+    if device.type != "cuda":
+        return None
+    n = int(gib * GiB) // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    samples = []
+    for _ in range(10):
+        with Timer(device) as t:
+            dst.copy_(src)
+        samples.append(2 * src.numel() * 4 / (t.ms * 1e-3) / 1e9)
+    del src, dst
+    torch.cuda.empty_cache()
+    return statistics.median(samples)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    shape: str
+    mode: str
+    provider: str
+    ms: Optional[float] = None
+    samples: list = field(default_factory=list)
+    floor_gbps: Optional[float] = None
+    own_gbps: Optional[float] = None
+    peak_mb: Optional[float] = None
+    ops: Optional[dict] = None
+    warmup_s: Optional[float] = None
+    error: Optional[str] = None
+    vs_naive: Optional[float] = None
+    vs_compile: Optional[float] = None
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_shape(shape: Shape, device, providers, modes, deadline: float, repeats: int, target_ms: float,
+              log) -> list[Row]:
+    rows = []
+    shared_sets = None
+    try:
+        shared_sets = make_inputs(shape, device, num_input_sets(shape))
+    except Exception as error:  # noqa: BLE001
+        for mode in modes:
+            for p in providers:
+                rows.append(Row(shape.id, mode, p, error=f"inputs: {type(error).__name__}: {error}"[:200]))
+        return rows
+    for provider in providers:
+        private = None
+        for mode in modes:
+            row = Row(shape.id, mode, provider)
+            rows.append(row)
+            if time.monotonic() > deadline:
+                row.error = "skipped: time budget"
+                continue
+            try:
+                loss_fn, needs_private = make_provider(provider, shape)
+                if needs_private and private is None:
+                    private = make_inputs(shape, device, len(shared_sets), seed=1)
+                sets = private if needs_private else shared_sets
+                step = step_fn(loss_fn, mode)
+                t0 = time.monotonic()
+                for i in range(3):  # warm-up (compiles, allocates the stream's ticket, fills the caches)
+                    out = step(*sets[i % len(sets)])
+                del out
+                sync(device)
+                row.warmup_s = time.monotonic() - t0
+                row.ms, row.samples = time_step(step, sets, device, target_ms, repeats)
+                row.floor_gbps = shape.floor_bytes(mode) / (row.ms * 1e-3) / 1e9
+                if provider.startswith("auxfuse-cuda"):
+                    row.own_gbps = shape.cuda_own_bytes(mode) / (row.ms * 1e-3) / 1e9
+                peak = peak_memory_delta(step, sets[0], device)
+                row.peak_mb = None if peak is None else peak / 2**20
+                if mode == "fwd+bwd":
+                    row.ops = device_ops(step, sets[0], device)
+                log(f"  {shape.id:15s} {mode:8s} {provider:15s} {row.ms:9.3f} ms  (warm-up {row.warmup_s:.1f} s)")
+            except Exception as error:  # noqa: BLE001
+                message = str(error).strip().split("\n")[0]
+                row.error = message[:200] if message.startswith("skip:") else f"{type(error).__name__}: {message}"[:200]
+                if not message.startswith("skip:"):
+                    log(f"  {shape.id:15s} {mode:8s} {provider:15s} FAILED: {row.error}")
+                    log("    " + traceback.format_exc().strip().replace("\n", "\n    ")[-1500:])
+            finally:
+                free_memory(device)
+        del private
+        free_memory(device)
+    del shared_sets
+    free_memory(device)
+    order = {p: i for i, p in enumerate(providers)}
+    rows.sort(key=lambda r: (modes.index(r.mode), order[r.provider]))
+    by_mode = {}
+    for r in rows:
+        by_mode.setdefault(r.mode, {})[r.provider] = r
+    for r in rows:
+        base = by_mode[r.mode]
+        if r.ms:
+            if base.get("naive") and base["naive"].ms:
+                r.vs_naive = base["naive"].ms / r.ms
+            if base.get("compile") and base["compile"].ms:
+                r.vs_compile = base["compile"].ms / r.ms
+    return rows
+
+
+def fmt(value, spec, empty="-"):
+    return empty if value is None else format(value, spec)
+
+
+def markdown_table(shapes, rows, copy_gbps) -> str:
+    described = {s.id: s.describe() for s in shapes}
+    lines = [
+        f"device-to-device copy bandwidth: {fmt(copy_gbps, '.0f')} GB/s (read + write)",
+        "",
+        "| shape | mode | provider | median ms | x naive | x compile | floor GB/s | % copy | own GB/s (% copy) "
+        "| peak MB | device ops / fwd+bwd | note |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        pct = None if (r.floor_gbps is None or not copy_gbps) else 100 * r.floor_gbps / copy_gbps
+        own = "-"
+        if r.own_gbps is not None:
+            own = f"{r.own_gbps:.0f}" + (f" ({100 * r.own_gbps / copy_gbps:.0f}%)" if copy_gbps else "")
+        ops = "-"
+        if r.ops:
+            ops = f"{r.ops['total']}" + (f" ({r.ops['auxfuse_kernels']} auxfuse)" if r.ops["auxfuse_kernels"] else "")
+        note = (r.error or "").replace("|", "/")
+        lines.append(
+            f"| {described.get(r.shape, r.shape)} | {r.mode} | {r.provider} | {fmt(r.ms, '.3f')} | "
+            f"{fmt(r.vs_naive, '.2f')} | {fmt(r.vs_compile, '.2f')} | {fmt(r.floor_gbps, '.0f')} | "
+            f"{fmt(pct, '.0f')} | {own} | {fmt(r.peak_mb, '.0f')} | {ops} | {note} |"
+        )
+    return "\n".join(lines)
+
+
+def environment(device) -> dict:
+    info = {"python": sys.version.split()[0], "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "platform": platform.platform(), "device": str(device)}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        info["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, sm_count=props.multi_processor_count, gpu_memory_gib=props.total_memory / GiB)
+    try:
+        import auxfuse
+
+        info["auxfuse_backends"] = auxfuse.available_backends()
+    except Exception as error:  # noqa: BLE001
+        info["auxfuse_backends"] = f"import failed: {error}"
+    return info
+
+
+def plan(shapes, providers, modes) -> str:
+    lines = ["plan:"]
+    for s in shapes:
+        lines.append(
+            f"  {s.id:15s} {s.describe():32s} logits {s.elem * s.numel / 2**20:10.1f} MB, input sets "
+            f"{num_input_sets(s):2d}, floor fwd+bwd {s.floor_bytes('fwd+bwd') / 1e9:7.3f} GB, cuda own "
+            f"{s.cuda_own_bytes('fwd+bwd') / 1e9:7.3f} GB"
+        )
+    lines.append(f"  providers: {', '.join(providers)}")
+    lines.append(f"  modes: {', '.join(modes)}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", default=None, help="write full results here (default: $OUT/gpu_results.json)")
+    parser.add_argument("--only", nargs="*", default=None, help="shape ids to run")
+    parser.add_argument("--providers", nargs="*", default=list(PROVIDERS))
+    parser.add_argument("--budget-s", type=float, default=240.0, help="stop starting measurements after this")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--target-ms", type=float, default=60.0, help="time per repeat")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the local device")
+    args = parser.parse_args(argv)
+
+    start = time.monotonic()
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    if args.only:
+        shapes = [s for s in shapes if s.id in args.only]
+    modes = MODES
+    print(plan(shapes, args.providers, modes), flush=True)
+    if args.dry_run:
+        return 0
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        print("no CUDA device: run with --smoke for a CPU code-path check", file=sys.stderr)
+        return 2
+    env = environment(device)
+    print(json.dumps(env, indent=None, default=str), flush=True)
+
+    def log(message):
+        print(f"[{time.monotonic() - start:6.1f}s] {message}", flush=True)
+
+    copy_gbps = copy_bandwidth(device)
+    log(f"copy bandwidth {fmt(copy_gbps, '.0f')} GB/s")
+    deadline = start + args.budget_s
+    rows: list[Row] = []
+    for shape in shapes:
+        log(f"{shape.id}: {shape.describe()}")
+        rows += run_shape(shape, device, args.providers, modes, deadline, args.repeats, args.target_ms, log)
+    copy_after = copy_bandwidth(device)
+    log(f"copy bandwidth after the run {fmt(copy_after, '.0f')} GB/s; total {time.monotonic() - start:.0f} s")
+
+    out_path = args.json or (os.path.join(os.environ["OUT"], "gpu_results.json") if os.environ.get("OUT") else None)
+    if out_path:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        payload = {
+            "environment": env,
+            "copy_gbps": copy_gbps,
+            "copy_gbps_after": copy_after,
+            "elapsed_s": time.monotonic() - start,
+            "shapes": [dict(id=s.id, heads=s.heads, logits=s.logits, dtype=str(s.dtype), weights=s.weights,
+                            floor_bytes={m: s.floor_bytes(m) for m in modes},
+                            cuda_own_bytes={m: s.cuda_own_bytes(m) for m in modes}) for s in shapes],
+            "rows": [r.__dict__ for r in rows],
+        }
+        with open(out_path, "w") as f:
+            json.dump(payload, f, indent=1, default=str)
+        log(f"results: {out_path}")
+    print()
+    print(markdown_table(shapes, rows, copy_gbps), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1140 @@
+// Fused CUDA kernels of the auxfuse ops (schema and output contract: csrc/auxfuse.cpp).
+//
+// Forward (grad_mode 0 and 2): ONE launch for all heads. A "group" of G threads owns one row (n, s) at a time
+// and loops over the heads inside the row, so the row's target is read once for every head:
+//   G = 1    thread per row: class-strided logits, e.g. (N, C, S) segmentation heads (consecutive threads
+//            take consecutive s, so every class step is a coalesced load; up to 24 loads in flight per
+//            thread), or tiny C (< 32);
+//   G = 32   warp per row, classes contiguous (classifiers, channels_last), 32 <= C <= 2048;
+//   G = 512  block per row, classes contiguous, C > 2048 (LM vocabularies).
+// Contiguous classes are read with 16-byte vector loads (a scalar prologue up to the first 16-byte boundary,
+// a scalar tail), each logit read once: an online softmax keeps (max, sum of exp, first argmax) per thread
+// and merges them across the group in a fixed order (its own RowState rather than multihead_ce.h's
+// SoftmaxState add / merge, which turn a leading -inf logit into NaN via exp(-inf - -inf); -inf logits,
+// e.g. a masked vocabulary, add 0 here). The loss and gradient coefficients are multihead_ce.h's.
+// Rows are handed out grid-stride from a grid whose size depends only on the shape, so every sum has a
+// fixed order: the results are bitwise repeatable.
+// The cross-row reduction (per-head loss sums and hits, count, denom, the final loss) is done in the same
+// launch without float atomics: every block writes its partials to a workspace, takes an integer ticket,
+// and the last block sums the partials in block order (in double) and resets the ticket to 0.
+// The ticket lives in a small zeroed buffer kept per (device, stream), so the hot path has no memset;
+// during CUDA-graph capture a fresh ticket is zeroed by a captured memset instead.
+//
+// Backward: ONE launch, same mappings: grad = head_weight * row_scale * (p * lse_coef - target terms), with
+// p = exp(x - lse) from the saved log-sum-exp (1 read + 1 write per logit), row_scale read on the device
+// (grad_loss, divided by denom for mean, per row for none); `p - 1` at the target is formed in fp32
+// before the single rounding to the logits' dtype.
+//
+// Never a host sync. Invalid class indices (outside [0, C), not ignore_index) are never used as an
+// address: the row reads class 0 instead, its loss is NaN (so the loss is NaN) and its gradient row NaN.
+// grad_mode 1 (gradient in the forward) is not offered on CUDA: for mean it needs the denominator before
+// any gradient can be written, i.e. a second pass, and grad_output is only known in backward.
+//
+// AUXFUSE_KERNELS_ONLY: compile the kernels alone (no ATen / torch headers), for quick register checks:
+//   nvcc -DAUXFUSE_KERNELS_ONLY -Xptxas=-v -I csrc -I <torch>/include -c csrc/cuda/multihead_ce.cu
+// AUXFUSE_EMULATE (set by tests/cuda_emulation/cuda_shim.h): kernels and host logic compiled as C++ and run on
+// CPU threads by tests/cuda_emulation/emulate.cpp, with its own launcher instead of the CUDA one below.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "multihead_ce.h"
+
+#ifndef AUXFUSE_KERNELS_ONLY
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+
+#include "ops_common.h"
+#endif
+#if !defined(AUXFUSE_KERNELS_ONLY) && !defined(AUXFUSE_EMULATE)
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <map>
+#include <mutex>
+#include <utility>
+#endif
+
+namespace auxfuse_cuda {
+
+using auxfuse::ProbRowSums;
+using auxfuse::RowCoeffs;
+using auxfuse::SoftmaxState;
+
+constexpr int kMaxHeads = 16;            // the heads' pointers travel by value in the launch parameters
+#ifndef AUXFUSE_MAX_FORWARD_BLOCKS
+#define AUXFUSE_MAX_FORWARD_BLOCKS 1024  // bounds the partials the last block sums
+#endif
+#ifndef AUXFUSE_MAX_BACKWARD_BLOCKS
+#define AUXFUSE_MAX_BACKWARD_BLOCKS (1 << 16)
+#endif
+constexpr int kMaxForwardBlocks = AUXFUSE_MAX_FORWARD_BLOCKS;  // the emulation lowers both to test grid strides
+constexpr int kMaxBackwardBlocks = AUXFUSE_MAX_BACKWARD_BLOCKS;
+constexpr int kWarpMaxClasses = 2048;    // above: a block per row
+constexpr int kThreadMaxClasses = 32;    // below (contiguous classes): a thread per row
+constexpr int kRowBlock = 512;           // block-per-row threads
+constexpr int kWarpBlock = 128;          // warp-per-row kernels: 4 rows per block
+constexpr int kThreadBlock = 256;        // thread-per-row kernels
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ------------------------------------------------------------------------------------------------
+// Element access
+// ------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float fast_exp2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return std::exp2(x);  // host pass of nvcc (never called) and the CPU emulation of the kernels
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ float load_float(const T* p) {
+  return static_cast<float>(*p);
+}
+
+template <typename T>
+__device__ __forceinline__ T to_scalar(float v) {
+  return static_cast<T>(v);
+}
+
+// 16-byte vectors: kVec elements of T in a uint4.
+template <typename T>
+struct Vec;
+
+template <>
+struct Vec<float> {
+  static constexpr int kVec = 4;
+  __device__ __forceinline__ static void unpack(const uint4& u, float (&f)[4]) {
+    f[0] = __uint_as_float(u.x);
+    f[1] = __uint_as_float(u.y);
+    f[2] = __uint_as_float(u.z);
+    f[3] = __uint_as_float(u.w);
+  }
+  __device__ __forceinline__ static uint4 pack(const float (&f)[4]) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+  }
+};
+
+__device__ __forceinline__ float half_bits_to_float(unsigned int bits) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+}
+// Two floats -> two rounded (nearest-even) 16-bit values in one word, `lo` in the low half (one cvt on sm_80+).
+__device__ __forceinline__ unsigned int pack_half2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  unsigned int bits;
+  memcpy(&bits, &h, sizeof(bits));
+  return bits;
+}
+__device__ __forceinline__ unsigned int pack_bf162(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  unsigned int bits;
+  memcpy(&bits, &h, sizeof(bits));
+  return bits;
+}
+
+template <>
+struct Vec<c10::Half> {
+  static constexpr int kVec = 8;
+  __device__ __forceinline__ static void unpack(const uint4& u, float (&f)[8]) {
+    const unsigned int w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      f[2 * i] = half_bits_to_float(w[i] & 0xffffu);
+      f[2 * i + 1] = half_bits_to_float(w[i] >> 16);
+    }
+  }
+  __device__ __forceinline__ static uint4 pack(const float (&f)[8]) {
+    unsigned int w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = pack_half2(f[2 * i], f[2 * i + 1]);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+
+template <>
+struct Vec<c10::BFloat16> {
+  static constexpr int kVec = 8;
+  __device__ __forceinline__ static void unpack(const uint4& u, float (&f)[8]) {
+    const unsigned int w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      f[2 * i] = __uint_as_float(w[i] << 16);
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  }
+  __device__ __forceinline__ static uint4 pack(const float (&f)[8]) {
+    unsigned int w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = pack_bf162(f[2 * i], f[2 * i + 1]);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+
+// Elements to skip from p to reach a 16-byte boundary (p is element-aligned), at most C.
+template <typename T>
+__device__ __forceinline__ int vector_shift(const void* p, int C) {
+  const int misalign = static_cast<int>(reinterpret_cast<uintptr_t>(p) & 15u);
+  const int shift = ((16 - misalign) & 15) / static_cast<int>(sizeof(T));
+  return shift < C ? shift : C;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Online softmax per thread, and merges
+// ------------------------------------------------------------------------------------------------
+
+// max, sum of exp(x - max), first index of the max (-1 while no value above -inf was seen). NaN never
+// becomes the max but reaches the sum (the row's loss becomes NaN, as in PyTorch); -inf logits add 0.
+struct RowState {
+  float m;
+  float s;
+  int arg;
+};
+
+__device__ __forceinline__ RowState state_empty() { return {-INFINITY, 0.f, -1}; }
+
+// Adds K values at indices idx0, idx0 + step, ... (increasing). Padding values are -inf.
+template <int K>
+__device__ __forceinline__ void state_add(RowState& st, const float (&v)[K], int idx0, int step) {
+  float vmax = v[0];
+#pragma unroll
+  for (int k = 1; k < K; ++k) vmax = fmaxf(vmax, v[k]);
+  if (vmax > st.m) {
+    int first = K - 1;
+#pragma unroll
+    for (int k = K - 1; k >= 0; --k) {
+      if (v[k] == vmax) first = k;
+    }
+    st.s *= fast_exp2((st.m - vmax) * kLog2e);  // 0 when the old max was -inf; NaN stays NaN
+    st.m = vmax;
+    st.arg = idx0 + first * step;
+  }
+  const float mL = st.m == -INFINITY ? 0.f : st.m * kLog2e;
+  float e[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) e[k] = fast_exp2(fmaf(v[k], kLog2e, -mL));
+#pragma unroll
+  for (int width = 1; width < K; width *= 2) {
+#pragma unroll
+    for (int k = 0; k + width < K; k += 2 * width) e[k] += e[k + width];
+  }
+  st.s += e[0];
+}
+
+// Commutative (bitwise) merge: the winner is fixed by (max, then smaller index).
+struct MergeState {
+  __device__ __forceinline__ RowState operator()(const RowState& a, const RowState& b) const {
+    // Plain values and selects only (no references into a or b: they would force a stack frame).
+    if (a.arg < 0 || b.arg < 0) {
+      // A side with nothing above -inf contributes its sum (0, or NaN) unchanged.
+      const bool keep_b = a.arg < 0;
+      return {keep_b ? b.m : a.m, a.s + b.s, keep_b ? b.arg : a.arg};
+    }
+    const bool b_wins = b.m > a.m || (b.m == a.m && b.arg < a.arg);
+    const float hi_m = b_wins ? b.m : a.m, lo_m = b_wins ? a.m : b.m;
+    const float hi_s = b_wins ? b.s : a.s, lo_s = b_wins ? a.s : b.s;
+    return {hi_m, hi_s + lo_s * fast_exp2((lo_m - hi_m) * kLog2e), b_wins ? b.arg : a.arg};
+  }
+};
+
+struct AddOp {
+  template <typename V>
+  __device__ __forceinline__ V operator()(const V& a, const V& b) const {
+    return a + b;
+  }
+};
+
+struct MergeProb {
+  __device__ __forceinline__ ProbRowSums<float> operator()(const ProbRowSums<float>& a,
+                                                          const ProbRowSums<float>& b) const {
+    return auxfuse::prob_row_sums_merge(a, b);
+  }
+};
+
+__device__ __forceinline__ float shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+__device__ __forceinline__ double shfl_xor(double v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+__device__ __forceinline__ int shfl_xor(int v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+__device__ __forceinline__ long long shfl_xor(long long v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+__device__ __forceinline__ RowState shfl_xor(const RowState& v, int o) {
+  return {shfl_xor(v.m, o), shfl_xor(v.s, o), shfl_xor(v.arg, o)};
+}
+__device__ __forceinline__ ProbRowSums<float> shfl_xor(const ProbRowSums<float>& v, int o) {
+  return {shfl_xor(v.weighted_target, o), shfl_xor(v.weighted_target_logit, o), shfl_xor(v.weighted_logit, o),
+          shfl_xor(v.target_max, o), static_cast<int64_t>(shfl_xor(static_cast<long long>(v.target_argmax), o))};
+}
+
+// Butterfly over the warp: every lane ends with the same value (the ops are commutative).
+template <typename V, typename Op>
+__device__ __forceinline__ V warp_allreduce(V v, Op op) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) v = op(v, shfl_xor(v, o));
+  return v;
+}
+
+// Scratch for block reductions: 32 warps x the largest reduced value.
+struct alignas(16) ReduceScratch {
+  unsigned char bytes[32 * 32];
+};
+
+// Every thread of the block gets the same value; smem is reusable right after (leading barrier).
+template <int BLOCK, typename V, typename Op>
+__device__ __forceinline__ V block_allreduce(V v, Op op, ReduceScratch& scratch) {
+  static_assert(sizeof(V) <= 32, "scratch slot too small");
+  constexpr int kWarps = BLOCK / 32;
+  V* slots = reinterpret_cast<V*>(scratch.bytes);
+  v = warp_allreduce(v, op);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) slots[threadIdx.x / 32] = v;
+  __syncthreads();
+  V r = slots[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) r = op(r, slots[w]);
+  return r;
+}
+
+// Reduce over the G threads that own one row.
+template <int G, int BLOCK, typename V, typename Op>
+__device__ __forceinline__ V group_allreduce(V v, Op op, ReduceScratch& scratch) {
+  if constexpr (G == 1) {
+    return v;
+  } else if constexpr (G == 32) {
+    return warp_allreduce(v, op);
+  } else {
+    static_assert(G == BLOCK, "a group is a thread, a warp or the block");
+    return block_allreduce<BLOCK>(v, op, scratch);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Row scans (one head, one row; this thread's share of the classes)
+// ------------------------------------------------------------------------------------------------
+
+// Class-index targets. x: the row (class c at x[c * cs]; groups of G > 1 threads only see contiguous
+// classes, cs == 1). Adds this thread's classes to st and, when need_xs, sum_c w_c x_c to xs.
+template <typename T, int G>
+__device__ __forceinline__ void scan_row_index(const T* __restrict__ x, int64_t cs, int C, int lane, bool need_xs,
+                                               const float* __restrict__ cw, RowState& st, float& xs) {
+  if constexpr (G > 1) {
+    constexpr int V = Vec<T>::kVec;
+    constexpr int U = 4;  // vectors in flight per thread
+    const int shift = vector_shift<T>(x, C);
+    if (lane < shift) {
+      const float v[1] = {load_float(x + lane)};
+      if (need_xs) xs += (cw ? cw[lane] : 1.f) * v[0];
+      state_add<1>(st, v, lane, 1);
+    }
+    const int nvec = (C - shift) / V;
+    const uint4* __restrict__ xv = reinterpret_cast<const uint4*>(x + shift);
+    for (int v0 = lane; v0 < nvec; v0 += U * G) {
+      uint4 raw[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (v0 + u * G < nvec) raw[u] = __ldg(xv + v0 + u * G);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int vi = v0 + u * G;
+        if (vi < nvec) {
+          float f[V];
+          Vec<T>::unpack(raw[u], f);
+          const int c0 = shift + vi * V;
+          if (need_xs) {
+#pragma unroll
+            for (int k = 0; k < V; ++k) xs += (cw ? cw[c0 + k] : 1.f) * f[k];
+          }
+          state_add<V>(st, f, c0, 1);
+        }
+      }
+    }
+    for (int c = shift + nvec * V + lane; c < C; c += G) {
+      const float v[1] = {load_float(x + c)};
+      if (need_xs) xs += (cw ? cw[c] : 1.f) * v[0];
+      state_add<1>(st, v, c, 1);
+    }
+  } else {
+    // J chunks of K per iteration: J * K loads in flight (a whole row of up to 24 classes, e.g. VOC's 21,
+    // in one round trip), padding (-inf) only in the last chunk.
+    constexpr int K = 8, J = 3;
+    for (int c0 = lane; c0 < C; c0 += J * K * G) {
+      float f[J][K];
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const int c = c0 + (j * K + k) * G;
+          f[j][k] = c < C ? load_float(x + static_cast<int64_t>(c) * cs) : -INFINITY;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        const int cj = c0 + j * K * G;
+        if (cj < C) {
+          if (need_xs) {
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+              const int c = cj + k * G;
+              if (c < C) xs += (cw ? cw[c] : 1.f) * f[j][k];
+            }
+          }
+          state_add<K>(st, f[j], cj, G);
+        }
+      }
+    }
+  }
+}
+
+// Probability targets (scalar loads): logits x and target t (class c at t[c * ts]).
+template <typename T, int G>
+__device__ __forceinline__ void scan_row_prob(const T* __restrict__ x, int64_t cs, const T* __restrict__ t,
+                                              int64_t ts, int C, int lane, const float* __restrict__ cw,
+                                              RowState& st, ProbRowSums<float>& ps) {
+  constexpr int K = 4;
+  for (int c0 = lane; c0 < C; c0 += K * G) {
+    float f[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int c = c0 + k * G;
+      f[k] = c < C ? load_float(x + static_cast<int64_t>(c) * cs) : -INFINITY;
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int c = c0 + k * G;
+      if (c < C) {
+        auxfuse::prob_row_sums_add(ps, f[k], load_float(t + static_cast<int64_t>(c) * ts), cw ? cw[c] : 1.f,
+                                   static_cast<int64_t>(c));
+      }
+    }
+    state_add<K>(st, f, c0, G);
+  }
+}
+
+// sum_c w_c * t'_c of a probability-target row (this thread's share).
+template <typename T, int G>
+__device__ __forceinline__ float scan_target_weight(const T* __restrict__ t, int64_t ts, int C, int lane,
+                                                    const float* __restrict__ cw, float eps) {
+  float acc = 0.f;
+  const float smooth = eps / static_cast<float>(C);
+  for (int c = lane; c < C; c += G) {
+    const float tv = (1.f - eps) * load_float(t + static_cast<int64_t>(c) * ts) + smooth;
+    acc += (cw ? cw[c] : 1.f) * tv;
+  }
+  return acc;
+}
+
+// Gradient writers. Index targets: g_c = p_c * A - B * w_c - [c == y] * Ty (everything already scaled).
+template <typename T, int G>
+__device__ __forceinline__ void write_row_index(const T* __restrict__ x, int64_t cs, T* __restrict__ g, int64_t gs,
+                                                int C, int lane, float lseL, float A, float B, float Ty, int y,
+                                                const float* __restrict__ cw) {
+  auto grad_of = [&](float xv, int c) {
+    const float p = fast_exp2(fmaf(xv, kLog2e, -lseL));
+    float v = fmaf(p, A, -(cw ? B * cw[c] : B));
+    if (c == y) v -= Ty;  // p * A - Ty in fp32, rounded once below
+    return v;
+  };
+  if (G > 1 && cs == 1 && gs == 1 && vector_shift<T>(x, C) == vector_shift<T>(g, C)) {  // the usual case
+    constexpr int V = Vec<T>::kVec;
+    constexpr int U = 4;
+    const int shift = vector_shift<T>(x, C);
+    if (lane < shift) g[lane] = to_scalar<T>(grad_of(load_float(x + lane), lane));
+    const int nvec = (C - shift) / V;
+    const uint4* __restrict__ xv = reinterpret_cast<const uint4*>(x + shift);
+    uint4* __restrict__ gv = reinterpret_cast<uint4*>(g + shift);
+    for (int v0 = lane; v0 < nvec; v0 += U * G) {
+      uint4 raw[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (v0 + u * G < nvec) raw[u] = __ldg(xv + v0 + u * G);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int vi = v0 + u * G;
+        if (vi < nvec) {
+          float f[V];
+          Vec<T>::unpack(raw[u], f);
+          const int c0 = shift + vi * V;
+#pragma unroll
+          for (int k = 0; k < V; ++k) f[k] = grad_of(f[k], c0 + k);
+          gv[vi] = Vec<T>::pack(f);
+        }
+      }
+    }
+    for (int c = shift + nvec * V + lane; c < C; c += G) g[c] = to_scalar<T>(grad_of(load_float(x + c), c));
+  } else {
+    constexpr int K = (G == 1) ? 16 : 8;  // a thread per row: more loads in flight
+    for (int c0 = lane; c0 < C; c0 += K * G) {
+      float f[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int c = c0 + k * G;
+        f[k] = c < C ? load_float(x + static_cast<int64_t>(c) * cs) : 0.f;
+      }
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int c = c0 + k * G;
+        if (c < C) g[static_cast<int64_t>(c) * gs] = to_scalar<T>(grad_of(f[k], c));
+      }
+    }
+  }
+}
+
+// Probability targets: g_c = scale * (p_c * lse_coef - w_c * ((1 - eps) t_c + eps / C)).
+template <typename T, int G>
+__device__ __forceinline__ void write_row_prob(const T* __restrict__ x, int64_t cs, const T* __restrict__ t,
+                                               int64_t ts, T* __restrict__ g, int64_t gs, int C, int lane,
+                                               float lseL, float lse_coef, float scale, float eps,
+                                               const float* __restrict__ cw) {
+  const float smooth = eps / static_cast<float>(C);
+  for (int c = lane; c < C; c += G) {
+    const float xv = load_float(x + static_cast<int64_t>(c) * cs);
+    const float tv = (1.f - eps) * load_float(t + static_cast<int64_t>(c) * ts) + smooth;
+    const float p = fast_exp2(fmaf(xv, kLog2e, -lseL));
+    const float v = fmaf(p, lse_coef, -(cw ? cw[c] : 1.f) * tv);
+    g[static_cast<int64_t>(c) * gs] = to_scalar<T>(v * scale);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kernels
+// ------------------------------------------------------------------------------------------------
+
+struct CommonParams {
+  const void* heads[kMaxHeads];
+  float head_weight[kMaxHeads];
+  int H;
+  int C;
+  int64_t S;
+  int64_t R;                      // rows: N * S
+  int64_t sN, sC, sS;             // the heads' strides (elements)
+  const int64_t* target;          // class indices (N, S), or nullptr
+  int64_t tN, tS;
+  const void* ptarget;            // probabilities (N, C, S), or nullptr
+  int64_t pN, pC, pS;
+  const float* class_weight;      // (C,) or nullptr
+  float eps;
+  int64_t ignore_index;
+  int reduction;
+};
+
+struct ForwardParams {
+  CommonParams p;
+  float* lse;          // (H, R) or nullptr (grad_mode 0)
+  float* loss_rows;    // (R,) for reduction none, else nullptr
+  float* loss;         // () for mean / sum
+  float* head_losses;  // (H,)
+  int64_t* head_correct;
+  int64_t* count;
+  float* denom;
+  float* part_f;       // [(H + 1) x grid]: per-head loss sums, then denom
+  long long* part_i;   // [(H + 1) x grid]: per-head hits, then count
+  unsigned int* ticket;
+};
+
+struct BackwardParams {
+  CommonParams p;
+  void* grad;                      // (H, N, C, S) with strides gH, gN, gC, gS
+  int64_t gH, gN, gC, gS;
+  const float* lse;                // (H, R)
+  const float* grad_loss;          // () or (N, S) with strides glN, glS
+  int64_t glN, glS;
+  const float* denom;              // ()
+};
+
+__device__ __forceinline__ void split_row(int64_t r, int64_t S, int64_t& n, int64_t& s) {
+  if (S == 1) {
+    n = r;
+    s = 0;
+  } else if (r <= 0xffffffffLL && S <= 0xffffffffLL) {
+    const uint32_t q = static_cast<uint32_t>(r) / static_cast<uint32_t>(S);
+    n = q;
+    s = r - static_cast<int64_t>(q) * S;
+  } else {
+    n = r / S;
+    s = r - n * S;
+  }
+}
+
+// sum_c w_c over the class weights (every thread of the block gets it); C without weights.
+template <int BLOCK>
+__device__ __forceinline__ float class_weight_sum(const CommonParams& p, ReduceScratch& scratch) {
+  if (p.class_weight == nullptr) return static_cast<float>(p.C);
+  float acc = 0.f;
+  for (int c = threadIdx.x; c < p.C; c += BLOCK) acc += p.class_weight[c];
+  return block_allreduce<BLOCK>(acc, AddOp{}, scratch);
+}
+
+struct RowTarget {
+  int y;          // class index when in range, else -1
+  int y_read;     // class index used for reads: y when in range, else 0
+  bool counted;   // not ignore_index
+  bool bad;       // counted but outside [0, C)
+  float w_y;      // class weight of the target (0 when not counted)
+};
+
+__device__ __forceinline__ RowTarget read_row_target(const CommonParams& p, int64_t n, int64_t s) {
+  RowTarget rt;
+  const int64_t y = p.target[n * p.tN + s * p.tS];
+  rt.counted = y != p.ignore_index;
+  const bool in_range = y >= 0 && y < p.C;
+  rt.bad = rt.counted && !in_range;
+  rt.y = in_range ? static_cast<int>(y) : -1;
+  rt.y_read = in_range ? static_cast<int>(y) : 0;
+  rt.w_y = !rt.counted ? 0.f : (p.class_weight ? p.class_weight[rt.y_read] : 1.f);
+  return rt;
+}
+
+// 64 registers at most: 1024 resident threads per SM, enough 16-byte loads in flight for HBM.
+template <int BLOCK>
+constexpr int min_blocks() {
+  return 1024 / BLOCK;
+}
+
+// Thread-per-row kernels keep 16 (backward) or 24 (forward) loads in flight per thread: up to 80 registers,
+// 768 threads per SM; the others 64 registers, 1024 threads per SM.
+template <int G, int BLOCK>
+constexpr int kernel_min_blocks() {
+  return G == 1 ? 3 : min_blocks<BLOCK>();
+}
+
+template <typename T, int G, int BLOCK>
+__global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>()) multihead_ce_forward_kernel(const ForwardParams fp) {
+  constexpr int kGroups = BLOCK / G;
+  constexpr int kWarps = BLOCK / 32;
+  __shared__ ReduceScratch scratch;
+  __shared__ float red_f[kMaxHeads + 1][kWarps];
+  __shared__ long long red_i[kMaxHeads + 1][kWarps];
+  __shared__ double fin_f[kMaxHeads + 1];
+  __shared__ long long fin_i[kMaxHeads + 1];
+  __shared__ bool is_last;
+
+  const CommonParams& p = fp.p;
+  const int64_t cs = G == 1 ? p.sC : 1;  // the host picks G > 1 only for contiguous classes
+  const int tid = threadIdx.x;
+  const int lane = tid % G;
+  const int group = tid / G;
+  const bool leader = lane == 0;
+  const int C = p.C;
+  const bool prob = p.ptarget != nullptr;
+  const float eps = p.eps;
+  const bool need_xs = eps != 0.f;
+  const float W = (eps != 0.f) ? class_weight_sum<BLOCK>(p, scratch) : static_cast<float>(C);
+
+  // Per-thread partials (only group leaders add to them).
+  float acc_loss[kMaxHeads];
+  int acc_hits[kMaxHeads];
+#pragma unroll
+  for (int h = 0; h < kMaxHeads; ++h) {
+    acc_loss[h] = 0.f;
+    acc_hits[h] = 0;
+  }
+  float acc_denom = 0.f;
+  int acc_count = 0;
+
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kGroups;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kGroups + group; r < p.R; r += stride) {
+    int64_t n, s;
+    split_row(r, p.S, n, s);
+    const int64_t off = n * p.sN + s * p.sS;
+    RowTarget rt{-1, 0, true, false, 1.f};
+    const T* trow = nullptr;
+    if (prob) {
+      trow = static_cast<const T*>(p.ptarget) + n * p.pN + s * p.pS;
+    } else {
+      rt = read_row_target(p, n, s);
+    }
+    float weighted_row_loss = 0.f;
+    for (int h = 0; h < p.H; ++h) {
+      const T* x = static_cast<const T*>(p.heads[h]) + off;
+      RowState st = state_empty();
+      float loss = 0.f;
+      bool hit = false;
+      if (!prob) {
+        float xs = 0.f;
+        scan_row_index<T, G>(x, cs, C, lane, need_xs, p.class_weight, st, xs);
+        st = group_allreduce<G, BLOCK>(st, MergeState{}, scratch);
+        if (need_xs) xs = group_allreduce<G, BLOCK>(xs, AddOp{}, scratch);
+        if (leader && rt.counted) {
+          const RowCoeffs<float> k = auxfuse::index_target_coeffs<float>(rt.w_y, W, eps, C);
+          const SoftmaxState<float> ss{st.m, st.s, static_cast<int64_t>(st.arg)};
+          const float x_y = load_float(x + static_cast<int64_t>(rt.y_read) * cs);
+          loss = rt.bad ? NAN : auxfuse::index_target_row_loss<float>(ss, x_y - st.m, xs, W, k);
+          hit = !rt.bad && st.arg == rt.y;
+        }
+      } else {
+        ProbRowSums<float> ps = auxfuse::prob_row_sums_empty<float>();
+        scan_row_prob<T, G>(x, cs, trow, p.pC, C, lane, p.class_weight, st, ps);
+        st = group_allreduce<G, BLOCK>(st, MergeState{}, scratch);
+        ps = group_allreduce<G, BLOCK>(ps, MergeProb{}, scratch);
+        if (leader) {
+          const SoftmaxState<float> ss{st.m, st.s, static_cast<int64_t>(st.arg)};
+          const float lse_coef = auxfuse::prob_target_lse_coef<float>(ps, W, eps, C);
+          loss = auxfuse::prob_target_row_loss<float>(ss, ps, lse_coef, eps, C);
+          hit = st.arg >= 0 && st.arg == ps.target_argmax;
+        }
+      }
+      if (leader) {
+        acc_loss[h] += loss;
+        acc_hits[h] += hit ? 1 : 0;
+        weighted_row_loss += p.head_weight[h] * loss;
+        if (fp.lse != nullptr) fp.lse[h * p.R + r] = st.m + __logf(st.s);
+      }
+    }
+    if (leader) {
+      if (rt.counted) {
+        acc_count += 1;
+        acc_denom += rt.w_y;
+      }
+      if (fp.loss_rows != nullptr) fp.loss_rows[r] = weighted_row_loss;
+    }
+  }
+
+  // Block partials: per warp (butterfly), then warps in order.
+  const int warp = tid / 32, wl = tid % 32;
+  for (int q = 0; q <= p.H; ++q) {
+    const float vf = warp_allreduce(q < p.H ? acc_loss[q] : acc_denom, AddOp{});
+    const long long vi = warp_allreduce(static_cast<long long>(q < p.H ? acc_hits[q] : acc_count), AddOp{});
+    if (wl == 0) {
+      red_f[q][warp] = vf;
+      red_i[q][warp] = vi;
+    }
+  }
+  __syncthreads();
+  const int grid = gridDim.x;
+  if (tid <= p.H) {
+    float sf = 0.f;
+    long long si = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      sf += red_f[tid][w];
+      si += red_i[tid][w];
+    }
+    fp.part_f[static_cast<int64_t>(tid) * grid + blockIdx.x] = sf;
+    fp.part_i[static_cast<int64_t>(tid) * grid + blockIdx.x] = si;
+  }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) is_last = atomicAdd(fp.ticket, 1u) == static_cast<unsigned int>(grid - 1);
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+
+  // The last block: every quantity summed over the blocks in block order.
+  for (int q = warp; q <= p.H; q += kWarps) {
+    double sf = 0.0;
+    long long si = 0;
+    for (int b = wl; b < grid; b += 32) {
+      sf += static_cast<double>(__ldcg(fp.part_f + static_cast<int64_t>(q) * grid + b));
+      si += __ldcg(fp.part_i + static_cast<int64_t>(q) * grid + b);
+    }
+    sf = warp_allreduce(sf, AddOp{});
+    si = warp_allreduce(si, AddOp{});
+    if (wl == 0) {
+      fin_f[q] = sf;
+      fin_i[q] = si;
+    }
+  }
+  __syncthreads();
+  if (tid == 0) {
+    const float denom = static_cast<float>(fin_f[p.H]);
+    *fp.denom = denom;
+    *fp.count = static_cast<int64_t>(fin_i[p.H]);
+    float total = 0.f;
+    for (int h = 0; h < p.H; ++h) {
+      const float head_sum = static_cast<float>(fin_f[h]);
+      fp.head_correct[h] = static_cast<int64_t>(fin_i[h]);
+      fp.head_losses[h] = p.reduction == auxfuse::kReductionSum ? head_sum : __fdiv_rn(head_sum, denom);
+      total = fmaf(p.head_weight[h], head_sum, total);
+    }
+    if (p.reduction == auxfuse::kReductionSum) {
+      *fp.loss = total;
+    } else if (p.reduction == auxfuse::kReductionMean) {
+      *fp.loss = __fdiv_rn(total, denom);  // 0 / 0 = NaN when every row is ignored, as in PyTorch
+    }
+    *fp.ticket = 0u;  // ready for the next launch on this stream
+  }
+}
+
+template <typename T, int G, int BLOCK>
+__global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>()) multihead_ce_backward_kernel(const BackwardParams bp) {
+  constexpr int kGroups = BLOCK / G;
+  __shared__ ReduceScratch scratch;
+  const CommonParams& p = bp.p;
+  const int64_t cs = G == 1 ? p.sC : 1;  // the host picks G > 1 only for contiguous classes
+  const int tid = threadIdx.x;
+  const int lane = tid % G;
+  const int group = tid / G;
+  const int C = p.C;
+  const bool prob = p.ptarget != nullptr;
+  const float eps = p.eps;
+  const float W = (eps != 0.f) ? class_weight_sum<BLOCK>(p, scratch) : static_cast<float>(C);
+  // Class weights enter the gradient of index targets only through the smoothing term.
+  const float* cw_smooth = eps != 0.f ? p.class_weight : nullptr;
+
+  float scalar_scale = 0.f;
+  if (p.reduction != auxfuse::kReductionNone) {
+    scalar_scale = bp.grad_loss[0];
+    if (p.reduction == auxfuse::kReductionMean) scalar_scale = __fdiv_rn(scalar_scale, bp.denom[0]);
+  }
+  T* grad = static_cast<T*>(bp.grad);
+
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kGroups;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kGroups + group; r < p.R; r += stride) {
+    int64_t n, s;
+    split_row(r, p.S, n, s);
+    const int64_t off = n * p.sN + s * p.sS;
+    const int64_t goff = n * bp.gN + s * bp.gS;
+    float row_scale = p.reduction == auxfuse::kReductionNone ? bp.grad_loss[n * bp.glN + s * bp.glS] : scalar_scale;
+    if (!prob) {
+      const RowTarget rt = read_row_target(p, n, s);
+      if (!rt.counted) row_scale = 0.f;  // exactly zero, also when every row is ignored (denom 0)
+      const RowCoeffs<float> k = auxfuse::index_target_coeffs<float>(rt.w_y, W, eps, C);
+      for (int h = 0; h < p.H; ++h) {
+        const float sc = row_scale * p.head_weight[h];
+        const float lseL = bp.lse[h * p.R + r] * kLog2e;
+        const float A = rt.bad ? NAN : sc * k.lse_coef;
+        write_row_index<T, G>(static_cast<const T*>(p.heads[h]) + off, cs, grad + h * bp.gH + goff, bp.gC, C,
+                              lane, lseL, A, sc * k.smooth_coef, sc * k.target_coef, rt.y, cw_smooth);
+      }
+    } else {
+      const T* trow = static_cast<const T*>(p.ptarget) + n * p.pN + s * p.pS;
+      float lse_coef = scan_target_weight<T, G>(trow, p.pC, C, lane, p.class_weight, eps);
+      lse_coef = group_allreduce<G, BLOCK>(lse_coef, AddOp{}, scratch);
+      for (int h = 0; h < p.H; ++h) {
+        const float sc = row_scale * p.head_weight[h];
+        const float lseL = bp.lse[h * p.R + r] * kLog2e;
+        write_row_prob<T, G>(static_cast<const T*>(p.heads[h]) + off, cs, trow, p.pC, grad + h * bp.gH + goff,
+                             bp.gC, C, lane, lseL, lse_coef, sc, eps, p.class_weight);
+      }
+    }
+  }
+}
+
+#ifdef AUXFUSE_KERNELS_ONLY
+#define AUXFUSE_INSTANTIATE(T, G, B)                                                            \
+  template __global__ void multihead_ce_forward_kernel<T, G, B>(const ForwardParams);             \
+  template __global__ void multihead_ce_backward_kernel<T, G, B>(const BackwardParams);
+AUXFUSE_INSTANTIATE(float, 1, kThreadBlock)
+AUXFUSE_INSTANTIATE(float, 32, kWarpBlock)
+AUXFUSE_INSTANTIATE(float, kRowBlock, kRowBlock)
+AUXFUSE_INSTANTIATE(c10::BFloat16, 1, kThreadBlock)
+AUXFUSE_INSTANTIATE(c10::BFloat16, 32, kWarpBlock)
+AUXFUSE_INSTANTIATE(c10::BFloat16, kRowBlock, kRowBlock)
+AUXFUSE_INSTANTIATE(c10::Half, 1, kThreadBlock)
+AUXFUSE_INSTANTIATE(c10::Half, 32, kWarpBlock)
+AUXFUSE_INSTANTIATE(c10::Half, kRowBlock, kRowBlock)
+}  // namespace auxfuse_cuda
+#else
+
+// ------------------------------------------------------------------------------------------------
+// Host side: checks, mapping, parameters, outputs. The launches go through a Launcher: CudaLauncher below, or
+// the CPU-thread emulation in tests/cuda_emulation/emulate.cpp, so both run this same host logic.
+// ------------------------------------------------------------------------------------------------
+
+enum class Mapping { kThread, kWarp, kBlock };
+
+inline Mapping choose_mapping(int64_t C, int64_t class_stride) {
+  const bool classes_contiguous = C == 1 || class_stride == 1;
+  if (!classes_contiguous || C < kThreadMaxClasses) return Mapping::kThread;
+  return C <= kWarpMaxClasses ? Mapping::kWarp : Mapping::kBlock;
+}
+
+inline int rows_per_block(Mapping m) {
+  switch (m) {
+    case Mapping::kThread:
+      return kThreadBlock;
+    case Mapping::kWarp:
+      return kWarpBlock / 32;
+    default:
+      return 1;
+  }
+}
+
+inline int grid_for(int64_t rows, Mapping m, int max_blocks) {
+  const int64_t per_block = rows_per_block(m);
+  const int64_t units = (rows + per_block - 1) / per_block;
+  return static_cast<int>(std::min<int64_t>(units, max_blocks));
+}
+
+inline void check_kernel_limits(at::TensorList heads, const auxfuse::ProblemShape& shape) {
+  const auto dtype = heads[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "auxfuse: the CUDA kernels take float32, float16 or bfloat16 logits, not ", dtype);
+  TORCH_CHECK(shape.heads <= kMaxHeads, "auxfuse: the CUDA kernels take at most ", kMaxHeads, " heads, got ",
+              shape.heads);
+  TORCH_CHECK(shape.classes < (int64_t{1} << 30), "auxfuse: too many classes for the CUDA kernels: ",
+              shape.classes);
+}
+
+inline CommonParams make_common(at::TensorList heads, const auxfuse::ProblemShape& shape, const at::Tensor& target,
+                                const c10::optional<at::Tensor>& class_weight, at::ArrayRef<double> head_weights,
+                                int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  CommonParams p{};
+  const at::Tensor& h0 = heads[0];
+  for (int64_t h = 0; h < shape.heads; ++h) {
+    p.heads[h] = heads[h].data_ptr();
+    p.head_weight[h] = static_cast<float>(head_weights[h]);
+  }
+  p.H = static_cast<int>(shape.heads);
+  p.C = static_cast<int>(shape.classes);
+  p.S = shape.spatial;
+  p.R = shape.rows();
+  p.sN = h0.stride(0);
+  p.sC = h0.stride(1);
+  p.sS = h0.stride(2);
+  if (shape.prob_target) {
+    p.ptarget = target.data_ptr();
+    p.pN = target.stride(0);
+    p.pC = target.stride(1);
+    p.pS = target.stride(2);
+  } else {
+    p.target = target.data_ptr<int64_t>();
+    p.tN = target.stride(0);
+    p.tS = target.stride(1);
+  }
+  p.class_weight = class_weight.has_value() ? class_weight->data_ptr<float>() : nullptr;
+  p.eps = static_cast<float>(label_smoothing);
+  p.ignore_index = ignore_index;
+  p.reduction = static_cast<int>(reduction);
+  return p;
+}
+
+template <typename Fn>
+void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat:
+      fn(float{});
+      break;
+    case at::kHalf:
+      fn(c10::Half{});
+      break;
+    case at::kBFloat16:
+      fn(c10::BFloat16{});
+      break;
+    default:
+      TORCH_CHECK(false, "auxfuse: unsupported dtype ", dtype);
+  }
+}
+
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Launcher: unsigned int* ticket(const at::TensorOptions&, at::Tensor& holder) (a zeroed counter);
+// template <typename T> void forward(Mapping, int grid, const ForwardParams&); likewise backward.
+template <typename Launcher>
+ForwardResult forward_impl(Launcher& launcher, at::TensorList heads, const at::Tensor& target,
+                           const c10::optional<at::Tensor>& class_weight, at::ArrayRef<double> head_weights,
+                           int64_t ignore_index, double label_smoothing, int64_t reduction, int64_t grad_mode) {
+  const auxfuse::ProblemShape shape = auxfuse::check_inputs(heads, target, class_weight, head_weights, reduction);
+  check_kernel_limits(heads, shape);
+  TORCH_CHECK(grad_mode == auxfuse::kNoGrad || grad_mode == auxfuse::kSaveLse,
+              "auxfuse: the CUDA kernels save the log-sum-exp for backward (grad_mode 2) or compute no gradient "
+              "(grad_mode 0); grad_mode ", grad_mode, " is not available on CUDA");
+  const at::Tensor& h0 = heads[0];
+  auxfuse::ForwardOutputs out = auxfuse::allocate_forward_outputs(heads, shape, reduction, grad_mode);
+
+  if (shape.rows() == 0) {
+    // No rows: no launch. As PyTorch: mean is 0 / 0 = NaN, sum is 0, every count 0.
+    const double empty = reduction == auxfuse::kReductionSum ? 0.0 : std::numeric_limits<double>::quiet_NaN();
+    if (reduction != auxfuse::kReductionNone) out.loss.fill_(empty);
+    out.head_losses.fill_(empty);
+    out.head_correct.zero_();
+    out.count.zero_();
+    out.denom.zero_();
+    return {out.loss, out.head_losses, out.head_correct, out.count, out.denom, out.saved};
+  }
+
+  const Mapping mapping = choose_mapping(shape.classes, h0.stride(1));
+  const int grid = grid_for(shape.rows(), mapping, kMaxForwardBlocks);
+  const int64_t slots = (shape.heads + 1) * static_cast<int64_t>(grid);
+  // One allocation for the partials, never zeroed (every block writes its own): int64 first, then float.
+  at::Tensor workspace = at::empty({slots * static_cast<int64_t>(sizeof(long long) + sizeof(float))},
+                                   h0.options().dtype(at::kByte));
+  at::Tensor ticket_holder;
+
+  ForwardParams fp{};
+  fp.p = make_common(heads, shape, target, class_weight, head_weights, ignore_index, label_smoothing, reduction);
+  fp.lse = grad_mode == auxfuse::kSaveLse ? out.saved.data_ptr<float>() : nullptr;
+  fp.loss_rows = reduction == auxfuse::kReductionNone ? out.loss.data_ptr<float>() : nullptr;
+  fp.loss = reduction == auxfuse::kReductionNone ? nullptr : out.loss.data_ptr<float>();
+  fp.head_losses = out.head_losses.data_ptr<float>();
+  fp.head_correct = out.head_correct.data_ptr<int64_t>();
+  fp.count = out.count.data_ptr<int64_t>();
+  fp.denom = out.denom.data_ptr<float>();
+  fp.part_i = reinterpret_cast<long long*>(workspace.data_ptr());
+  fp.part_f = reinterpret_cast<float*>(fp.part_i + slots);
+  fp.ticket = launcher.ticket(h0.options(), ticket_holder);
+
+  dispatch_dtype(h0.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    launcher.template forward<T>(mapping, grid, fp);
+  });
+  return {out.loss, out.head_losses, out.head_correct, out.count, out.denom, out.saved};
+}
+
+template <typename Launcher>
+at::Tensor backward_impl(Launcher& launcher, const at::Tensor& grad_loss, at::TensorList heads,
+                         const at::Tensor& target, const c10::optional<at::Tensor>& class_weight,
+                         at::ArrayRef<double> head_weights, int64_t ignore_index, double label_smoothing,
+                         int64_t reduction, const at::Tensor& lse, const at::Tensor& denom) {
+  const auxfuse::ProblemShape shape = auxfuse::check_inputs(heads, target, class_weight, head_weights, reduction);
+  check_kernel_limits(heads, shape);
+  const at::Tensor& h0 = heads[0];
+  TORCH_CHECK(lse.device() == h0.device() && lse.scalar_type() == at::kFloat && lse.dim() == 3 &&
+                  lse.size(0) == shape.heads && lse.size(1) == shape.batch && lse.size(2) == shape.spatial,
+              "auxfuse: lse must be the forward's (H, N, S) float32 log-sum-exp; got ", lse.sizes());
+  TORCH_CHECK(denom.device() == h0.device() && denom.numel() == 1,
+              "auxfuse: denom must be the forward's scalar denominator");
+  if (reduction == auxfuse::kReductionNone) {
+    TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == shape.batch && grad_loss.size(1) == shape.spatial,
+                "auxfuse: grad_loss of reduction none must be (N, S); got ", grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.numel() == 1, "auxfuse: grad_loss of a reduced loss must have one element; got ",
+                grad_loss.sizes());
+  }
+  TORCH_CHECK(grad_loss.device() == h0.device(), "auxfuse: grad_loss is on ", grad_loss.device());
+
+  at::Tensor grads = auxfuse::allocate_head_grads(heads);
+  if (shape.rows() == 0) return grads;
+
+  const at::Tensor lse_c = lse.contiguous();
+  const at::Tensor denom_f = denom.to(at::kFloat);
+  const at::Tensor grad_f = grad_loss.to(at::kFloat);  // no copy when already float32 (keeps expanded strides)
+
+  const Mapping mapping = choose_mapping(shape.classes, h0.stride(1));
+  const int grid = grid_for(shape.rows(), mapping, kMaxBackwardBlocks);
+
+  BackwardParams bp{};
+  bp.p = make_common(heads, shape, target, class_weight, head_weights, ignore_index, label_smoothing, reduction);
+  bp.grad = grads.data_ptr();
+  bp.gH = grads.stride(0);
+  bp.gN = grads.stride(1);
+  bp.gC = grads.stride(2);
+  bp.gS = grads.stride(3);
+  bp.lse = lse_c.data_ptr<float>();
+  bp.grad_loss = grad_f.data_ptr<float>();
+  if (reduction == auxfuse::kReductionNone) {
+    bp.glN = grad_f.stride(0);
+    bp.glS = grad_f.stride(1);
+  }
+  bp.denom = denom_f.data_ptr<float>();
+
+  dispatch_dtype(h0.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    launcher.template backward<T>(mapping, grid, bp);
+  });
+  return grads;
+}
+
+#ifndef AUXFUSE_EMULATE
+
+struct CudaLauncher {
+  c10::cuda::CUDAGuard guard;
+  c10::cuda::CUDAStream stream;
+
+  explicit CudaLauncher(const at::Device& device) : guard(device), stream(c10::cuda::getCurrentCUDAStream()) {}
+
+  // A zeroed ticket counter for the forward kernel's last-block detection. Outside graph capture: one
+  // buffer per (device, stream), allocated and zeroed once, reset to 0 by every kernel that uses it
+  // (launches on one stream are ordered; different streams never share one). During capture: a fresh
+  // buffer from the graph's pool zeroed by a captured memset, so replays never share a counter with eager
+  // launches or with other graphs.
+  unsigned int* ticket(const at::TensorOptions& options, at::Tensor& holder) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
+    if (status != cudaStreamCaptureStatusNone) {
+      holder = at::empty({1}, options.dtype(at::kInt));
+      C10_CUDA_CHECK(cudaMemsetAsync(holder.data_ptr(), 0, sizeof(unsigned int), stream.stream()));
+      return static_cast<unsigned int*>(holder.data_ptr());
+    }
+    static std::mutex mutex;
+    static std::map<std::pair<int, int64_t>, unsigned int*> tickets;  // never freed: 4 bytes per stream
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto key = std::make_pair(static_cast<int>(stream.device_index()), static_cast<int64_t>(stream.id()));
+    auto it = tickets.find(key);
+    if (it != tickets.end()) return it->second;
+    void* ptr = c10::cuda::CUDACachingAllocator::raw_alloc_with_stream(sizeof(unsigned int), stream.stream());
+    C10_CUDA_CHECK(cudaMemsetAsync(ptr, 0, sizeof(unsigned int), stream.stream()));
+    auto* counter = static_cast<unsigned int*>(ptr);
+    tickets.emplace(key, counter);
+    return counter;
+  }
+
+  template <typename T>
+  void forward(Mapping m, int grid, const ForwardParams& fp) {
+    switch (m) {
+      case Mapping::kThread:
+        multihead_ce_forward_kernel<T, 1, kThreadBlock><<<grid, kThreadBlock, 0, stream.stream()>>>(fp);
+        break;
+      case Mapping::kWarp:
+        multihead_ce_forward_kernel<T, 32, kWarpBlock><<<grid, kWarpBlock, 0, stream.stream()>>>(fp);
+        break;
+      case Mapping::kBlock:
+        multihead_ce_forward_kernel<T, kRowBlock, kRowBlock><<<grid, kRowBlock, 0, stream.stream()>>>(fp);
+        break;
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename T>
+  void backward(Mapping m, int grid, const BackwardParams& bp) {
+    switch (m) {
+      case Mapping::kThread:
+        multihead_ce_backward_kernel<T, 1, kThreadBlock><<<grid, kThreadBlock, 0, stream.stream()>>>(bp);
+        break;
+      case Mapping::kWarp:
+        multihead_ce_backward_kernel<T, 32, kWarpBlock><<<grid, kWarpBlock, 0, stream.stream()>>>(bp);
+        break;
+      case Mapping::kBlock:
+        multihead_ce_backward_kernel<T, kRowBlock, kRowBlock><<<grid, kRowBlock, 0, stream.stream()>>>(bp);
+        break;
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+ForwardResult multihead_ce_forward_cuda(at::TensorList heads, const at::Tensor& target,
+                                        const c10::optional<at::Tensor>& class_weight,
+                                        at::ArrayRef<double> head_weights, int64_t ignore_index,
+                                        double label_smoothing, int64_t reduction, int64_t grad_mode) {
+  TORCH_CHECK(!heads.empty() && heads[0].is_cuda(), "auxfuse: the CUDA kernels need CUDA heads");
+  CudaLauncher launcher(heads[0].device());
+  return forward_impl(launcher, heads, target, class_weight, head_weights, ignore_index, label_smoothing,
+                      reduction, grad_mode);
+}
+
+at::Tensor multihead_ce_backward_cuda(const at::Tensor& grad_loss, at::TensorList heads, const at::Tensor& target,
+                                      const c10::optional<at::Tensor>& class_weight, at::ArrayRef<double> head_weights,
+                                      int64_t ignore_index, double label_smoothing, int64_t reduction,
+                                      const at::Tensor& lse, const at::Tensor& denom) {
+  TORCH_CHECK(!heads.empty() && heads[0].is_cuda(), "auxfuse: the CUDA kernels need CUDA heads");
+  CudaLauncher launcher(heads[0].device());
+  return backward_impl(launcher, grad_loss, heads, target, class_weight, head_weights, ignore_index,
+                       label_smoothing, reduction, lse, denom);
+}
+
+}  // namespace auxfuse_cuda
+
+TORCH_LIBRARY_IMPL(auxfuse, CUDA, m) {
+  m.impl("multihead_ce_forward", &auxfuse_cuda::multihead_ce_forward_cuda);
+  m.impl("multihead_ce_backward", &auxfuse_cuda::multihead_ce_backward_cuda);
+}
+
+#else  // AUXFUSE_EMULATE: the emulation's launcher and op registration live in emulate.cpp
+
+}  // namespace auxfuse_cuda
+
+#endif  // AUXFUSE_EMULATE
+#endif  // AUXFUSE_KERNELS_ONLY

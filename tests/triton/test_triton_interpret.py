@@ -1,0 +1,489 @@
+"""The `triton` backend against the oracle (the naive sum of F.cross_entropy).
+
+Run with the kernels in Triton's interpreter on CPU tensors (TRITON_INTERPRET must be set before triton is
+imported, so this is a process of its own):
+
+    TRITON_INTERPRET=1 python -m pytest tests/triton -q
+
+Without TRITON_INTERPRET the same tests run on CUDA tensors when a GPU is visible, and skip otherwise.
+Block sizes differ between the two (auxfuse.backends.triton picks small ones under the interpreter), so the
+"wide" cases below take C from those sizes: always three class chunks per row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from oracle import check_backend
+
+import auxfuse
+from auxfuse.backends import triton as tb
+from auxfuse.functional import build_problem
+from auxfuse.outputs import collect_heads
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if tb.unavailable_reason() is not None:
+    DEVICE = None
+elif INTERPRET:
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    DEVICE = None
+
+pytestmark = [
+    pytest.mark.triton_interpret,
+    # numpy's warnings about -inf / NaN lanes that the kernels mask out (interpreter only)
+    pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
+    pytest.mark.skipif(
+        DEVICE is None or (INTERPRET != tb.INTERPRET),
+        reason="needs TRITON_INTERPRET=1 (set before triton is imported) or a CUDA device, and triton: "
+        f"{tb.unavailable_reason()}",
+    ),
+]
+
+NARROW_C = 7
+WIDE_C = 2 * max(tb.NARROW_MAX_C, tb.WIDE_BLOCK_C) + 44  # three class chunks, the last one partly masked
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+REDUCTIONS = ["none", "mean", "sum"]  # in the order of their codes 0, 1, 2
+
+
+def _heads(num, shape, dtype, scale=1.0, layout="contiguous", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for h in range(num):
+        x = (torch.randn(shape, generator=g) * scale).to(dtype)
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+        elif layout == "sliced":  # a view into a wider tensor: row stride != C
+            wide = torch.randn((shape[0], shape[1] + 3) + tuple(shape[2:]), generator=g).to(dtype)
+            x = wide[:, 2 : 2 + shape[1]]
+        elif layout == "transposed":  # (N, C) as the transpose of a (C, N) tensor: class stride N
+            x = torch.randn(tuple(reversed(shape)), generator=g).to(dtype).t()
+        elif layout == "mixed":  # each head its own strides
+            x = [x, x.t().contiguous().t(), torch.cat([x, x], 1)[:, shape[1] :]][h % 3]
+        out.append(x.to(DEVICE))
+    return out
+
+
+def _index_target(shape, C, ignore_frac=0.0, ignore_index=-100, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, C, shape, generator=g)
+    if ignore_frac:
+        t[torch.rand(shape, generator=g) < ignore_frac] = ignore_index
+    return t.to(DEVICE)
+
+
+def _prob_target(shape, dtype, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(shape, generator=g) * 3, 1).to(dtype).to(DEVICE)
+
+
+def _class_weight(C, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(C, generator=g) + 0.25).to(DEVICE)
+
+
+WEIGHTS = [1.0, 0.3, 0.4, 0.25, 0.6, 0.7, 0.8, 0.9]
+VARIANTS = {
+    "plain": {},
+    "smooth": dict(label_smoothing=0.1),
+    "weight": dict(weight="w"),
+    "all": dict(label_smoothing=0.2, weight="w", ignore_index=3),
+}
+
+
+def _options(variant, C, reduction):
+    opts = dict(VARIANTS[variant], reduction=reduction)
+    if opts.get("weight") == "w":
+        opts["weight"] = _class_weight(C)
+    return opts
+
+
+# Every option in fp32; fp16 / bf16 with a subset (the dtype only changes loads, stores and tolerance).
+INDEX_CASES = [(v, torch.float32) for v in VARIANTS] + [
+    ("plain", torch.float16), ("all", torch.float16), ("smooth", torch.bfloat16), ("all", torch.bfloat16)]
+PROB_CASES = [("plain", torch.float32), ("weight", torch.float32), ("smooth", torch.float16),
+              ("weight", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("C", [NARROW_C, WIDE_C], ids=["narrow", "wide"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("variant, dtype", INDEX_CASES, ids=[f"{v}-{str(d)[6:]}" for v, d in INDEX_CASES])
+def test_class_index_targets(variant, dtype, reduction, C):
+    N = 6
+    heads = _heads(3, (N, C), dtype)
+    target = _index_target((N,), C)
+    if variant == "all":
+        target[1] = 3  # ignore_index=3 is also a class: it must be ignored, not predicted
+    check_backend("triton", heads, target, WEIGHTS[:3], **_options(variant, C, reduction))
+
+
+@pytest.mark.parametrize("C", [NARROW_C, WIDE_C], ids=["narrow", "wide"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("variant, dtype", PROB_CASES, ids=[f"{v}-{str(d)[6:]}" for v, d in PROB_CASES])
+def test_probability_targets(variant, dtype, reduction, C):
+    N = 5
+    heads = _heads(2, (N, C), dtype)
+    target = _prob_target((N, C), dtype)
+    check_backend("triton", heads, target, WEIGHTS[:2], **_options(variant, C, reduction))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("C", [NARROW_C, WIDE_C], ids=["narrow", "wide"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_spatial_heads(prob, reduction, C, layout):
+    """Segmentation heads (N, C, H, W): the class dimension is strided (by H*W, or 1 for channels_last)."""
+    shape = (2, C, 3, 5) if C == NARROW_C else (2, C, 2, 2)
+    dtype = torch.float32
+    heads = _heads(2, shape, dtype, layout=layout)
+    if layout == "channels_last":
+        assert heads[0].stride(1) == 1
+    if prob:
+        target = _prob_target(shape, dtype)
+        opts = dict(label_smoothing=0.1, weight=_class_weight(C))
+    else:
+        target = _index_target((shape[0],) + shape[2:], C, ignore_frac=0.3)
+        opts = dict(label_smoothing=0.1, weight=_class_weight(C), ignore_index=-100)
+    check_backend("triton", heads, target, [1.0, 0.5], reduction=reduction, **opts)
+
+
+def test_spatial_many_rows_per_program():
+    """A spatial size above one program's rows: several programs per sample, tail rows masked."""
+    shape = (2, 5, 9, 31)
+    heads = _heads(2, shape, torch.bfloat16)
+    target = _index_target((2, 9, 31), 5, ignore_frac=0.2)
+    check_backend("triton", heads, target, [1.0, 0.5], label_smoothing=0.05)
+    check_backend("triton", _heads(2, shape, torch.float16, layout="channels_last"), target, [1.0, 0.5],
+                  reduction="none")
+    mixed = [_heads(1, shape, torch.float32, layout="channels_last")[0], _heads(1, shape, torch.float32)[0]]
+    assert mixed[0].stride(1) == 1 and mixed[1].stride(1) != 1  # each head read with its own strides
+    check_backend("triton", mixed, target, [1.0, 0.5], weight=_class_weight(5))
+
+
+@pytest.mark.parametrize("layout", ["sliced", "transposed", "mixed"])
+@pytest.mark.parametrize("C", [NARROW_C, WIDE_C], ids=["narrow", "wide"])
+def test_non_contiguous_heads(layout, C):
+    heads = _heads(3, (5, C), torch.float32, layout=layout)
+    if layout == "mixed":
+        assert len({h.stride() for h in heads}) == 3
+    target = _index_target((5,), C)
+    check_backend("triton", heads, target, WEIGHTS[:3], label_smoothing=0.1)
+    check_backend("triton", heads, _prob_target((5, C), torch.float32), WEIGHTS[:3], reduction="none")
+
+
+def test_non_contiguous_targets():
+    heads = _heads(2, (4, 6, 3), torch.float32)
+    index = _index_target((3, 4), 6).t()  # (4, 3) with strides (1, 4)
+    check_backend("triton", heads, index, [1.0, 0.4], reduction="none")
+    prob = _prob_target((4, 3, 6), torch.float32).permute(0, 2, 1)  # (4, 6, 3), class stride 1
+    check_backend("triton", heads, prob, [1.0, 0.4])
+
+
+@pytest.mark.parametrize("num_heads", [1, 2, 3, 4, 5, tb.MAX_HEADS])
+def test_head_counts(num_heads):
+    heads = _heads(num_heads, (4, 11), torch.float32, seed=num_heads)
+    target = _index_target((4,), 11, ignore_frac=0.25)
+    check_backend("triton", heads, target, WEIGHTS[:num_heads], label_smoothing=0.1)
+
+
+def test_unbatched_input():
+    heads = _heads(2, (9,), torch.float32)
+    check_backend("triton", heads, torch.tensor(4, device=DEVICE), [1.0, 0.3])
+    check_backend("triton", heads, _prob_target((1, 9), torch.float32)[0], [1.0, 0.3], label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("C", [NARROW_C, WIDE_C], ids=["narrow", "wide"])
+def test_confident_bf16(C):
+    """Large logits in bf16: p - 1 at the target must be formed in fp32 (Liger-Kernel's case)."""
+    heads = _heads(2, (6, C), torch.bfloat16, scale=40.0)
+    target = torch.stack([h.float().argmax(1) for h in heads])[0].cpu()
+    target[::2] = _index_target((6,), C)[::2].cpu()
+    check_backend("triton", heads, target.to(DEVICE), [1.0, 0.3], label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("C", [NARROW_C, WIDE_C], ids=["narrow", "wide"])
+def test_ties_take_the_first_maximum(C):
+    """head_correct uses the first maximum, also when equal maxima fall in different class chunks."""
+    g = torch.Generator().manual_seed(5)
+    heads = [torch.randint(0, 3, (8, C), generator=g).float().to(DEVICE) for _ in range(2)]
+    first = heads[0].argmax(1)
+    target = first.clone()
+    last = C - 1 - heads[0].flip(1).argmax(1)  # the last maximum
+    target[::2] = last[::2]
+    out = check_backend("triton", heads, target, [1.0, 0.3])
+    expected = int((first == target).sum())
+    assert int(out.head_correct[0]) == expected
+    soft = torch.zeros(8, C, device=DEVICE)
+    soft[:, 0] = 0.5
+    soft[:, C - 1] = 0.5  # a tie in the target: its first maximum (class 0)
+    check_backend("triton", heads, soft, [1.0, 0.3])
+
+
+def _problem(heads, target, weights, **options):
+    collected = collect_heads(list(heads), list(weights))
+    problem, _ = build_problem(
+        collected, target,
+        weight=options.get("weight"), ignore_index=options.get("ignore_index", -100),
+        label_smoothing=options.get("label_smoothing", 0.0), reduction=options.get("reduction", "mean"),
+        check_targets=False, want_details=True,
+    )
+    return problem
+
+
+@pytest.mark.parametrize("C", [NARROW_C, WIDE_C], ids=["narrow", "wide"])
+def test_invalid_target_gives_nan_not_out_of_bounds(C):
+    """A class index outside [0, C) is never read: its row's loss is NaN (CPU callers get a ValueError earlier,
+    so the backend is called directly here)."""
+    heads = [h.requires_grad_() for h in _heads(2, (4, C), torch.float32)]
+    good = _index_target((4,), C)
+    for bad_value in (C, -5, 10**12):
+        target = good.clone()
+        target[2] = bad_value
+        with pytest.raises(ValueError) if DEVICE == "cpu" else contextlib.nullcontext():
+            auxfuse.multi_head_cross_entropy(heads, target, [1.0, 0.3], backend="triton")
+        problem = _problem(heads, good, [1.0, 0.3], reduction="none")
+        problem.target = target.reshape(4, 1)
+        result = tb.compute(problem)
+        rows = result.loss.reshape(4)
+        assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3]]).all()
+        assert torch.isnan(result.head_losses).all()
+        grads = torch.autograd.grad(result.loss.sum(), heads)
+        for g in grads:
+            assert torch.isfinite(g[[0, 1, 3]]).all() and torch.isnan(g[2]).all()
+        for reduction in ("mean", "sum"):
+            problem = _problem(heads, good, [1.0, 0.3], reduction=reduction)
+            problem.target = target.reshape(4, 1)
+            assert torch.isnan(tb.compute(problem).loss)
+
+
+@pytest.mark.parametrize("C", [NARROW_C, WIDE_C], ids=["narrow", "wide"])
+def test_all_ignored(C):
+    heads = [h.requires_grad_() for h in _heads(2, (3, C), torch.float32)]
+    target = torch.full((3,), -100, device=DEVICE)
+    out = auxfuse.multi_head_cross_entropy(heads, target, [1.0, 0.3], backend="triton", return_details=True)
+    ref = torch.nn.functional.cross_entropy(heads[0].detach(), target)
+    assert torch.isnan(out.loss) and torch.isnan(ref)
+    assert int(out.count) == 0 and out.head_correct.tolist() == [0, 0]
+    for g in torch.autograd.grad(out.loss, heads):
+        assert (g == 0).all()
+    check_backend("triton", heads, target, [1.0, 0.3], reduction="sum")
+    check_backend("triton", heads, target, [1.0, 0.3], reduction="none", label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_batch(reduction):
+    """N == 0 through the op (auxfuse.functional cannot reshape an empty batch yet: reshape(0, -1))."""
+    red = REDUCTIONS.index(reduction)
+    heads = [torch.zeros(0, 5, 1, device=DEVICE).requires_grad_() for _ in range(2)]
+    target = torch.zeros((0, 1), dtype=torch.long, device=DEVICE)
+    loss, head_losses, correct, count, denom, lse, coef = torch.ops.auxfuse.triton_multihead_ce_forward(
+        heads, target, None, [1.0, 0.3], -100, 0.1, red, True, True)
+    ref = sum(w * torch.nn.functional.cross_entropy(h[..., 0], target[:, 0], reduction=reduction)
+              for w, h in zip([1.0, 0.3], heads))
+    torch.testing.assert_close(loss.reshape(ref.shape), ref.detach().float(), equal_nan=True)
+    assert int(count) == 0 and correct.tolist() == [0, 0] and lse.shape == (2, 0, 1)
+    grads = torch.autograd.grad(loss.sum(), heads)
+    assert all(g.shape == (0, 5, 1) for g in grads)
+
+
+def test_no_grad_and_no_details():
+    heads = _heads(3, (5, 9), torch.float16)
+    target = _index_target((5,), 9)
+    with torch.no_grad():
+        loss = auxfuse.multi_head_cross_entropy(heads, target, WEIGHTS[:3], backend="triton")
+    ref = sum(w * torch.nn.functional.cross_entropy(h.float(), target) for w, h in zip(WEIGHTS, heads))
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=2e-3)
+
+
+def test_deterministic():
+    for C in (NARROW_C, WIDE_C):
+        heads = [h.requires_grad_() for h in _heads(3, (7, C), torch.bfloat16)]
+        target = _index_target((7,), C, ignore_frac=0.2)
+        runs = []
+        for _ in range(2):
+            out = auxfuse.multi_head_cross_entropy(heads, target, WEIGHTS[:3], backend="triton", label_smoothing=0.1,
+                                                   return_details=True)
+            runs.append((out.loss, out.head_losses, *torch.autograd.grad(out.loss, heads)))
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)
+
+
+def test_not_supported_reasons():
+    def reasons(heads, target, **options):
+        return tb.not_supported_reasons(_problem(heads, target, [1.0] * len(heads), **options))
+
+    target = _index_target((4,), 5)
+    assert reasons(_heads(2, (4, 5), torch.float32), target) == []
+    assert any("float64" in r for r in reasons(_heads(1, (4, 5), torch.float64), target))
+    assert any("at most" in r for r in reasons(_heads(tb.MAX_HEADS + 1, (4, 5), torch.float32), target))
+    prob = _prob_target((4, 5), torch.float32).requires_grad_()
+    assert any("probability targets" in r for r in reasons(_heads(1, (4, 5), torch.float32), prob))
+    weight = _class_weight(5).requires_grad_()
+    assert any("class weights" in r for r in reasons(_heads(1, (4, 5), torch.float32), target, weight=weight))
+    assert tb.unavailable_reason() is None
+    assert auxfuse.available_backends()["triton"] is None
+
+
+def _op_args(C=9, prob=False, reduction=1, device=None):
+    device = device or DEVICE
+    heads = [h.reshape(4, C, 1).requires_grad_() for h in _heads(2, (4, C), torch.float32)]
+    target = _prob_target((4, C, 1), torch.float32) if prob else _index_target((4, 1), C, ignore_frac=0.25)
+    return (heads, target, _class_weight(C), [1.0, 0.3], -100, 0.1, reduction, True, True)
+
+
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+@pytest.mark.parametrize("reduction", [0, 1, 2], ids=REDUCTIONS)
+def test_opcheck(prob, reduction):
+    """Schema, fake (meta) kernel, autograd registration and AOT dispatch of the forward op.
+
+    Under the interpreter the AOT dispatch check keeps the op whole (see _interpreter_keeps_op_whole)."""
+    with _interpreter_keeps_op_whole():
+        torch.library.opcheck(torch.ops.auxfuse.triton_multihead_ce_forward.default,
+                              _op_args(prob=prob, reduction=reduction))
+
+
+def _interpreter_keeps_op_whole():
+    """In the interpreter wrap_triton returns the interpreted kernel (no HOP to trace), so a traced graph would
+    lose the launches if torch decomposed the triton_op: keep the op whole there. This still checks Dynamo,
+    AOTAutograd, the fake kernel and the autograd registration, not the decomposition into
+    triton_kernel_wrapper nodes (that needs the compiled kernels, i.e. a GPU, where it is not patched)."""
+    if DEVICE == "cpu":
+        return torch._functorch.config.patch(decompose_custom_triton_ops=False)
+    return contextlib.nullcontext()
+
+
+def test_torch_compile_fullgraph():
+    """torch.compile(fullgraph=True) traces through the triton_op (forward and backward).
+
+    On CPU (interpreter) with the aot_eager backend and the op kept whole; on a GPU with Inductor, which
+    inlines the decomposed Triton kernels."""
+    backend = "aot_eager" if DEVICE == "cpu" else "inductor"
+    config = _interpreter_keeps_op_whole()
+    heads = [h.requires_grad_() for h in _heads(3, (6, 12), torch.float32)]
+    target = _index_target((6,), 12, ignore_frac=0.2)
+
+    def fn(a, b, c, t):
+        out = auxfuse.multi_head_cross_entropy((a, b, c), t, (1.0, 0.3, 0.3), backend="triton", label_smoothing=0.1,
+                                               return_details=True)
+        return out.loss, out.head_correct
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    with config:
+        loss, correct = compiled(*heads, target)
+    ref_loss, ref_correct = fn(*heads, target)
+    torch.testing.assert_close(loss, ref_loss)
+    assert torch.equal(correct, ref_correct)
+    grads = torch.autograd.grad(loss, heads)
+    ref_grads = torch.autograd.grad(ref_loss, heads)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+# --- Compiling the kernels for a Hopper GPU without one ---------------------------------------------------------
+
+_TRITON_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64"}
+
+
+def compile_sm90() -> list[str]:
+    """Compile every kernel launch of a few representative calls, with every autotune config, to sm_90 cubin.
+
+    Runs the ops' host code on CPU tensors with wrap_triton recording the launches instead of running them,
+    then compiles each recorded launch as Triton would (ints equal to 1 specialized to constexprs). Needs
+    TRITON_INTERPRET unset (the interpreter does not compile). Returns one line per compiled kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.autotuner import Autotuner
+
+    assert not tb.INTERPRET
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
+
+    def lm(dtype=torch.bfloat16, H=2, N=2, C=128256, **kw):
+        heads = [torch.zeros(N, C, 1, dtype=dtype) for _ in range(H)]
+        return heads, torch.zeros(N, 1, dtype=torch.long), None, [1.0] * H, -100, 0.0, 1, False, True
+
+    cases = [
+        lm(),  # LM vocabulary: the wide path, every BLOCK_C config
+        (  # GoogLeNet: 3 heads, C=1000, fp32, class weights, smoothing, details
+            [torch.zeros(256, 1000, 1) for _ in range(3)], torch.zeros(256, 1, dtype=torch.long),
+            torch.ones(1000), [1.0, 0.3, 0.3], -100, 0.1, 1, True, True,
+        ),
+        (  # segmentation NCHW, fp16, probability targets, reduction none
+            [torch.zeros(2, 21, 4096, dtype=torch.float16) for _ in range(2)],
+            torch.zeros(2, 21, 4096, dtype=torch.float16), torch.ones(21), [1.0, 0.5], 255, 0.1, 0, True, True,
+        ),
+        (  # channels_last bf16, eight heads, sum
+            [torch.zeros(2, 4096, 21, dtype=torch.bfloat16).permute(0, 2, 1) for _ in range(tb.MAX_HEADS)],
+            torch.zeros(2, 4096, dtype=torch.long), None, [1.0] * tb.MAX_HEADS, 255, 0.0, 2, False, True,
+        ),
+    ]
+    original = torch.library.wrap_triton
+    torch.library.wrap_triton = Recorder
+    try:
+        for args in cases:
+            out = torch.ops.auxfuse.triton_multihead_ce_forward(*args)
+            heads, target, cw, hw, ii, eps, red = args[:7]
+            grad = torch.ones_like(out[0])
+            torch.ops.auxfuse.triton_multihead_ce_backward(grad, heads, target, cw, hw, ii, eps, red, out[5], out[6],
+                                                           out[4])
+    finally:
+        torch.library.wrap_triton = original
+    lines = []
+    for kernel, args, kwargs in launches:
+        fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+        configs = kernel.configs if isinstance(kernel, Autotuner) else [triton.Config({}, num_warps=4)]
+        for config in configs:
+            values = {**dict(zip(fn.arg_names, args)), **kwargs, **config.kwargs}
+            signature, constexprs = {}, {}
+            for param in fn.params:
+                value = values[param.name]
+                if param.is_constexpr or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+                    signature[param.name], constexprs[param.name] = "constexpr", value
+                elif isinstance(value, torch.Tensor):
+                    signature[param.name] = _TRITON_TYPES[value.dtype]
+                elif isinstance(value, int):
+                    signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+                elif isinstance(value, float):
+                    signature[param.name] = "fp32"
+                else:
+                    raise TypeError(f"{fn.__name__}: argument {param.name} = {value!r}")
+            compiled = triton.compile(
+                ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                target=GPUTarget("cuda", 90, 32),
+                options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
+            )
+            assert compiled.asm["cubin"]
+            lines.append(f"{fn.__name__} {config.kwargs} num_warps={config.num_warps} "
+                         f"{ {k: v for k, v in constexprs.items() if k in ('H', 'BLOCK_R', 'BLOCK_C')} }")
+    return lines
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter runs Python, not the compiler: compile every kernel variant for Hopper (no GPU needed;
+    Triton ships ptxas) in a process without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["AUXFUSE_TRITON_REGISTER"] = "1"  # define the ops even without a GPU
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(here))
+    env["PYTHONPATH"] = os.pathsep.join([root, here, os.path.dirname(here), env.get("PYTHONPATH", "")])
+    code = "import test_triton_interpret as t; print('\\n'.join(t.compile_sm90()))"
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("_forward_kernel") >= 4 and "_backward_kernel" in result.stdout
