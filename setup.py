@@ -57,7 +57,8 @@ def _extensions():
     march = os.environ.get("AUXFUSE_CPU_ARCH", "native")
     # -fopenmp: at::parallel_for is header-inline; without it the CPU kernel runs on one thread.
     cxx_flags = ["-O3", f"-march={march}", "-fno-math-errno", "-fopenmp"]
-    sources = [os.path.join("csrc", "auxfuse.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = [os.path.join("csrc", name) for name in ("auxfuse.cpp", "autograd.cpp")]
+    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     define_macros = [("Py_LIMITED_API", "0x03090000")]
     extra = {"cxx": cxx_flags}
     if with_cuda:

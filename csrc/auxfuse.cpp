@@ -1,6 +1,6 @@
 // The auxfuse op schema: every op is defined here, once. Kernels register per dispatch key in
-// csrc/cpu/multihead_ce.cpp and csrc/cuda/multihead_ce.cu; fake kernels and autograd are registered
-// from Python (auxfuse/backends/native.py).
+// csrc/cpu/multihead_ce.cpp and csrc/cuda/multihead_ce.cu, autograd in csrc/autograd.cpp; fake kernels
+// are registered from Python (auxfuse/backends/native.py).
 //
 // Contract shared by every kernel (the oracle is auxfuse/backends/reference.py):
 //   heads        H >= 1 tensors of one shape (N, C, S), one dtype and device; any strides, but all heads

@@ -436,7 +436,7 @@ def test_many_targets_parallel_scan():
     assert int(out[3]) == int(counted.sum())
     assert float(out[4]) == pytest.approx(float(weight[target[counted]].double().sum()), rel=1e-6)
     target[0, S - 5], target[0, 1_050_000] = 3, 9
-    with pytest.raises(ValueError, match="target value 9 .at flattened position 1050000"):
+    with pytest.raises(ValueError, match=r"target value 9 is outside .*\(flattened position 1050000\)"):
         OPS.multihead_ce_forward(heads, target, weight, [1.0], -100, 0.0, 1, 0)
 
 
@@ -447,4 +447,4 @@ def test_auto_picks_cpu():
     assert auxfuse.explain_backend([h.detach().double() for h in heads], target)["chosen"] == "cpu"
     assert auxfuse.explain_backend([torch.randn(2, 3, 4, 4).bfloat16()], torch.zeros(2, 4, 4).long())["chosen"] == "cpu"
     loss = auxfuse.multi_head_cross_entropy(heads, target)
-    assert "auxfuse_multihead_ce_forward" in loss.grad_fn.name()
+    assert "MultiheadCrossEntropy" in loss.grad_fn.name()  # csrc/autograd.cpp

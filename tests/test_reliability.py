@@ -213,6 +213,28 @@ def test_gradcheck_fp64(backend, prob):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_through_a_kept_graph(backend, reduction):
+    """retain_graph=True: every backward must give the same gradient. (The cpu kernel hands its gradient buffer
+    to the first backward when the graph is freed; a kept graph still owns it, so each backward gets a copy.)"""
+    heads = [randn(6, 5, seed=s).requires_grad_() for s in range(2)]
+    target = torch.tensor([0, 4, -100, 2, 3, 1])
+    loss = auxfuse.multi_head_cross_entropy(heads, target, [1.0, 0.4], reduction=reduction, backend=backend)
+    grad_output = torch.ones_like(loss) if reduction == "mean" else torch.rand(loss.shape, generator=_g(3))
+    copies = [h.detach().clone().requires_grad_() for h in heads]
+    ref = sum(w * torch.nn.functional.cross_entropy(x, target, reduction=reduction) for w, x in zip([1.0, 0.4], copies))
+    ref_grads = torch.autograd.grad(ref, copies, grad_output)
+    for _ in range(3):
+        loss.backward(grad_output, retain_graph=True)
+    first = torch.autograd.grad(loss, heads, grad_output, retain_graph=True)
+    last = torch.autograd.grad(loss, heads, 2 * grad_output)
+    for h, f, l, r in zip(heads, first, last, ref_grads):
+        torch.testing.assert_close(h.grad, 3 * r)
+        torch.testing.assert_close(f, r)
+        torch.testing.assert_close(l, 2 * r)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_bitwise_deterministic_across_runs_and_threads(backend):
     heads = [randn(64, 1000, seed=s).requires_grad_() for s in range(3)]
     target = torch.randint(0, 1000, (64,), generator=_g())

@@ -1,7 +1,8 @@
 """The `cpu` and `cuda` backends: the fused kernels of the compiled extension (torch.ops.auxfuse.*).
 
-The ops are defined in csrc/auxfuse.cpp; this module registers their fake kernels (for torch.compile and
-meta tensors) and their autograd formula. How each device gets its gradient (grad_mode):
+The ops are defined in csrc/auxfuse.cpp and their autograd in csrc/autograd.cpp (in C++: at classifier sizes
+a Python autograd layer cost as much as the kernel); this module registers their fake kernels (for
+torch.compile and meta tensors) and chooses the grad_mode per device:
   - CPU computes the gradient inside the forward pass, while each row is in cache, with the head weight and
     the mean's divisor folded in: one exponential per logit, and backward only scales by grad_output
     (nothing at all when it is 1).
@@ -79,42 +80,6 @@ if _LOAD_ERROR is None:
                        reduction, lse, denom):
         return _allocate_head_grads(heads)
 
-    def _setup_context(ctx, inputs, output):
-        heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction, grad_mode = inputs
-        saved, denom = output[5], output[4]
-        # Only the loss carries a gradient: without this, autograd launches a zero-fill for each of the
-        # other five outputs on every backward (seen on the H200: 6 fills around our 2 kernels).
-        ctx.set_materialize_grads(False)
-        ctx.grad_mode, ctx.reduction, ctx.num_heads = grad_mode, reduction, len(heads)
-        ctx.options = (head_weights, ignore_index, label_smoothing, reduction)
-        ctx.has_class_weight = class_weight is not None
-        if grad_mode == GRAD_IN_FORWARD:
-            ctx.save_for_backward(saved)
-        elif grad_mode == SAVE_LSE:
-            extra = [class_weight] if class_weight is not None else []
-            ctx.save_for_backward(saved, denom, target, *extra, *heads)
-
-    def _backward(ctx, grad_loss, *unused_grads):
-        if grad_loss is None or ctx.grad_mode == NO_GRAD:
-            return [None] * ctx.num_heads, None, None, None, None, None, None, None
-        if ctx.grad_mode == GRAD_IN_FORWARD:
-            (grads,) = ctx.saved_tensors
-            if ctx.reduction == 0:
-                grads = grads * grad_loss.unsqueeze(1).to(grads.dtype)
-            elif (torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor  # traced: no .item()
-                  or grad_loss.device.type != "cpu" or grad_loss.item() != 1.0):
-                # On CPU reading grad_output costs nothing; the common loss.backward() needs no pass at all.
-                grads = grads * grad_loss.to(grads.dtype)
-        else:
-            lse, denom, target, *rest = ctx.saved_tensors
-            class_weight = rest[0] if ctx.has_class_weight else None
-            heads = rest[1:] if ctx.has_class_weight else rest
-            grads = torch.ops.auxfuse.multihead_ce_backward(grad_loss, heads, target, class_weight, *ctx.options,
-                                                            lse, denom)
-        return list(grads.unbind(0)), None, None, None, None, None, None, None
-
-    torch.library.register_autograd("auxfuse::multihead_ce_forward", _backward, setup_context=_setup_context)
-
 
 class NativeBackend:
     """One fused-kernel backend: `cpu` or `cuda` (the dispatch key of torch.ops.auxfuse.*)."""
@@ -123,6 +88,8 @@ class NativeBackend:
         self.name = device_type
         self.device_type = device_type
         self.dispatch_key = device_type.upper()
+        # The CPU kernel checks every class index before it writes anything (a ValueError); CUDA never syncs.
+        self.checks_targets = device_type == "cpu"
 
     def unavailable_reason(self) -> Optional[str]:
         if _LOAD_ERROR is not None:

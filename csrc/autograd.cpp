@@ -1,0 +1,142 @@
+// Autograd of auxfuse::multihead_ce_forward, one kernel for the Autograd key (every device).
+//
+// It lives in C++ (as torchvision's csrc/ops/autograd do) rather than in torch.library.register_autograd:
+// at classifier sizes the Python autograd layer cost more than the fused kernel it wraps (3 x 256 x 1000
+// fp32 on the 2-core CPU machine: 0.45 ms of Python around a 0.46 ms kernel per forward + backward; on the
+// H200, ~0.9 ms of host time around two kernels of a few microseconds). Fake kernels stay in Python
+// (auxfuse/backends/native.py); torch.compile traces through this function with them.
+//
+// The backward follows the forward's grad_mode (contract in auxfuse.cpp):
+//   1 (CPU): the gradient was written in the forward, weights and the mean's divisor folded in. Backward
+//     hands that buffer out as it is when grad_output is 1 (loss.backward()), else scales it in place, so
+//     no second gradient-sized buffer is ever allocated. When the graph is kept (retain_graph=True) the
+//     buffer stays saved for the next backward, so it hands out a scaled copy instead; when tracing
+//     (torch.compile, make_fx) it always emits the multiply, since grad_output's value is not known.
+//   2 (CUDA): one backward kernel from the saved log-sum-exp, reading grad_output on the device.
+#include <ATen/ATen.h>
+#include <ATen/FunctionalTensorWrapper.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/graph_task.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "multihead_ce.h"
+
+namespace auxfuse {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ForwardSignature = ForwardOutputs(at::TensorList, const at::Tensor&, const std::optional<at::Tensor>&,
+                                        at::ArrayRef<double>, int64_t, double, int64_t, int64_t);
+using BackwardSignature = at::Tensor(const at::Tensor&, at::TensorList, const at::Tensor&,
+                                     const std::optional<at::Tensor>&, at::ArrayRef<double>, int64_t, double, int64_t,
+                                     const at::Tensor&, const at::Tensor&);
+
+// Number of non-head inputs of the forward op: target, class_weight, head_weights, ignore_index,
+// label_smoothing, reduction, grad_mode (backward returns one entry per input, heads first).
+constexpr size_t kOtherInputs = 7;
+
+// True for a tensor whose values are not there to read: a fake, functional or other Python tensor, or any
+// tensor while a dispatch mode (make_fx, FakeTensorMode) records the calls.
+bool is_traced(const at::Tensor& t) {
+  return t.unsafeGetTensorImpl()->is_python_dispatch() || at::functionalization::impl::isFunctionalTensor(t) ||
+         c10::impl::TorchDispatchModeTLS::any_modes_set();
+}
+
+class MultiheadCrossEntropy : public torch::autograd::Function<MultiheadCrossEntropy> {
+ public:
+  static variable_list forward(AutogradContext* ctx, at::TensorList heads, const at::Tensor& target,
+                               const std::optional<at::Tensor>& class_weight, at::ArrayRef<double> head_weights,
+                               int64_t ignore_index, double label_smoothing, int64_t reduction, int64_t grad_mode) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("auxfuse::multihead_ce_forward", "")
+                               .typed<ForwardSignature>();
+    at::Tensor loss, head_losses, head_correct, count, denom, saved;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(loss, head_losses, head_correct, count, denom, saved) =
+          op.call(heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction, grad_mode);
+    }
+    // Only the loss carries a gradient; without this autograd would zero-fill the other five on every backward.
+    ctx->set_materialize_grads(false);
+    ctx->mark_non_differentiable({head_losses, head_correct, count, denom, saved});
+    ctx->saved_data["num_heads"] = static_cast<int64_t>(heads.size());
+    ctx->saved_data["grad_mode"] = grad_mode;
+    ctx->saved_data["reduction"] = reduction;
+    if (grad_mode == kGradInForward) {
+      ctx->save_for_backward({saved});
+    } else if (grad_mode == kSaveLse) {
+      ctx->saved_data["head_weights"] = head_weights.vec();
+      ctx->saved_data["ignore_index"] = ignore_index;
+      ctx->saved_data["label_smoothing"] = label_smoothing;
+      variable_list to_save{saved, denom, target, class_weight.value_or(at::Tensor())};
+      to_save.insert(to_save.end(), heads.begin(), heads.end());
+      ctx->save_for_backward(std::move(to_save));
+    }
+    return {loss, head_losses, head_correct, count, denom, saved};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const int64_t num_heads = ctx->saved_data["num_heads"].toInt();
+    const int64_t grad_mode = ctx->saved_data["grad_mode"].toInt();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    variable_list grad_inputs(num_heads + kOtherInputs);
+    const at::Tensor& grad_loss = grad_outputs[0];
+    if (!grad_loss.defined() || grad_mode == kNoGrad) {
+      return grad_inputs;
+    }
+    at::Tensor grads;
+    if (grad_mode == kGradInForward) {
+      grads = ctx->get_saved_variables()[0];
+      const at::Tensor scale =
+          (reduction == kReductionNone ? grad_loss.unsqueeze(1) : grad_loss).to(grads.scalar_type());
+      // The buffer may be handed out (or scaled in place) only if this backward is its last reader.
+      const bool last_use = !torch::autograd::get_current_graph_task_keep_graph() && !is_traced(grad_loss) &&
+                            !is_traced(grads);
+      if (!last_use) {
+        grads = grads * scale;
+      } else if (reduction == kReductionNone || !grad_loss.device().is_cpu() || grad_loss.item<double>() != 1.0) {
+        grads.mul_(scale);
+      }
+    } else {
+      static const auto op = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("auxfuse::multihead_ce_backward", "")
+                                 .typed<BackwardSignature>();
+      const variable_list saved = ctx->get_saved_variables();
+      const at::Tensor& class_weight = saved[3];
+      const std::vector<at::Tensor> heads(saved.begin() + 4, saved.end());
+      const std::vector<double> head_weights = ctx->saved_data["head_weights"].toDoubleVector();
+      grads = op.call(grad_loss, heads, saved[2],
+                      class_weight.defined() ? std::optional<at::Tensor>(class_weight) : std::nullopt, head_weights,
+                      ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["label_smoothing"].toDouble(),
+                      reduction, saved[0], saved[1]);
+    }
+    for (int64_t h = 0; h < num_heads; ++h) {
+      grad_inputs[h] = grads.select(0, h);
+    }
+    return grad_inputs;
+  }
+};
+
+ForwardOutputs forward_autograd(at::TensorList heads, const at::Tensor& target,
+                                const std::optional<at::Tensor>& class_weight, at::ArrayRef<double> head_weights,
+                                int64_t ignore_index, double label_smoothing, int64_t reduction, int64_t grad_mode) {
+  const variable_list out = MultiheadCrossEntropy::apply(heads, target, class_weight, head_weights, ignore_index,
+                                                         label_smoothing, reduction, grad_mode);
+  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(auxfuse, Autograd, m) {
+  m.impl("multihead_ce_forward", &forward_autograd);
+}
+
+}  // namespace auxfuse
