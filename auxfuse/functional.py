@@ -53,13 +53,23 @@ def _as_rows(x: torch.Tensor, batched: bool) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
 
 
-def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+def _check_target_range(problem: Problem, backend, check_targets: bool) -> None:
+    """Raise a ValueError for a class index outside [0, C) that is not ignore_index, unless the chosen backend
+    checks itself (the cpu kernel, before it writes anything). CPU inputs are always checked (free: no device
+    sync), CUDA inputs when asked (one host sync); not while torch.compile traces a CPU call (no graph break)."""
+    if problem.prob_target or backend.checks_targets:
+        return
+    if not (check_targets or (problem.device.type == "cpu" and not torch.compiler.is_compiling())):
+        return
+    target, num_classes, ignore_index = problem.target, problem.num_classes, problem.ignore_index
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bool(bad.any()):
-        value = int(target[bad][0])
+        position = int(bad.flatten().nonzero()[0])
+        value = int(target.flatten()[position])
         raise ValueError(
             f"auxfuse: target value {value} is outside [0, {num_classes}) and is not ignore_index "
-            f"({ignore_index}); every class index must name one of the {num_classes} classes"
+            f"({ignore_index}) (flattened position {position}); every class index must name one of the "
+            f"{num_classes} classes"
         )
 
 
@@ -71,7 +81,6 @@ def build_problem(
     ignore_index: int,
     label_smoothing: float,
     reduction: str,
-    check_targets: bool,
     want_details: bool,
 ) -> tuple[Problem, tuple[int, ...]]:
     """Validate the options against the heads; return the backends' Problem and the shape of a 'none' loss."""
@@ -103,9 +112,6 @@ def build_problem(
         target = _as_rows(target.to(first.dtype), batched)
     else:
         target = target.long().reshape(first.shape[0] if batched else 1, math.prod(index_shape[1:]))
-        validate = check_targets or (target.device.type == "cpu" and not torch.compiler.is_compiling())
-        if validate:
-            _check_target_range(target, num_classes, ignore_index)
     acc_dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
     class_weight = None
     if weight is not None:
@@ -187,10 +193,11 @@ def multi_head_cross_entropy(
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         reduction=reduction,
-        check_targets=check_targets,
         want_details=return_details,
     )
-    result = select_backend(backend, problem).compute(problem)
+    chosen = select_backend(backend, problem)
+    _check_target_range(problem, chosen, check_targets)
+    result = chosen.compute(problem)
     loss = result.loss.reshape(index_shape) if reduction == "none" else result.loss
     if not return_details:
         return loss
@@ -214,8 +221,9 @@ def explain_backend(outputs: Any, target: torch.Tensor, weights: Weights = None,
     problem, _ = build_problem(
         heads, target, weight=options.pop("weight", None), ignore_index=options.pop("ignore_index", -100),
         label_smoothing=options.pop("label_smoothing", 0.0), reduction=options.pop("reduction", "mean"),
-        check_targets=options.pop("check_targets", False), want_details=options.pop("return_details", False),
+        want_details=options.pop("return_details", False),
     )
+    options.pop("check_targets", None)  # changes what is checked, not the backend
     if options:
         raise TypeError(f"auxfuse: unexpected arguments {sorted(options)}")
     chosen = select_backend(backend, problem).name

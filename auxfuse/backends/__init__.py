@@ -1,8 +1,9 @@
 """The backends and the chooser.
 
-Every backend offers the same three things: ``name``, ``unavailable_reason()`` (static facts about this
-environment: what is built and importable, which devices exist) and ``not_supported_reasons(problem)``
-(those plus facts of the input: device, dtype, head count), and ``compute(problem)``.
+Every backend offers the same things: ``name``, ``checks_targets`` (whether it raises for an invalid class
+index itself), ``unavailable_reason()`` (static facts about this environment: what is built and importable,
+which devices exist), ``not_supported_reasons(problem)`` (those plus facts of the input: device, dtype, head
+count) and ``compute(problem)``.
 
 ``auto`` decides by static facts only, never by tensor values, so ``torch.compile`` sees one fixed path:
 CUDA tensors try ``cuda``, then ``triton``, then ``torch``; CPU tensors ``cpu``, then ``torch``.

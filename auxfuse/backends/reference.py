@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .problem import BackendResult, Problem
 
 name = "torch"
+checks_targets = False  # the caller checks class indices on CPU (or when asked)
 
 
 def unavailable_reason() -> Optional[str]:

@@ -233,7 +233,7 @@ def _problem(heads, target, weights, **options):
         collected, target,
         weight=options.get("weight"), ignore_index=options.get("ignore_index", -100),
         label_smoothing=options.get("label_smoothing", 0.0), reduction=options.get("reduction", "mean"),
-        check_targets=False, want_details=True,
+        want_details=True,
     )
     return problem
 
