@@ -369,7 +369,7 @@ struct RowPass2 {
 template <typename scalar_t, bool kSums, bool kProb>
 RowPass2<at::opmath_type<scalar_t>> row_pass2(const scalar_t* x, const scalar_t* t, const at::opmath_type<scalar_t>* cw,
                                               int64_t C, at::opmath_type<scalar_t> m, at::opmath_type<scalar_t>* e,
-                                              const scalar_t* next) {
+                                              const scalar_t* next, scalar_t* next_grad) {
   using io = IO<scalar_t>;
   using Vec = typename io::Vec;
   using acc_t = typename io::acc_t;
@@ -382,6 +382,7 @@ RowPass2<at::opmath_type<scalar_t>> row_pass2(const scalar_t* x, const scalar_t*
       if (next) {
         for (int64_t k = 0; k < 2 * kW * int64_t(sizeof(scalar_t)); k += 64) {
           __builtin_prefetch(reinterpret_cast<const char*>(next + c) + k, 0, 2);
+          if (next_grad) __builtin_prefetch(reinterpret_cast<const char*>(next_grad + c) + k, 1, 2);
         }
       }
       const Vec e0 = vexp(io::load(x + c) - mv);
@@ -400,6 +401,7 @@ RowPass2<at::opmath_type<scalar_t>> row_pass2(const scalar_t* x, const scalar_t*
     if (next) {
       for (int64_t k = 0; k < kW * int64_t(sizeof(scalar_t)); k += 64) {
         __builtin_prefetch(reinterpret_cast<const char*>(next + c) + k, 0, 2);
+        if (next_grad) __builtin_prefetch(reinterpret_cast<const char*>(next_grad + c) + k, 1, 2);
       }
     }
     Vec d = (full ? io::load(x + c) : io::load(x + c, n)) - mv;
@@ -543,17 +545,24 @@ void forward_rows(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<scal
           const int64_t n = r / S, s = r % S;
           const scalar_t* x = contiguous_row(a.x[h] + n * a.sN + s * a.sS, a.sC, C, xbuf);
           const scalar_t* next = nullptr;
+          scalar_t* next_grad = nullptr;
           if (a.sC == 1) {
-            if (r + 1 < r1) next = row_ptr(h, r + 1);
-            else if (h + 1 < H) next = row_ptr(h + 1, r0);
-            else if (b_next < blocks) next = row_ptr(0, b_next * rows_per_block);
+            int64_t h_next = h, r_next = r + 1;
+            if (r + 1 >= r1) {
+              h_next = h + 1 < H ? h + 1 : 0;
+              r_next = h + 1 < H ? r0 : b_next * rows_per_block;
+            }
+            if (h_next != 0 || r_next < rows) {
+              next = row_ptr(h_next, r_next);
+              if (grad) next_grad = grad + (h_next * rows + r_next) * C;
+            }
           }
           scalar_t* g = grad ? grad + (h * rows + r) * C : nullptr;
           acc_t row_loss = 0;
           if (kProb) {
             const scalar_t* t = contiguous_row(a.t + n * a.tN + s * a.tS, a.tC, C, tbuf);
             const RowPass1<acc_t> p1 = row_pass1<scalar_t, true>(x, t, a.cw, C);
-            const RowPass2<acc_t> p2 = row_pass2<scalar_t, true, true>(x, t, a.cw, C, p1.max, e, next);
+            const RowPass2<acc_t> p2 = row_pass2<scalar_t, true, true>(x, t, a.cw, C, p1.max, e, next, next_grad);
             const acc_t sum = p2.sum;
             // The row's formulas with every logit shifted by the max (the loss is shift-invariant): max 0 and the
             // sums relative to the max, so nothing cancels for large logits.
@@ -577,9 +586,10 @@ void forward_rows(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<scal
               const RowPass1<acc_t> p1 = row_pass1<scalar_t, false>(x, nullptr, a.cw, C);
               RowPass2<acc_t> p2;
               if (need_wx && counted) {
-                p2 = row_pass2<scalar_t, true, false>(x, nullptr, a.cw, C, p1.max, e, next);
+                p2 = row_pass2<scalar_t, true, false>(x, nullptr, a.cw, C, p1.max, e, next, next_grad);
               } else {
-                p2 = row_pass2<scalar_t, false, false>(x, nullptr, a.cw, C, p1.max, counted ? e : nullptr, next);
+                p2 = row_pass2<scalar_t, false, false>(x, nullptr, a.cw, C, p1.max, counted ? e : nullptr, next,
+                                                          next_grad);
               }
               const acc_t sum = p2.sum;
               if (out.lse) out.lse[h * rows + r] = p1.max + std::log(sum);
