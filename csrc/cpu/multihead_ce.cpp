@@ -52,10 +52,6 @@
 #include <memory>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "multihead_ce.h"
 #include "ops_common.h"
 
@@ -833,26 +829,6 @@ void forward_tiles(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<sca
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// A fresh gradient buffer of LM size (1 GiB for 2 x 4096 x 32000 fp32) is new memory from mmap: the kernel's
-// first write to each 4 KiB page faults, and those faults cost more than the kernel's own work (here:
-// 0.43 s to first-touch 1 GiB, 0.18 s with 2 MiB pages, 0.15 s to rewrite touched memory). Asking for
-// transparent huge pages before the first write makes that 512x fewer faults. Advice only: the memory is
-// the same, nothing fails if the kernel declines it (THP off, or pages already touched).
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
-  const size_t bytes = t.storage().nbytes();
-  if (bytes < 4 * kHugePage) return;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.storage().data());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (begin + bytes) & ~(kHugePage - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
-// ---------------------------------------------------------------------------------------------------------
 // Forward op.
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
@@ -871,7 +847,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // Validates the targets: raises before any output exists.
     const TargetStats stats = scan_targets(a);
     outs = allocate_forward_outputs(heads, shape, reduction, grad_mode);
-    if (grad_mode == kGradInForward) advise_huge_pages(outs.saved);
     const acc_t denom = static_cast<acc_t>(stats.denom);
     ForwardOut<acc_t> fo;
     fo.loss_rows = reduction == kReductionNone ? outs.loss.data_ptr<acc_t>() : nullptr;
@@ -1144,7 +1119,6 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss_in, at::TensorList heads, co
         make_args<scalar_t>(heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction, shape);
     scan_targets(a);  // never read a class out of bounds
     grads = allocate_head_grads(heads);
-    advise_huge_pages(grads);
     BackwardIn<acc_t> in;
     in.grad_loss = grad_loss.const_data_ptr<acc_t>();
     in.per_row = per_row;
