@@ -342,6 +342,34 @@ def test_backward_op_equals_gradient_in_forward(case):
         torch.testing.assert_close(from_lse.float(), torch.stack(ref_grads), **tol)
 
 
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_autograd_of_both_grad_modes(case):
+    """csrc/autograd.cpp through torch.ops with heads that need gradients: grad_mode 1 (the CPU path) and
+    grad_mode 2 (the CUDA path, run here with the CPU ops) give autograd through the naive sum, for a random
+    grad_output and grad_output 1, with and without a kept graph."""
+    heads, target, cw = _op_args(**case, seed=2)
+    dtype = heads[0].dtype
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
+    N, C, S = heads[0].shape
+    for reduction, grad_mode in itertools.product((0, 1, 2), (1, 2)):
+        ref_in = [h.detach().float().requires_grad_(True) for h in heads]
+        ref_target = target.float() if target.is_floating_point() else target
+        ref = naive_loss(ref_in, ref_target, [1.0, 0.3], weight=None if cw is None else cw.float(),
+                         reduction=("none", "mean", "sum")[reduction], label_smoothing=0.1)
+        for grad_loss in (torch.rand(ref.shape) + 0.5, torch.ones(ref.shape)):
+            ref_grads = torch.autograd.grad(ref, ref_in, grad_loss, retain_graph=True)
+            ours_in = [h.detach().clone().requires_grad_(True) for h in heads]
+            loss = OPS.multihead_ce_forward(ours_in, target, cw, [1.0, 0.3], -100, 0.1, reduction, grad_mode)[0]
+            assert "MultiheadCrossEntropy" in loss.grad_fn.name()
+            ours_grad_loss = grad_loss.reshape(loss.shape)
+            kept = torch.autograd.grad(loss, ours_in, ours_grad_loss, retain_graph=True)
+            freed = torch.autograd.grad(loss, ours_in, ours_grad_loss)
+            for k, f, r in zip(kept, freed, ref_grads):
+                assert k.dtype == dtype and k.shape == (N, C, S)
+                torch.testing.assert_close(k.float(), r, **tol)
+                torch.testing.assert_close(f.float(), r, **tol)
+
+
 def _snapshot(heads, target, **options):
     heads = [h.detach().clone().requires_grad_(True) for h in heads]
     out = auxfuse.multi_head_cross_entropy(heads, target, [1.0, 0.3, 0.3], backend="cpu", return_details=True,
