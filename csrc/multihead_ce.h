@@ -99,10 +99,12 @@ AUXFUSE_HD RowCoeffs<acc_t> index_target_coeffs(acc_t w_y, acc_t weight_sum, acc
 // st.max = 0 and weighted_logit_sum = sum_c w_c (x_c - m). Do that when logits can be large: sum_c w_c x_c
 // cancels against W * lse otherwise (fp32, offset 1e4, C = 300: 1e-5 relative error in the loss). The same
 // holds for prob_target_row_loss (shift st.max and both logit sums of ProbRowSums).
+// `log_sum` = log(st.sum), from the caller: a kernel that holds the sums of many rows in a vector takes their
+// logarithms in one vector instruction sequence (the scalar log was most of the CPU spatial path's epilogue).
 template <typename acc_t>
-AUXFUSE_HD acc_t index_target_row_loss(const SoftmaxState<acc_t>& st, acc_t x_y_minus_max, acc_t weighted_logit_sum,
-                                       acc_t weight_sum, const RowCoeffs<acc_t>& k) {
-  const acc_t log_s = log_acc(st.sum);
+AUXFUSE_HD acc_t index_target_row_loss(const SoftmaxState<acc_t>& st, acc_t log_sum, acc_t x_y_minus_max,
+                                       acc_t weighted_logit_sum, acc_t weight_sum, const RowCoeffs<acc_t>& k) {
+  const acc_t log_s = log_sum;
   acc_t loss = k.target_coef * (log_s - x_y_minus_max);
   if (k.smooth_coef != acc_t(0)) {
     loss += k.smooth_coef * (weight_sum * (st.max + log_s) - weighted_logit_sum);
@@ -152,9 +154,9 @@ AUXFUSE_HD acc_t prob_target_lse_coef(const ProbRowSums<acc_t>& r, acc_t weight_
 }
 
 template <typename acc_t>
-AUXFUSE_HD acc_t prob_target_row_loss(const SoftmaxState<acc_t>& st, const ProbRowSums<acc_t>& r, acc_t lse_coef,
-                                      acc_t eps, int64_t num_classes) {
-  const acc_t lse = st.max + log_acc(st.sum);
+AUXFUSE_HD acc_t prob_target_row_loss(const SoftmaxState<acc_t>& st, acc_t log_sum, const ProbRowSums<acc_t>& r,
+                                      acc_t lse_coef, acc_t eps, int64_t num_classes) {
+  const acc_t lse = st.max + log_sum;
   acc_t loss = lse_coef * lse - (acc_t(1) - eps) * r.weighted_target_logit;
   if (eps != acc_t(0)) loss -= eps / acc_t(num_classes) * r.weighted_logit;
   return loss;

@@ -15,9 +15,11 @@
 //     buffer while prefetching the next row, pass 3 writes the gradient e * a - b * w_c from that buffer while
 //     the row is in cache; the true class is written last from fp32 (p - 1 never rounded through bf16).
 //   - spatial path (N, C, S) with a strided class dimension (segmentation): tiles of up to 2048 spatial
-//     positions of one sample, vectorized along S (each lane is one row). Pass 1 copies the tile out of the
-//     strided heads (long contiguous runs per class) and keeps per-lane max / argmax / sums, pass 2 turns the
-//     copy into exp(x - max) in place, pass 3 writes each gradient element once (true class folded in).
+//     positions of one sample (the unit of the block partition), vectorized along S (each lane is one row).
+//     The forward takes one vector of rows at a time through all passes, its running values in registers:
+//     pass 1 reads the vector's C logits (one cache line per class plane) into a C x kW buffer in L1 and keeps
+//     the per-lane max / argmax, pass 2 turns the buffer into exp(x - max) and sums it, a per-lane epilogue
+//     applies multihead_ce.h, pass 3 writes each gradient element once (true class folded in).
 //   Deterministic: the block partition depends only on the shape, never on the thread count; every row is
 //   computed by the same instruction sequence wherever it runs (no alignment-dependent peeling); partial
 //   sums are reduced in a fixed order.
@@ -566,7 +568,7 @@ void forward_rows(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<scal
             const acc_t lse_coef = prob_target_lse_coef(sums, a.W, a.eps, C);
             const SoftmaxState<acc_t> st{acc_t(0), sum, 0};
             const bool finite = std::isfinite(p1.max);
-            row_loss = finite ? prob_target_row_loss(st, sums, lse_coef, a.eps, C) : nan_value<acc_t>();
+            row_loss = finite ? prob_target_row_loss(st, log_acc(sum), sums, lse_coef, a.eps, C) : nan_value<acc_t>();
             hits += first_index_of(x, C, p1.max) == first_index_of(t, C, p1.tmax);
             if (g) {
               const acc_t ga = finite ? scale * lse_coef / sum : nan_value<acc_t>();
@@ -598,7 +600,8 @@ void forward_rows(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<scal
                 // Shifted by the max, as above: max 0, x_y - m, and sum_c w_c (x_c - m).
                 const SoftmaxState<acc_t> st{acc_t(0), sum, 0};
                 const acc_t x_y = static_cast<acc_t>(x[y]);
-                row_loss = finite ? index_target_row_loss(st, x_y - p1.max, p2.wd, a.W, k) : nan_value<acc_t>();
+                row_loss = finite ? index_target_row_loss(st, log_acc(sum), x_y - p1.max, p2.wd, a.W, k)
+                                  : nan_value<acc_t>();
                 hits += first_index_of(x, C, p1.max) == y;
                 if (g) {
                   const acc_t ga = finite ? scale * k.lse_coef / sum : nan_value<acc_t>();
@@ -649,8 +652,8 @@ struct Tile {
   }
 };
 
-// Tile width (a multiple of kW): the tile copy (C x width, acc type) stays within ~192 KiB (L2), and each class
-// contributes a contiguous run of up to 8 KiB (long runs keep the hardware prefetchers streaming).
+// Tile width (a multiple of kW): the backward's tile copy (C x width, acc type) stays within ~192 KiB (L2), and
+// each class contributes a contiguous run of up to 8 KiB (long runs keep the hardware prefetchers streaming).
 template <typename scalar_t>
 int64_t tile_width(int64_t C, int64_t S) {
   using T = Tile<scalar_t>;
@@ -667,35 +670,21 @@ void forward_tiles(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<sca
   using Vec = typename T::Vec;
   using acc_t = typename T::acc_t;
   constexpr int kW = T::kW;
-  constexpr int kLanes = T::kMaxVecs * kW;
   const int64_t C = a.C, S = a.S, H = a.H, N = a.N;
   const int64_t rows = N * S;
   const int64_t tiles_per_n = (S + width - 1) / width;
   const int64_t tiles = N * tiles_per_n;
   const bool need_wx = a.eps != acc_t(0);
   scalar_t* grad = static_cast<scalar_t*>(out.grad);
-  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const Vec ninf(-std::numeric_limits<acc_t>::infinity());
   parallel_blocks(blocks, [&](const auto& next_block) {
-    // The tile's logits, contiguous (class-major, `width` apart): read from the strided heads once, then the
-    // exponentials in place.
-    std::unique_ptr<acc_t[]> tile(new acc_t[C * width]);
-    acc_t* xt = tile.get();
-    // Per-lane state as arrays of acc_t, loaded and stored as vectors: 8 running values (max, argmax, sum, sums,
-    // target max / argmax), 3 gradient coefficients, the target class and the logit there.
-    std::unique_ptr<acc_t[]> state(new acc_t[13 * kLanes]);
-    acc_t* vmax = state.get();
-    acc_t* vidx = vmax + kLanes;
-    acc_t* vsum = vidx + kLanes;
-    acc_t* vwx = vsum + kLanes;
-    acc_t* vwt = vwx + kLanes;
-    acc_t* vwtx = vwt + kLanes;
-    acc_t* vtmax = vwtx + kLanes;
-    acc_t* vtidx = vtmax + kLanes;
-    acc_t* la = vtidx + kLanes;
-    acc_t* lb = la + kLanes;
-    acc_t* lfix = lb + kLanes;
-    acc_t* ly = lfix + kLanes;
-    acc_t* xy = ly + kLanes;
+    // One vector of kW rows at a time goes through all three passes with its running values in registers;
+    // its logits (then their exponentials) wait in `ev` (C x kW: in L1 for segmentation class counts).
+    std::unique_ptr<acc_t[]> ebuf(new acc_t[C * kW]);
+    acc_t* ev = ebuf.get();
+    // Per-lane values for the scalar epilogue (the row math of multihead_ce.h), stored from the registers.
+    acc_t vmax[kW], vidx[kW], vsum[kW], vlog[kW], vwx[kW], vwt[kW], vwtx[kW], vtidx[kW];
+    acc_t la[kW], lb[kW], lfix[kW], ly[kW], xy[kW];
     for (int64_t b = next_block(); b < blocks; b = next_block()) {
       const int64_t u0 = b * tiles_per_block, u1 = std::min(tiles, u0 + tiles_per_block);
       for (int64_t h = 0; h < H; ++h) {
@@ -708,114 +697,110 @@ void forward_tiles(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<sca
           const int nv = (valid + kW - 1) / kW;
           const scalar_t* xb = a.x[h] + n * a.sN + s0 * a.sS;
           const scalar_t* tb = kProb ? a.t + n * a.tN + s0 * a.tS : nullptr;
-          // Pass 1: copy the tile; per-lane max and first argmax over the classes (NaN wins, like argmax); for
-          // probability targets the target's argmax and sum_c w_c t_c.
-          for (int l = 0; l < nv * kW; ++l) {
-            vmax[l] = vtmax[l] = ninf;
-            vidx[l] = vwx[l] = vwt[l] = vwtx[l] = vtidx[l] = vsum[l] = 0;
-          }
-          for (int64_t c = 0; c < C; ++c) {
-            const Vec cv(static_cast<acc_t>(c));
-            const Vec wv(a.w(c));
-            const scalar_t* xc = xb + c * a.sC;
-            acc_t* xtc = xt + c * width;
-            for (int j = 0; j < nv; ++j) {
-              const int o = j * kW;
-              const Vec xv = T::load(xc, a.sS, j, valid);
-              xv.store(xtc + o);
-              const Vec m = Vec::loadu(vmax + o);
+          for (int j = 0; j < nv; ++j) {
+            const int o = j * kW;
+            const int lanes = std::min(kW, valid - o);
+            // Pass 1: per-lane max and first argmax over the classes (NaN wins, like argmax); for probability
+            // targets the target's argmax and sum_c w_c t_c.
+            Vec m(ninf), idx(0), wt(0), tm(ninf), tidx(0);
+            for (int64_t c = 0; c < C; ++c) {
+              const Vec cv(static_cast<acc_t>(c));
+              const Vec xv = T::load(xb + c * a.sC, a.sS, j, valid);
+              xv.store(ev + c * kW);
               const Vec gt = (xv > m) | (xv.isnan() & (m == m));
-              Vec::blendv(m, xv, gt).store(vmax + o);
-              Vec::blendv(Vec::loadu(vidx + o), cv, gt).store(vidx + o);
+              m = Vec::blendv(m, xv, gt);
+              idx = Vec::blendv(idx, cv, gt);
               if (kProb) {
                 const Vec tv = T::load(tb + c * a.tC, a.tS, j, valid);
-                at::vec::fmadd(wv, tv, Vec::loadu(vwt + o)).store(vwt + o);
-                const Vec tm = Vec::loadu(vtmax + o);
+                wt = at::vec::fmadd(Vec(a.w(c)), tv, wt);
                 const Vec tgt = (tv > tm) | (tv.isnan() & (tm == tm));
-                Vec::blendv(tm, tv, tgt).store(vtmax + o);
-                Vec::blendv(Vec::loadu(vtidx + o), cv, tgt).store(vtidx + o);
+                tm = Vec::blendv(tm, tv, tgt);
+                tidx = Vec::blendv(tidx, cv, tgt);
               }
             }
-          }
-          if (!kProb) {  // the logit at each lane's target, before pass 2 overwrites the tile
-            for (int l = 0; l < nv * kW; ++l) {
-              const int64_t y = l < valid ? a.y[n * a.yN + (s0 + l) * a.yS] : a.ignore_index;
-              const bool counted = y != a.ignore_index;
-              ly[l] = counted ? static_cast<acc_t>(y) : acc_t(-1);
-              xy[l] = counted ? xt[y * width + l] : acc_t(0);
+            if (!kProb) {  // the logit at each lane's target, before pass 2 overwrites `ev`
+              for (int l = 0; l < kW; ++l) {
+                const int64_t y = l < lanes ? a.y[n * a.yN + (s0 + o + l) * a.yS] : a.ignore_index;
+                const bool counted = y != a.ignore_index;
+                ly[l] = counted ? static_cast<acc_t>(y) : acc_t(-1);
+                xy[l] = counted ? ev[y * kW + l] : acc_t(0);
+              }
             }
-          }
-          // Pass 2: exponentials (in place, for pass 3) and their per-lane sums; the weighted sums the loss needs
-          // relative to the max, d = x - m (no cancellation against the log-sum-exp for large logits).
-          for (int64_t c = 0; c < C; ++c) {
-            acc_t* xtc = xt + c * width;
-            const Vec wv(a.w(c));
-            for (int j = 0; j < nv; ++j) {
-              const int o = j * kW;
-              const Vec d = Vec::loadu(xtc + o) - Vec::loadu(vmax + o);
-              const Vec ev = vexp(d);
-              if (grad) ev.store(xtc + o);
-              (Vec::loadu(vsum + o) + ev).store(vsum + o);
+            // Pass 2: exponentials (kept for pass 3) and their sum; the weighted sums the loss needs relative to
+            // the max, d = x - m (no cancellation against the log-sum-exp for large logits).
+            Vec sum(0), wx(0), wtx(0);
+            for (int64_t c = 0; c < C; ++c) {
+              const Vec d = Vec::loadu(ev + c * kW) - m;
+              const Vec e = vexp(d);
+              if (grad) e.store(ev + c * kW);
+              sum = sum + e;
               if (need_wx || kProb) {
-                const Vec wd = wv * d;
-                if (need_wx) (Vec::loadu(vwx + o) + wd).store(vwx + o);
-                if (kProb) at::vec::fmadd(wd, T::load(tb + c * a.tC, a.tS, j, valid), Vec::loadu(vwtx + o)).store(vwtx + o);
+                const Vec wd = Vec(a.w(c)) * d;
+                if (need_wx) wx = wx + wd;
+                if (kProb) wtx = at::vec::fmadd(wd, T::load(tb + c * a.tC, a.tS, j, valid), wtx);
               }
             }
-          }
-          // Per-lane epilogue: loss, hits, lse, gradient coefficients.
-          for (int l = 0; l < nv * kW; ++l) {
-            la[l] = lb[l] = lfix[l] = 0;
-            if (l >= valid) continue;
-            const int64_t s = s0 + l, r = n * S + s;
-            const acc_t m = vmax[l], sum = vsum[l];
-            const bool finite = std::isfinite(m);
-            const int64_t argmax = static_cast<int64_t>(vidx[l]);
-            if (out.lse) out.lse[h * rows + r] = m + std::log(sum);
-            acc_t row_loss = 0;
-            if (kProb) {
-              ProbRowSums<acc_t> sums{vwt[l], vwtx[l], vwx[l], 0, 0};
-              const acc_t lse_coef = prob_target_lse_coef(sums, a.W, a.eps, C);
-              row_loss = finite ? prob_target_row_loss(SoftmaxState<acc_t>{0, sum, 0}, sums, lse_coef, a.eps, C)
-                                : nan_value<acc_t>();
-              hits += argmax == static_cast<int64_t>(vtidx[l]);
-              la[l] = finite ? scale * lse_coef / sum : nan_value<acc_t>();
-              lb[l] = scale * (acc_t(1) - a.eps);
-              lfix[l] = scale * a.eps / acc_t(C);
-            } else if (ly[l] >= 0) {
-              const int64_t y = static_cast<int64_t>(ly[l]);
-              const acc_t w_y = a.w(y);
-              const RowCoeffs<acc_t> k = index_target_coeffs(w_y, a.W, a.eps, C);
-              row_loss = finite ? index_target_row_loss(SoftmaxState<acc_t>{0, sum, 0}, xy[l] - m, vwx[l], a.W, k)
-                                : nan_value<acc_t>();
-              hits += argmax == y;
-              la[l] = finite ? scale * k.lse_coef / sum : nan_value<acc_t>();
-              lb[l] = scale * k.smooth_coef;
-              lfix[l] = scale * k.target_coef;
+            m.store(vmax);
+            idx.store(vidx);
+            sum.store(vsum);
+            sum.log().store(vlog);
+            wx.store(vwx);
+            wt.store(vwt);
+            wtx.store(vwtx);
+            tidx.store(vtidx);
+            // Per-lane epilogue: loss, hits, lse, gradient coefficients.
+            for (int l = 0; l < kW; ++l) {
+              la[l] = lb[l] = lfix[l] = 0;
+              if (l >= lanes) continue;
+              const int64_t r = n * S + s0 + o + l;
+              const acc_t ml = vmax[l], sl = vsum[l];
+              const bool finite = std::isfinite(ml);
+              const int64_t argmax = static_cast<int64_t>(vidx[l]);
+              if (out.lse) out.lse[h * rows + r] = ml + vlog[l];
+              acc_t row_loss = 0;
+              if (kProb) {
+                ProbRowSums<acc_t> sums{vwt[l], vwtx[l], vwx[l], 0, 0};
+                const acc_t lse_coef = prob_target_lse_coef(sums, a.W, a.eps, C);
+                row_loss = finite ? prob_target_row_loss(SoftmaxState<acc_t>{0, sl, 0}, vlog[l], sums, lse_coef,
+                                                         a.eps, C)
+                                  : nan_value<acc_t>();
+                hits += argmax == static_cast<int64_t>(vtidx[l]);
+                la[l] = finite ? scale * lse_coef / sl : nan_value<acc_t>();
+                lb[l] = scale * (acc_t(1) - a.eps);
+                lfix[l] = scale * a.eps / acc_t(C);
+              } else if (ly[l] >= 0) {
+                const int64_t y = static_cast<int64_t>(ly[l]);
+                const acc_t w_y = a.w(y);
+                const RowCoeffs<acc_t> k = index_target_coeffs(w_y, a.W, a.eps, C);
+                row_loss = finite ? index_target_row_loss(SoftmaxState<acc_t>{0, sl, 0}, vlog[l], xy[l] - ml, vwx[l],
+                                                          a.W, k)
+                                  : nan_value<acc_t>();
+                hits += argmax == y;
+                la[l] = finite ? scale * k.lse_coef / sl : nan_value<acc_t>();
+                lb[l] = scale * k.smooth_coef;
+                lfix[l] = scale * k.target_coef;
+              }
+              loss_sum += static_cast<double>(row_loss);
+              if (out.loss_rows) {
+                const acc_t weighted = a.hw[h] * row_loss;
+                out.loss_rows[r] = h == 0 ? weighted : out.loss_rows[r] + weighted;
+              }
             }
-            loss_sum += static_cast<double>(row_loss);
-            if (out.loss_rows) {
-              const acc_t weighted = a.hw[h] * row_loss;
-              out.loss_rows[r] = h == 0 ? weighted : out.loss_rows[r] + weighted;
-            }
-          }
-          if (!grad) continue;
-          // Pass 3: the gradient from the kept exponentials, every element written once:
-          //   index: e * a - b * w_c - [c == y] * fix;  probability: e * a - (b * t_c + fix) * w_c.
-          scalar_t* gb = grad + h * rows * C + n * C * S + s0;
-          for (int64_t c = 0; c < C; ++c) {
-            const Vec wv(a.w(c));
-            const Vec cv(static_cast<acc_t>(c));
-            const acc_t* etc = xt + c * width;
-            for (int j = 0; j < nv; ++j) {
-              const Vec ev = Vec::loadu(etc + j * kW);
-              const Vec av = Vec::loadu(la + j * kW), bv = Vec::loadu(lb + j * kW), fv = Vec::loadu(lfix + j * kW);
+            if (!grad) continue;
+            // Pass 3: the gradient from the kept exponentials, every element written once:
+            //   index: e * a - b * w_c - [c == y] * fix;  probability: e * a - (b * t_c + fix) * w_c.
+            scalar_t* gb = grad + h * rows * C + n * C * S + s0;
+            const Vec av = Vec::loadu(la), bv = Vec::loadu(lb), fv = Vec::loadu(lfix);
+            const Vec yv = kProb ? Vec(0) : Vec::loadu(ly);
+            for (int64_t c = 0; c < C; ++c) {
+              const Vec wv(a.w(c));
+              const Vec e = Vec::loadu(ev + c * kW);
               Vec gv;
               if (kProb) {
-                gv = at::vec::fmsub(ev, av, at::vec::fmadd(bv, T::load(tb + c * a.tC, a.tS, j, valid), fv) * wv);
+                gv = at::vec::fmsub(e, av, at::vec::fmadd(bv, T::load(tb + c * a.tC, a.tS, j, valid), fv) * wv);
               } else {
-                gv = at::vec::fmsub(ev, av, bv * wv);
-                gv = gv - Vec::blendv(Vec(0), fv, Vec::loadu(ly + j * kW) == cv);
+                gv = at::vec::fmsub(e, av, bv * wv);
+                gv = gv - Vec::blendv(Vec(0), fv, yv == Vec(static_cast<acc_t>(c)));
               }
               T::store(gb + c * S, j, valid, gv);
             }

@@ -671,7 +671,7 @@ __global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>()) multihea
           const RowCoeffs<float> k = auxfuse::index_target_coeffs<float>(rt.w_y, W, eps, C);
           const SoftmaxState<float> ss{st.m, st.s, static_cast<int64_t>(st.arg)};
           const float x_y = load_float(x + static_cast<int64_t>(rt.y_read) * cs);
-          loss = rt.bad ? NAN : auxfuse::index_target_row_loss<float>(ss, x_y - st.m, xs, W, k);
+          loss = rt.bad ? NAN : auxfuse::index_target_row_loss<float>(ss, auxfuse::log_acc(ss.sum), x_y - st.m, xs, W, k);
           hit = !rt.bad && st.arg == rt.y;
         }
       } else {
@@ -682,7 +682,7 @@ __global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>()) multihea
         if (leader) {
           const SoftmaxState<float> ss{st.m, st.s, static_cast<int64_t>(st.arg)};
           const float lse_coef = auxfuse::prob_target_lse_coef<float>(ps, W, eps, C);
-          loss = auxfuse::prob_target_row_loss<float>(ss, ps, lse_coef, eps, C);
+          loss = auxfuse::prob_target_row_loss<float>(ss, auxfuse::log_acc(ss.sum), ps, lse_coef, eps, C);
           hit = st.arg >= 0 && st.arg == ps.target_argmax;
         }
       }
