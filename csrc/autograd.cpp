@@ -32,8 +32,8 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using ForwardSignature = ForwardOutputs(at::TensorList, const at::Tensor&, const std::optional<at::Tensor>&,
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ForwardSignature = ForwardResult(at::TensorList, const at::Tensor&, const std::optional<at::Tensor>&,
                                         at::ArrayRef<double>, int64_t, double, int64_t, int64_t);
 using BackwardSignature = at::Tensor(const at::Tensor&, at::TensorList, const at::Tensor&,
                                      const std::optional<at::Tensor>&, at::ArrayRef<double>, int64_t, double, int64_t,
@@ -95,15 +95,17 @@ class MultiheadCrossEntropy : public torch::autograd::Function<MultiheadCrossEnt
     at::Tensor grads;
     if (grad_mode == kGradInForward) {
       grads = ctx->get_saved_variables()[0];
-      const at::Tensor scale =
-          (reduction == kReductionNone ? grad_loss.unsqueeze(1) : grad_loss).to(grads.scalar_type());
+      // Built only when used: loss.backward() (grad_output 1 on a freed graph) launches nothing at all.
+      const auto scale = [&] {
+        return (reduction == kReductionNone ? grad_loss.unsqueeze(1) : grad_loss).to(grads.scalar_type());
+      };
       // The buffer may be handed out (or scaled in place) only if this backward is its last reader.
       const bool last_use = !torch::autograd::get_current_graph_task_keep_graph() && !is_traced(grad_loss) &&
                             !is_traced(grads);
       if (!last_use) {
-        grads = grads * scale;
+        grads = grads * scale();
       } else if (reduction == kReductionNone || !grad_loss.device().is_cpu() || grad_loss.item<double>() != 1.0) {
-        grads.mul_(scale);
+        grads.mul_(scale());
       }
     } else {
       static const auto op = c10::Dispatcher::singleton()
@@ -125,7 +127,7 @@ class MultiheadCrossEntropy : public torch::autograd::Function<MultiheadCrossEnt
   }
 };
 
-ForwardOutputs forward_autograd(at::TensorList heads, const at::Tensor& target,
+ForwardResult forward_autograd(at::TensorList heads, const at::Tensor& target,
                                 const std::optional<at::Tensor>& class_weight, at::ArrayRef<double> head_weights,
                                 int64_t ignore_index, double label_smoothing, int64_t reduction, int64_t grad_mode) {
   const variable_list out = MultiheadCrossEntropy::apply(heads, target, class_weight, head_weights, ignore_index,
