@@ -1,12 +1,63 @@
-"""The `triton` backend: Triton kernels behind ``torch.library.triton_op``.
+"""The `triton` backend: Triton kernels, called from a plain autograd.Function in eager mode and through
+``torch.library.triton_op`` under torch.compile / make_fx.
 
-Two ops, registered at import when Triton is importable:
+Kernels (one launch covers every head):
 
-  auxfuse::triton_multihead_ce_forward   one main kernel over every head + one tiny finalize kernel
-  auxfuse::triton_multihead_ce_backward  one kernel over every head (the gradient from the saved lse)
+  _denom_kernel     pre-pass over the targets: partial sums of the mean's divisor (grad-in-forward mode only)
+  _forward_kernel   every head's per-row log-sum-exp, loss and hits; in grad-in-forward mode also the gradient
+  _finalize_kernel  one program: the partial sums of the forward programs, added in a fixed order
+  _backward_kernel  every head's gradient from the saved log-sum-exp (lse mode)
+  _scale_kernel     multiplies grad-in-forward gradients by grad_output read on the device; returns at once
+                    when it is exactly 1.0 (the plain loss.backward())
 
-The kernels are launched with ``torch.library.wrap_triton``, so ``torch.compile(fullgraph=True)`` traces
-through them. The per-row formulas are the ones of csrc/multihead_ce.h; the oracle is reference.py.
+Two grad modes (chosen from static facts only, never from tensor values):
+
+  lse      the forward saves each row's log-sum-exp (and a per-row coefficient); the backward kernel re-reads
+           the logits and writes the gradient: logits read twice + gradient written once = 3 x element size
+           bytes per logit. Two launches in forward (main + finalize), one in backward.
+  forward  the forward kernel makes a second pass over each row right after the online max / sum pass (the
+           row was just read, so it comes from L2 or L1) and writes every head's gradient with the head weight
+           and the mean's 1 / divisor folded in (fp32 math, ``p - 1`` at the target formed in fp32, one
+           rounding to the logits' dtype). The divisor (sum of the class weights of the counted targets) must
+           be known before the gradient is written, so a small pre-pass kernel sums it from the targets in a
+           fixed order (no float atomics) and the main kernel reads the partials on the device. Backward is one
+           _scale_kernel launch: nothing moves when grad_output is 1.0. Logits read once + gradient written
+           once = 2 x element size bytes per logit, the copy floor.
+
+The rule (_grad_mode): gradient in the forward when a gradient is needed, reduction is mean or sum, we are
+not tracing (torch.compile / make_fx / a dispatch mode), and the shape is wide (C > NARROW_MAX_C, LM
+vocabularies) or spatial (S > 1, segmentation). Otherwise lse:
+  - classifier shapes (S == 1, narrow C, e.g. GoogLeNet's 3 x 256 x 1000) are launch-bound, not
+    byte-bound: grad-in-forward adds two launches (pre-pass, scale) to save a read of a few MB;
+  - reduction="none" has a per-row grad_output, so the gradient cannot be finished before backward;
+  - under tracing the backward cannot skip the multiply by grad_output (its value is unknown), so
+    grad-in-forward would cost a read + write more than lse, and the traced graph goes through the triton_op,
+    whose schema keeps the lse mode.
+AUXFUSE_TRITON_GRAD=lse|forward forces the mode of eager calls (forward still needs mean / sum; the
+benchmark uses it to compare the two).
+
+The backward of grad-in-forward scales the saved gradient buffer in place and hands it out as the heads'
+gradients, so no second gradient-sized buffer exists, unless that buffer may be read again: when the graph
+is kept (retain_graph=True, create_graph=True) or the backward is being traced (compiled autograd, make_fx,
+a dispatch mode, fake / functional tensors) it writes grads * grad_output to a new buffer instead.
+
+Eager calls go through _EagerFunction (a torch.autograd.Function that launches the kernels directly):
+triton_op's dispatch, register_autograd's generated Function and wrap_triton cost tens of microseconds of
+host time per call, which is what a 3 x 256 x 1000 loss is made of on a GPU. Under torch.compile (and under
+any dispatch mode) the same launch code runs inside the ops
+
+  auxfuse::triton_multihead_ce_forward   main kernel + finalize kernel, lse mode
+  auxfuse::triton_multihead_ce_backward  the backward kernel
+
+with the kernels wrapped by ``torch.library.wrap_triton``, so ``torch.compile(fullgraph=True)`` traces through
+them. Both paths tell autograd not to zero-fill the gradients of the outputs that have none (head losses,
+counts, saved buffers): those fills were six extra kernels per backward. Every output is allocated with
+torch.empty and fully written by a kernel. The finalize kernel is kept as a second launch: folding it into
+the main kernel ("last program" via an atomic ticket) needs a ticket buffer that is zero before its first
+use and is never shared between a CUDA-graph capture and eager launches, and its memory ordering could not
+be tested without a GPU.
+
+The per-row formulas are the ones of csrc/multihead_ce.h; the oracle is reference.py.
 
 How the heads reach the kernels: each head is its own pointer argument (X0..X7, with its own three strides),
 and the kernels loop over the heads with ``tl.static_range``, picking the head's pointer at compile time.
@@ -20,13 +71,22 @@ rows s, a [BLOCK_R, BLOCK_C] tile, and loops over the classes in BLOCK_C chunks 
   - narrow (C <= NARROW_MAX_C): one chunk holds the whole row, BLOCK_R rows per program (a small C like a
     segmentation's 21 classes gets 128 rows per program, read along the spatial axis, which is the
     contiguous one for NCHW and strided by C for channels_last);
-  - wide (C > NARROW_MAX_C, LM vocabularies): one row per program, BLOCK_C chunks (autotuned).
+  - wide (C > NARROW_MAX_C, LM vocabularies): one row per program, BLOCK_C chunks (autotuned). In
+    grad-in-forward mode the first pass loads with evict_last and the second with evict_first, so the row
+    stays in L2 between the passes (a 128256-class bf16 row is 250 KB; the programs in flight hold a few
+    tens of MB, inside an H100 / H200's 50 MB L2).
 Every program handles all heads of its rows, so the target and class weights are read once for all heads.
 
 Reductions are deterministic: each program writes one row of partial sums (count, denominator, each head's
 loss sum, each head's hits) and the finalize kernel, one program, sums them in a fixed order and writes
-loss, head_losses, head_correct, count and denom. reduction="none" writes the weighted per-row loss from
-the main kernel. No host syncs: grad_output and the mean's divisor are read on the device in backward.
+loss, head_losses, head_correct, count and denom (in grad-in-forward mode the denominator is the pre-pass's,
+the same value the gradients were divided by). reduction="none" writes the weighted per-row loss from the
+main kernel. No host syncs anywhere: grad_output and the mean's divisor are read on the device, so a call is
+capturable in a CUDA graph.
+
+Masked lanes (past the last class, past the last row) compute on safe values only (a 0 or -inf that reaches
+no arithmetic that could overflow or give NaN), and 0 / 0 is formed with tl.where, so the interpreter's
+numpy never warns; tests/triton turns RuntimeWarnings into errors.
 
 Autotuning: a small config list (narrow: num_warps 4 / 8; wide: BLOCK_C 4096 / 8192 / 16384 with 8 / 16
 warps). The config changes the order of the floating-point sums, so two processes may differ in the last
@@ -50,10 +110,15 @@ checks_targets = False  # the caller checks class indices on CPU (or when asked)
 MAX_HEADS = 8
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NONE, MEAN, SUM = 0, 1, 2
+NO_GRAD, GRAD_IN_FORWARD, SAVE_LSE = 0, 1, 2  # grad modes (the numbering of backends/native.py)
 
 # Read once, at import: Triton decides at decoration time whether a kernel is interpreted.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("AUXFUSE_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
+# Forces the grad mode of eager calls: "lse" or "forward" (default: the rule of _grad_mode).
+FORCED_GRAD = os.environ.get("AUXFUSE_TRITON_GRAD", "").strip().lower() or None
+if FORCED_GRAD not in (None, "lse", "forward"):
+    raise ValueError(f"AUXFUSE_TRITON_GRAD={FORCED_GRAD!r}; use 'lse' or 'forward' (or leave it unset)")
 
 # Importing triton and defining a triton_op (which imports torch._inductor) take seconds: only where the
 # kernels can run. AUXFUSE_TRITON_REGISTER=1 forces it (the tests compile the kernels for sm_90 on a CPU).
@@ -73,11 +138,20 @@ if INTERPRET:
     TILE = 1024  # elements of a narrow program's tile (BLOCK_R * BLOCK_C)
     MIN_PROGRAMS = 4
     WIDE_BLOCK_C = 128
+    DENOM_BLOCK = 8  # targets per step of a pre-pass program
+    DENOM_MIN_ROWS = 16  # targets per pre-pass program, at least (small: tests reach several programs)
+    SCALE_BLOCK = 64
+    SCALE_MAX_PROGRAMS = 4
 else:
     NARROW_MAX_C = 4096
     TILE = 4096
     MIN_PROGRAMS = 264  # two waves over an H100/H200's 132 SMs before tiles grow
     WIDE_BLOCK_C = 8192
+    DENOM_BLOCK = 1024
+    DENOM_MIN_ROWS = 8192
+    SCALE_BLOCK = 4096
+    SCALE_MAX_PROGRAMS = 1024  # grid-stride loop beyond (when grad_output is 1, each program is one load)
+DENOM_MAX_PROGRAMS = 1024  # the main kernel sums this many pre-pass partials, at most
 FINALIZE_BLOCK = 256
 
 
@@ -115,23 +189,65 @@ def not_supported_reasons(problem: Problem) -> list[str]:
     return reasons
 
 
+def _tracing() -> bool:
+    """True while torch.compile traces or a dispatch mode (make_fx, FakeTensorMode, ...) is active: tensor
+    values are not there to read, and the launches must go through wrap_triton."""
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+
+
+def _is_traced(t: torch.Tensor) -> bool:
+    """A tensor whose values are not there to read (fake, functional or another tensor subclass), or any
+    tensor while tracing."""
+    return (_tracing() or not (type(t) is torch.Tensor or type(t) is torch.nn.Parameter)
+            or torch._is_functional_tensor(t))
+
+
+def grad_mode(problem: Problem) -> int:
+    """The grad mode an eager call of `problem` uses: NO_GRAD, GRAD_IN_FORWARD or SAVE_LSE (static facts only).
+
+    Example:
+        >>> from auxfuse.backends import triton as tb                       # doctest: +SKIP
+        >>> tb.grad_mode(problem) == tb.GRAD_IN_FORWARD                     # doctest: +SKIP
+        True
+    """
+    if not problem.needs_grad:
+        return NO_GRAD
+    if problem.reduction == "none" or _tracing():
+        return SAVE_LSE
+    if FORCED_GRAD is not None:
+        return GRAD_IN_FORWARD if FORCED_GRAD == "forward" else SAVE_LSE
+    N, C, S = problem.heads[0].shape
+    return GRAD_IN_FORWARD if (C > NARROW_MAX_C or S > 1) else SAVE_LSE
+
+
 def compute(problem: Problem) -> BackendResult:
-    """Weighted cross-entropy of all heads: one fused forward (main + finalize kernel), one backward kernel.
+    """Weighted cross-entropy of all heads with the Triton kernels.
+
+    Eager calls run the kernels from _EagerFunction (grad mode by grad_mode(problem)); calls under
+    torch.compile or a dispatch mode go through the auxfuse::triton_multihead_ce_forward op (lse mode).
 
     Example (CUDA, or CPU tensors under TRITON_INTERPRET=1):
         >>> loss = auxfuse.multi_head_cross_entropy((logits, aux), target, backend="triton")  # doctest: +SKIP
+        >>> loss.backward()                                                                # doctest: +SKIP
     """
-    loss, head_losses, head_correct, count, _denom, _lse, _coef = torch.ops.auxfuse.triton_multihead_ce_forward(
-        problem.heads,
-        problem.target,
-        problem.class_weight,
-        problem.head_weights,
-        problem.ignore_index,
-        problem.label_smoothing,
-        problem.reduction_code,
-        problem.want_details,
-        problem.needs_grad,
-    )
+    options = (problem.head_weights, problem.ignore_index, problem.label_smoothing, problem.reduction_code)
+    if _tracing():
+        loss, head_losses, head_correct, count, _denom, _lse, _coef = torch.ops.auxfuse.triton_multihead_ce_forward(
+            problem.heads, problem.target, problem.class_weight, *options, problem.want_details,
+            problem.needs_grad,
+        )
+    else:
+        mode = grad_mode(problem)
+        if mode == NO_GRAD:
+            out = _forward_impl(problem.heads, problem.target, problem.class_weight, *options,
+                                problem.want_details, NO_GRAD, traced=False)
+            loss, head_losses, head_correct, count = out[:4]
+        else:
+            loss, head_losses, head_correct, count = _EagerFunction.apply(
+                (*options, problem.want_details, mode), problem.target, problem.class_weight, *problem.heads
+            )
     return BackendResult(loss, head_losses, head_correct if problem.want_details else None, count)
 
 
@@ -179,6 +295,80 @@ if _IMPORT_ERROR is None:
         return tl.sum(acc, 0)
 
     @triton.jit
+    def _div(a, d):
+        """a / d with IEEE results (x / 0 = +-inf, 0 / 0 = NaN) but no division by zero performed, so the
+        interpreter's numpy does not warn (the all-ignored mean is NaN, as in PyTorch)."""
+        zero = d == 0.0
+        q = a / tl.where(zero, 1.0, d)
+        big = a * tl.where(a == 0.0, 0.0, float("inf"))
+        return tl.where(zero, tl.where(a == 0.0, float("nan"), big), q)
+
+    @triton.jit
+    def _inv(d):
+        """1 / d, with 1 / 0 = inf formed without a division by zero (see _div)."""
+        return tl.where(d == 0.0, float("inf"), 1.0 / tl.where(d == 0.0, 1.0, d))
+
+    @triton.jit
+    def _index_row_terms(T, t_row, CW, row_mask, C, ignore_index, eps, weight_sum, HAS_CW: tl.constexpr):
+        """Per row of class-index targets: counted, good (a valid class), the safe class, w_y, the target's
+        coefficient (1 - eps) w_y and the smoothing term of the gradient."""
+        y = tl.load(T + t_row, mask=row_mask, other=ignore_index)
+        counted = row_mask & (y != ignore_index)
+        good = counted & (y >= 0) & (y < C)
+        y_safe = tl.where(good, y, 0)
+        if HAS_CW:
+            w_y = tl.load(CW + y_safe, mask=good, other=0.0)
+        else:
+            w_y = tl.where(good, 1.0, 0.0)
+        target_coef = (1.0 - eps) * w_y
+        smooth_row = tl.where(counted, eps / C, 0.0)
+        return counted, good, y, y_safe, w_y, target_coef, smooth_row
+
+    @triton.jit
+    def _grad_chunk(x, t, wc, cols64, lse, coef, y_safe, target_coef, smooth_row, eps, smooth_coef,
+                    PROB: tl.constexpr, HAS_CW: tl.constexpr, SMOOTH: tl.constexpr):
+        """d loss_row / d x for one [BLOCK_R, BLOCK_C] chunk, in fp32, before the row's scale (shared by the
+        backward kernel and the forward kernel's grad-in-forward pass)."""
+        grad = tl.exp(x - lse[:, None]) * coef[:, None]
+        if PROB:
+            t_smooth = (1.0 - eps) * t + smooth_coef
+            if HAS_CW:
+                t_smooth = t_smooth * wc[None, :]
+            grad -= t_smooth
+        else:
+            # p - 1 at the target, in fp32, before rounding to the logits' dtype.
+            grad = tl.where(cols64[None, :] == y_safe[:, None], grad - target_coef[:, None], grad)
+            if SMOOTH:
+                if HAS_CW:
+                    grad -= smooth_row[:, None] * wc[None, :]
+                else:
+                    grad -= smooth_row[:, None]
+        return grad
+
+    @triton.jit
+    def _denom_kernel(
+        T, T_SN, T_SS, CW, DPART, C, S, R, ROWS, ignore_index,
+        HAS_CW: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """Pre-pass of grad-in-forward mode: DPART[p] = the sum of w_y over the counted (valid, not ignored)
+        targets of rows [p * ROWS, (p + 1) * ROWS), in a fixed order."""
+        pid = tl.program_id(0).to(tl.int64)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for i in range(0, ROWS, BLOCK):
+            local = i + tl.arange(0, BLOCK)
+            r = pid * ROWS + local
+            mask = (local < ROWS) & (r < R)
+            n = r // S
+            s = r - n * S
+            y = tl.load(T + (n * T_SN + s * T_SS), mask=mask, other=ignore_index)
+            good = mask & (y != ignore_index) & (y >= 0) & (y < C)
+            if HAS_CW:
+                acc += tl.load(CW + tl.where(good, y, 0), mask=good, other=0.0)
+            else:
+                acc += tl.where(good, 1.0, 0.0)
+        tl.store(DPART + pid, tl.sum(acc, 0))
+
+    @triton.jit
     def _forward_kernel(
         X0, X1, X2, X3, X4, X5, X6, X7,
         SN0, SC0, SS0, SN1, SC1, SS1, SN2, SC2, SS2, SN3, SC3, SS3,
@@ -186,10 +376,11 @@ if _IMPORT_ERROR is None:
         W0, W1, W2, W3, W4, W5, W6, W7,
         T, T_SN, T_SC, T_SS, CW,
         LOSS_ROWS, LSE, COEF, PART,
+        G0, G1, G2, G3, G4, G5, G6, G7, G_SN, G_SC, G_SS, DPART, DP,
         C, S, R, ignore_index, eps,
         H: tl.constexpr, PROB: tl.constexpr, HAS_CW: tl.constexpr, SMOOTH: tl.constexpr,
-        ROWS_OUT: tl.constexpr, SAVE: tl.constexpr, HITS: tl.constexpr, KP: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        RED: tl.constexpr, SAVE: tl.constexpr, HITS: tl.constexpr, KP: tl.constexpr, GRAD: tl.constexpr,
+        BLOCK_D: tl.constexpr, EVICT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         n64, s64, row_mask, r = _rows(S, BLOCK_R)
         pid = tl.program_id(0).to(tl.int64)
@@ -199,6 +390,9 @@ if _IMPORT_ERROR is None:
             weight_sum = _weight_sum(CW, C, BLOCK_C)
         else:
             weight_sum = C * 1.0
+        y_safe = tl.zeros([BLOCK_R], tl.int64)  # placeholders for probability targets
+        target_coef = tl.zeros([BLOCK_R], tl.float32)
+        smooth_row = tl.zeros([BLOCK_R], tl.float32)
         if PROB:
             counted = row_mask
             w_y = tl.where(row_mask, 1.0, 0.0)
@@ -206,18 +400,24 @@ if _IMPORT_ERROR is None:
             t_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
             t_arg = tl.zeros([BLOCK_R], tl.int32)
         else:
-            y = tl.load(T + t_row, mask=row_mask, other=ignore_index)
-            counted = row_mask & (y != ignore_index)
-            good = counted & (y >= 0) & (y < C)
+            counted, good, y, y_safe, w_y, target_coef, smooth_row = _index_row_terms(
+                T, t_row, CW, row_mask, C, ignore_index, eps, weight_sum, HAS_CW)
             bad = counted != good  # a class index outside [0, C): never read, NaN loss
-            y_safe = tl.where(good, y, 0)
-            if HAS_CW:
-                w_y = tl.load(CW + y_safe, mask=good, other=0.0)
-            else:
-                w_y = tl.where(good, 1.0, 0.0)
-            target_coef = (1.0 - eps) * w_y
             coef = tl.where(good, target_coef + smooth_coef * weight_sum, 0.0)
             coef = tl.where(bad, float("nan"), coef)
+        if GRAD:
+            # The gradient's row scale: 1 / divisor for the mean (divisor from the pre-pass partials, or the
+            # number of rows for probability targets), 1 for the sum; 0 for rows that count for nothing.
+            if RED == 1:
+                if PROB:
+                    inv = 1.0 / R  # R >= 1 where a program runs
+                else:
+                    d_offs = tl.arange(0, BLOCK_D)
+                    inv = _inv(tl.sum(tl.load(DPART + d_offs, mask=d_offs < DP, other=0.0), 0))
+            else:
+                inv = 1.0
+            scale = tl.where(counted, inv, 0.0)
+            g_row = n64 * G_SN + s64 * G_SS
         weighted_rows = tl.zeros([BLOCK_R], tl.float32)
         for h in tl.static_range(H):
             X = _sel(h, X0, X1, X2, X3, X4, X5, X6, X7)
@@ -235,7 +435,8 @@ if _IMPORT_ERROR is None:
                 col_mask = cols < C
                 mask = row_mask[:, None] & col_mask[None, :]
                 cols64 = cols.to(tl.int64)
-                x = tl.load(X + (x_row[:, None] + cols64[None, :] * SC), mask=mask, other=float("-inf"))
+                x = tl.load(X + (x_row[:, None] + cols64[None, :] * SC), mask=mask, other=float("-inf"),
+                            eviction_policy=EVICT)
                 x = x.to(tl.float32)
                 chunk_max = tl.max(x, 1)
                 m_new = tl.maximum(m, chunk_max)
@@ -291,38 +492,72 @@ if _IMPORT_ERROR is None:
                 loss = tl.where(bad, float("nan"), loss)
                 if HITS:
                     hit = good & (arg == y)
+            if GRAD:
+                # Second pass over the row (just read: L2 / L1), the gradient with everything folded in.
+                G = _sel(h, G0, G1, G2, G3, G4, G5, G6, G7)
+                row_scale = scale * _sel(h, W0, W1, W2, W3, W4, W5, W6, W7)
+                for c0 in range(0, C, BLOCK_C):
+                    cols = c0 + tl.arange(0, BLOCK_C)
+                    col_mask = cols < C
+                    mask = row_mask[:, None] & col_mask[None, :]
+                    cols64 = cols.to(tl.int64)
+                    x = tl.load(X + (x_row[:, None] + cols64[None, :] * SC), mask=mask, other=0.0,
+                                eviction_policy="evict_first").to(tl.float32)
+                    wc = x  # placeholders, replaced below when used
+                    t = x
+                    if HAS_CW and (SMOOTH or PROB):
+                        wc = tl.load(CW + cols, mask=col_mask, other=0.0)
+                    if PROB:
+                        t = tl.load(T + (t_row[:, None] + cols64[None, :] * T_SC), mask=mask, other=0.0)
+                        t = t.to(tl.float32)
+                    grad = _grad_chunk(x, t, wc, cols64, lse, coef, y_safe, target_coef, smooth_row, eps,
+                                       smooth_coef, PROB, HAS_CW, SMOOTH)
+                    grad = grad * row_scale[:, None]
+                    tl.store(G + (g_row[:, None] + cols64[None, :] * G_SC), grad.to(G.dtype.element_ty),
+                             mask=mask)
             if SAVE:
                 tl.store(LSE + (tl.cast(R, tl.int64) * h + r), lse, mask=row_mask)
-            if ROWS_OUT:
+            if RED == 0:
                 weighted_rows += _sel(h, W0, W1, W2, W3, W4, W5, W6, W7) * loss
             tl.store(PART + (pid * KP + 2 + h), tl.sum(loss, 0))
             if HITS:
                 tl.store(PART + (pid * KP + 2 + H + h), tl.sum(hit.to(tl.float32), 0))
         tl.store(PART + pid * KP, tl.sum(counted.to(tl.float32), 0))
         tl.store(PART + (pid * KP + 1), tl.sum(w_y, 0))
-        if ROWS_OUT:
+        if RED == 0:
             tl.store(LOSS_ROWS + r, weighted_rows, mask=row_mask)
         if SAVE:
             tl.store(COEF + r, coef, mask=row_mask)
 
     @triton.jit
     def _finalize_kernel(
-        PART, P, W0, W1, W2, W3, W4, W5, W6, W7,
+        PART, P, W0, W1, W2, W3, W4, W5, W6, W7, DPART, DP,
         LOSS, HEAD_LOSSES, HEAD_CORRECT, COUNT, DENOM,
-        H: tl.constexpr, KP: tl.constexpr, RED: tl.constexpr, HITS: tl.constexpr, BLOCK_P: tl.constexpr,
+        H: tl.constexpr, KP: tl.constexpr, RED: tl.constexpr, HITS: tl.constexpr, USE_DPART: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
         """One program: the partial sums of every main-kernel program, added in a fixed order."""
         cols = tl.arange(0, KP)
-        is_int = (cols == 0) | ((cols >= 2 + H) & (cols < 2 + 2 * H))
+        is_hits = (cols >= 2 + H) & (cols < 2 + 2 * H)
+        is_int = (cols == 0) | is_hits
+        if HITS:
+            used = cols < 2 + 2 * H
+        else:
+            used = cols < 2 + H  # the hits columns (and the padding to KP) are never written
         f_acc = tl.zeros([KP], tl.float32)
         i_acc = tl.zeros([KP], tl.int64)
         for p0 in range(0, P, BLOCK_P):
             rows = p0 + tl.arange(0, BLOCK_P)
-            v = tl.load(PART + (rows.to(tl.int64)[:, None] * KP + cols[None, :]), mask=(rows < P)[:, None], other=0.0)
+            v = tl.load(PART + (rows.to(tl.int64)[:, None] * KP + cols[None, :]),
+                        mask=(rows < P)[:, None] & used[None, :], other=0.0)
             f_acc += tl.sum(v, 0)
             i_acc += tl.sum(tl.where(is_int[None, :], v, 0.0).to(tl.int64), 0)
         count = tl.sum(tl.where(cols == 0, i_acc, 0), 0)
-        denom = tl.sum(tl.where(cols == 1, f_acc, 0.0), 0)
+        if USE_DPART:  # the divisor the gradients were computed with (grad-in-forward)
+            d_offs = tl.arange(0, BLOCK_D)
+            denom = tl.sum(tl.load(DPART + d_offs, mask=d_offs < DP, other=0.0), 0)
+        else:
+            denom = tl.sum(tl.where(cols == 1, f_acc, 0.0), 0)
         is_head = (cols >= 2) & (cols < 2 + H)
         head_weights = tl.zeros([KP], tl.float32)
         for h in tl.static_range(H):
@@ -332,12 +567,12 @@ if _IMPORT_ERROR is None:
             head_losses = f_acc
             tl.store(LOSS, total)
         else:
-            head_losses = f_acc / denom
+            head_losses = _div(tl.where(is_head, f_acc, 0.0), denom)
             if RED == 1:
-                tl.store(LOSS, total / denom)
+                tl.store(LOSS, _div(total, denom))
         tl.store(HEAD_LOSSES + (cols - 2), head_losses, mask=is_head)
         if HITS:
-            tl.store(HEAD_CORRECT + (cols - 2 - H), i_acc, mask=(cols >= 2 + H) & (cols < 2 + 2 * H))
+            tl.store(HEAD_CORRECT + (cols - 2 - H), i_acc, mask=is_hits)
         tl.store(COUNT, count)
         tl.store(DENOM, denom)
 
@@ -362,20 +597,15 @@ if _IMPORT_ERROR is None:
         else:
             g = tl.load(GRAD).to(tl.float32) + tl.zeros([BLOCK_R], tl.float32)
             if RED == 1:
-                g = g / tl.load(DENOM)
+                g = _div(g, tl.load(DENOM))
+        y_safe = tl.zeros([BLOCK_R], tl.int64)  # placeholders for probability targets
+        target_coef = tl.zeros([BLOCK_R], tl.float32)
+        smooth_row = tl.zeros([BLOCK_R], tl.float32)
         if PROB:
             counted = row_mask
         else:
-            y = tl.load(T + t_row, mask=row_mask, other=ignore_index)
-            counted = row_mask & (y != ignore_index)
-            good = counted & (y >= 0) & (y < C)
-            y_safe = tl.where(good, y, 0)
-            if HAS_CW:
-                w_y = tl.load(CW + y_safe, mask=good, other=0.0)
-            else:
-                w_y = tl.where(good, 1.0, 0.0)
-            target_coef = (1.0 - eps) * w_y
-            smooth_row = tl.where(counted, smooth_coef, 0.0)
+            counted, good, y, y_safe, w_y, target_coef, smooth_row = _index_row_terms(
+                T, t_row, CW, row_mask, C, ignore_index, eps, 0.0, HAS_CW)
         # Rows that count for nothing get exactly zero (also when all are ignored and the divisor is 0).
         scale = tl.where(counted, g, 0.0)
         coef = tl.load(COEF + r, mask=row_mask, other=0.0)
@@ -395,25 +625,38 @@ if _IMPORT_ERROR is None:
                 mask = row_mask[:, None] & col_mask[None, :]
                 cols64 = cols.to(tl.int64)
                 x = tl.load(X + (x_row[:, None] + cols64[None, :] * SC), mask=mask, other=0.0).to(tl.float32)
-                grad = tl.exp(x - lse[:, None]) * coef[:, None]
+                wc = x  # placeholders, replaced below when used
+                t = x
                 if HAS_CW and (SMOOTH or PROB):
                     wc = tl.load(CW + cols, mask=col_mask, other=0.0)
                 if PROB:
                     t = tl.load(T + (t_row[:, None] + cols64[None, :] * T_SC), mask=mask, other=0.0)
-                    t_smooth = (1.0 - eps) * t.to(tl.float32) + smooth_coef
-                    if HAS_CW:
-                        t_smooth = t_smooth * wc[None, :]
-                    grad -= t_smooth
-                else:
-                    # p - 1 at the target, in fp32, before rounding to the logits' dtype.
-                    grad = tl.where(cols64[None, :] == y_safe[:, None], grad - target_coef[:, None], grad)
-                    if SMOOTH:
-                        if HAS_CW:
-                            grad -= smooth_row[:, None] * wc[None, :]
-                        else:
-                            grad -= smooth_row[:, None]
+                    t = t.to(tl.float32)
+                grad = _grad_chunk(x, t, wc, cols64, lse, coef, y_safe, target_coef, smooth_row, eps,
+                                   smooth_coef, PROB, HAS_CW, SMOOTH)
                 grad = grad * row_scale[:, None]
                 tl.store(G + (g_row[:, None] + cols64[None, :] * G_SC), grad.to(G.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _scale_loop(SRC, DST, NUMEL, g, BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(pid * BLOCK, NUMEL, step):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < NUMEL
+            v = tl.load(SRC + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DST + offs, (v * g).to(DST.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _scale_kernel(SRC, DST, NUMEL, GRAD_OUT, SKIP_ONE: tl.constexpr, BLOCK: tl.constexpr):
+        """DST = SRC * grad_output over NUMEL dense elements (fp32 multiply, one rounding). With SKIP_ONE
+        (in place: DST is SRC) nothing is read or written when grad_output is exactly 1.0."""
+        g = tl.load(GRAD_OUT).to(tl.float32)
+        if SKIP_ONE:
+            if g != 1.0:
+                _scale_loop(SRC, DST, NUMEL, g, BLOCK)
+        else:
+            _scale_loop(SRC, DST, NUMEL, g, BLOCK)
 
     def _configs(narrow: bool):
         """The deliberate config lists. BLOCK_R is not tuned: it fixes the number of partial sums."""
@@ -425,13 +668,15 @@ if _IMPORT_ERROR is None:
             configs = [triton.Config({"BLOCK_C": b}, num_warps=w) for b, w in options]
         return configs if AUTOTUNE else configs[:1]
 
-    def _tuned(kernel, narrow: bool):
-        key = ["C", "H", "BLOCK_R"] if narrow else ["C", "H"]
+    def _tuned(kernel, narrow: bool, extra_key=()):
+        key = ["C", "H", "BLOCK_R", *extra_key] if narrow else ["C", "H", *extra_key]
         return triton.autotune(configs=_configs(narrow), key=key)(kernel)
 
+    # Every tuned kernel only writes outputs it fully overwrites (the benchmark runs are harmless); the
+    # scale kernel, which may work in place, is not tuned.
     _KERNELS = {
-        ("forward", True): _tuned(_forward_kernel, True),
-        ("forward", False): _tuned(_forward_kernel, False),
+        ("forward", True): _tuned(_forward_kernel, True, ("GRAD",)),
+        ("forward", False): _tuned(_forward_kernel, False, ("GRAD",)),
         ("backward", True): _tuned(_backward_kernel, True),
         ("backward", False): _tuned(_backward_kernel, False),
     }
@@ -448,6 +693,11 @@ if _IMPORT_ERROR is None:
         while block_r > 1 and outer * triton.cdiv(inner, block_r) < MIN_PROGRAMS:
             block_r //= 2
         return True, block_r, block_c
+
+    def _denom_plan(R: int) -> tuple[int, int]:
+        """(programs, rows per program) of the divisor pre-pass: at most DENOM_MAX_PROGRAMS partials."""
+        rows = max(DENOM_MIN_ROWS, triton.cdiv(triton.cdiv(R, DENOM_MAX_PROGRAMS), DENOM_BLOCK) * DENOM_BLOCK)
+        return triton.cdiv(R, rows), rows
 
     class _Layout:
         """The heads' sizes as the kernels walk them: outer x inner rows (a classifier: 1 x N)."""
@@ -476,10 +726,16 @@ if _IMPORT_ERROR is None:
             args[f"SN{h}"], args[f"SC{h}"], args[f"SS{h}"] = layout.strides3(x)
         return args
 
-    def _grad_args(grads, unused: torch.Tensor) -> dict:
-        """G0..G7; unused slots get a tensor the kernel never touches, so that no written argument aliases
-        another one (torch.compile's functionalization clones written arguments that alias)."""
-        return {f"G{h}": grads[h] if h < len(grads) else unused for h in range(MAX_HEADS)}
+    def _grad_args(grads, unused: torch.Tensor, layout: _Layout) -> dict:
+        """G0..G7 and the gradients' strides; unused slots get a tensor the kernel never writes, so that no
+        written argument aliases another one (torch.compile's functionalization clones written arguments
+        that alias)."""
+        args = {f"G{h}": grads[h] if h < len(grads) else unused for h in range(MAX_HEADS)}
+        if grads:
+            args["G_SN"], args["G_SC"], args["G_SS"] = layout.strides3(grads[0])
+        else:
+            args["G_SN"] = args["G_SC"] = args["G_SS"] = 0
+        return args
 
     def _weight_args(head_weights) -> dict:
         return {f"W{h}": float(head_weights[h]) if h < len(head_weights) else 0.0 for h in range(MAX_HEADS)}
@@ -491,16 +747,21 @@ if _IMPORT_ERROR is None:
             (t_sn, t_ss), t_sc = layout.strides2(target), 0
         return dict(T=target, T_SN=t_sn, T_SC=t_sc, T_SS=t_ss)
 
-    def _launch(stage: str, layout: _Layout, args: dict):
+    def _launch(stage: str, layout: _Layout, args: dict, traced: bool):
         narrow, block_r, block_c = _plan(layout.C, layout.outer, layout.inner)
         args["BLOCK_R"] = block_r
         if narrow:
             args["BLOCK_C"] = block_c
         grid = (layout.outer * triton.cdiv(layout.inner, block_r),)
-        _run(_KERNELS[(stage, narrow)], grid, args)
+        _run(_KERNELS[(stage, narrow)], grid, args, traced)
         return grid[0]
 
-    def _run(kernel, grid, args: dict):
+    def _run(kernel, grid, args: dict, traced: bool):
+        """Launch: directly in eager mode (no wrapper layers), through wrap_triton when tracing."""
+        if not traced:
+            if grid[0] > 0:
+                kernel[grid](**args)
+            return
         if INTERPRET and any(_is_fake(v) for v in args.values()):
             # Under TRITON_INTERPRET=1 wrap_triton hands back the interpreted kernel itself (no HOP), which
             # would run on fake tensors: skip it, leaving the outputs' metadata (the fake kernel's job).
@@ -516,6 +777,167 @@ if _IMPORT_ERROR is None:
         _, block_r, _ = _plan(layout.C, layout.outer, layout.inner)
         return layout.outer * triton.cdiv(layout.inner, block_r)
 
+    def _grad_buffer(heads) -> torch.Tensor:
+        """All heads' gradients as one (H, N, C, S) tensor laid out like head 0 (class-innermost heads get a
+        class-innermost buffer); dense, so the scale kernel walks it flat."""
+        h0 = heads[0]
+        N, C, S = h0.shape
+        if S > 1 and h0.stride(1) == 1:
+            return h0.new_empty((len(heads), N, S, C)).permute(0, 1, 3, 2)
+        return h0.new_empty((len(heads), N, C, S))
+
+    def _allocate_grads(heads) -> list[torch.Tensor]:
+        """One gradient tensor per head (the op's outputs may not alias each other), laid out like head 0."""
+        h0 = heads[0]
+        N, C, S = h0.shape
+        if S > 1 and h0.stride(1) == 1:
+            return [h0.new_empty((N, S, C)).permute(0, 2, 1) for _ in heads]
+        return [h0.new_empty((N, C, S)) for _ in heads]
+
+    def _forward_impl(heads, target, class_weight, head_weights, ignore_index: int, label_smoothing: float,
+                      reduction: int, want_hits: bool, mode: int, traced: bool):
+        """The forward launches of both paths. Returns loss, head_losses, head_correct ((0,) unless
+        want_hits), count, denom, lse (H, N, S) and coef (N, S) (SAVE_LSE, else (0,)), and the heads'
+        gradients as one (H, N, C, S) buffer (GRAD_IN_FORWARD, else None)."""
+        H = len(heads)
+        h0 = heads[0]
+        layout = _Layout(heads)
+        prob = target.dim() == 3
+        device = h0.device
+        f32 = dict(dtype=torch.float32, device=device)
+        save = mode == SAVE_LSE
+        grad = mode == GRAD_IN_FORWARD
+        loss = torch.empty((layout.N, layout.S) if reduction == NONE else (), **f32)
+        head_losses = torch.empty((H,), **f32)
+        head_correct = torch.empty((H if want_hits else 0,), dtype=torch.int64, device=device)
+        count = torch.empty((), dtype=torch.int64, device=device)
+        denom = torch.empty((), **f32)
+        lse = torch.empty((H, layout.N, layout.S) if save else (0,), **f32)
+        coef = torch.empty((layout.N, layout.S) if save else (0,), **f32)
+        kp = _next_pow2(2 + 2 * H)
+        part = torch.empty((_num_programs(layout), kp), **f32)
+        buffer = _grad_buffer(heads) if grad else None
+        grads = buffer.unbind(0) if grad else ()
+        # Written arguments that a mode does not use point at head_losses, which only the finalize writes.
+        dpart, dp = head_losses, 0
+        use_dpart = grad and reduction == MEAN and not prob
+        if use_dpart:
+            dp, rows = _denom_plan(layout.R)
+            dpart = torch.empty((dp,), **f32)
+            t_sn, t_ss = layout.strides2(target)
+            _run(_denom_kernel, (dp,), dict(
+                T=target, T_SN=t_sn, T_SS=t_ss, CW=class_weight if class_weight is not None else dpart,
+                DPART=dpart, C=layout.C, S=layout.inner, R=layout.R, ROWS=rows, ignore_index=ignore_index,
+                HAS_CW=class_weight is not None, BLOCK=DENOM_BLOCK,
+            ), traced)
+        block_d = max(16, _next_pow2(dp))
+        args = _head_args(heads, layout)
+        args.update(_weight_args(head_weights))
+        args.update(_target_args(target, prob, layout))
+        args.update(_grad_args(grads, head_losses, layout))
+        args.update(
+            CW=class_weight if class_weight is not None else head_losses,
+            LOSS_ROWS=loss, LSE=lse, COEF=coef, PART=part, DPART=dpart, DP=dp,
+            C=layout.C, S=layout.inner, R=layout.R, ignore_index=ignore_index, eps=float(label_smoothing),
+            H=H, PROB=prob, HAS_CW=class_weight is not None, SMOOTH=label_smoothing != 0.0,
+            RED=reduction, SAVE=save, HITS=want_hits, KP=kp, GRAD=grad, BLOCK_D=block_d,
+            EVICT="evict_last" if grad else "",  # grad-in-forward: keep the row in L2 for the second pass
+        )
+        programs = _launch("forward", layout, args, traced)
+        _run(_finalize_kernel, (1,), dict(
+            PART=part, P=programs, **_weight_args(head_weights), DPART=dpart, DP=dp,
+            LOSS=loss, HEAD_LOSSES=head_losses, HEAD_CORRECT=head_correct, COUNT=count, DENOM=denom,
+            H=H, KP=kp, RED=reduction, HITS=want_hits, USE_DPART=use_dpart, BLOCK_D=block_d,
+            BLOCK_P=FINALIZE_BLOCK,
+        ), traced)
+        return loss, head_losses, head_correct, count, denom, lse, coef, buffer
+
+    def _backward_impl(grad_loss, heads, target, class_weight, head_weights, ignore_index: int,
+                       label_smoothing: float, reduction: int, lse, coef, denom, traced: bool, one_buffer: bool):
+        """The lse-mode backward launch of both paths: every head's gradient from the saved lse and coef;
+        grad_loss () or (N, S), read on the device."""
+        layout = _Layout(heads)
+        prob = target.dim() == 3
+        grads = _grad_buffer(heads).unbind(0) if one_buffer else _allocate_grads(heads)
+        if reduction == NONE:
+            grad_loss = grad_loss.reshape(layout.N, layout.S)
+            grad_sn, grad_ss = layout.strides2(grad_loss)
+        else:
+            grad_sn, grad_ss = 0, 0
+        args = _head_args(heads, layout)
+        args.update(_grad_args(grads, coef, layout))
+        args.update(_weight_args(head_weights))
+        args.update(_target_args(target, prob, layout))
+        args.update(
+            CW=class_weight if class_weight is not None else lse,
+            LSE=lse, COEF=coef, DENOM=denom, GRAD=grad_loss, GRAD_SN=grad_sn, GRAD_SS=grad_ss,
+            C=layout.C, S=layout.inner, R=layout.R, ignore_index=ignore_index, eps=float(label_smoothing),
+            H=len(heads), PROB=prob, HAS_CW=class_weight is not None, SMOOTH=label_smoothing != 0.0,
+            RED=reduction,
+        )
+        _launch("backward", layout, args, traced)
+        return grads
+
+    def scale_gradients(grads: torch.Tensor, grad_output: torch.Tensor, in_place: bool) -> torch.Tensor:
+        """grads * grad_output for a dense gradient buffer (any permutation of a contiguous tensor), with
+        grad_output (a one-element tensor) read on the device: in place (launching one kernel that returns
+        at once when grad_output is exactly 1.0) or into a new buffer of the same layout.
+
+        Example (CUDA, or CPU tensors under TRITON_INTERPRET=1):
+            >>> g = torch.ones(2, 3, device="cuda")                           # doctest: +SKIP
+            >>> scale_gradients(g, torch.tensor(2.5, device="cuda"), in_place=True) is g   # doctest: +SKIP
+            True
+        """
+        out = grads if in_place else torch.empty_like(grads)
+        assert out.stride() == grads.stride()  # empty_like keeps a dense layout
+        numel = grads.numel()
+        grid = (min(triton.cdiv(numel, SCALE_BLOCK), SCALE_MAX_PROGRAMS),)
+        _run(_scale_kernel, grid, dict(SRC=grads, DST=out, NUMEL=numel, GRAD_OUT=grad_output,
+                                       SKIP_ONE=in_place, BLOCK=SCALE_BLOCK), traced=_is_traced(grad_output))
+        return out
+
+    class _EagerFunction(torch.autograd.Function):
+        """The eager path: the kernels launched directly, autograd by a plain Function (no triton_op dispatch,
+        no register_autograd layer, no wrap_triton)."""
+
+        @staticmethod
+        def forward(ctx, options, target, class_weight, *heads):
+            head_weights, ignore_index, label_smoothing, reduction, want_hits, mode = options
+            loss, head_losses, head_correct, count, denom, lse, coef, buffer = _forward_impl(
+                heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction, want_hits,
+                mode, traced=False)
+            ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs below
+            ctx.mark_non_differentiable(head_losses, head_correct, count)
+            ctx.mode = mode
+            ctx.num_heads = len(heads)
+            if mode == GRAD_IN_FORWARD:
+                ctx.save_for_backward(buffer)
+            else:
+                ctx.options = (head_weights, ignore_index, label_smoothing, reduction)
+                ctx.has_class_weight = class_weight is not None
+                extra = [class_weight] if class_weight is not None else []
+                ctx.save_for_backward(lse, coef, denom, target, *extra, *heads)
+            return loss, head_losses, head_correct, count
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad_loss, *unused):
+            none = (None, None, None)
+            if grad_loss is None:
+                return none + (None,) * ctx.num_heads
+            if ctx.mode == GRAD_IN_FORWARD:
+                (buffer,) = ctx.saved_tensors
+                # In place only where this backward is the buffer's last reader and values are real.
+                in_place = not torch._C._autograd._get_current_graph_task_keep_graph() and not (
+                    _is_traced(grad_loss) or _is_traced(buffer))
+                return none + tuple(scale_gradients(buffer, grad_loss, in_place).unbind(0))
+            lse, coef, denom, target, *rest = ctx.saved_tensors
+            class_weight = rest[0] if ctx.has_class_weight else None
+            heads = rest[1:] if ctx.has_class_weight else rest
+            grads = _backward_impl(grad_loss, heads, target, class_weight, *ctx.options, lse, coef, denom,
+                                   traced=_is_traced(grad_loss), one_buffer=True)
+            return none + tuple(grads)
+
     @torch.library.triton_op("auxfuse::triton_multihead_ce_forward", mutates_args=())
     def _forward_op(
         heads: list[torch.Tensor],
@@ -528,47 +950,12 @@ if _IMPORT_ERROR is None:
         want_hits: bool,
         save_lse: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """loss, head_losses, head_correct ((0,) unless want_hits), count, denom, lse (H, N, S), coef (N, S)."""
-        H = len(heads)
-        h0 = heads[0]
-        layout = _Layout(heads)
-        prob = target.dim() == 3
-        f32 = dict(dtype=torch.float32, device=h0.device)
-        loss = torch.empty((layout.N, layout.S) if reduction == NONE else (), **f32)
-        head_losses = torch.empty((H,), **f32)
-        head_correct = torch.empty((H if want_hits else 0,), dtype=torch.int64, device=h0.device)
-        count = torch.empty((), dtype=torch.int64, device=h0.device)
-        denom = torch.empty((), **f32)
-        lse = torch.empty((H, layout.N, layout.S) if save_lse else (0,), **f32)
-        coef = torch.empty((layout.N, layout.S) if save_lse else (0,), **f32)
-        kp = _next_pow2(2 + 2 * H)
-        programs = _num_programs(layout)
-        part = torch.empty((programs, kp), **f32)
-        args = _head_args(heads, layout)
-        args.update(_weight_args(head_weights))
-        args.update(_target_args(target, prob, layout))
-        args.update(
-            CW=class_weight if class_weight is not None else head_losses,
-            LOSS_ROWS=loss, LSE=lse, COEF=coef, PART=part,
-            C=layout.C, S=layout.inner, R=layout.R, ignore_index=ignore_index, eps=float(label_smoothing),
-            H=H, PROB=prob, HAS_CW=class_weight is not None, SMOOTH=label_smoothing != 0.0,
-            ROWS_OUT=reduction == NONE, SAVE=save_lse, HITS=want_hits, KP=kp,
-        )
-        _launch("forward", layout, args)
-        _run(_finalize_kernel, (1,), dict(
-            PART=part, P=programs, **_weight_args(head_weights),
-            LOSS=loss, HEAD_LOSSES=head_losses, HEAD_CORRECT=head_correct, COUNT=count, DENOM=denom,
-            H=H, KP=kp, RED=reduction, HITS=want_hits, BLOCK_P=FINALIZE_BLOCK,
-        ))
-        return loss, head_losses, head_correct, count, denom, lse, coef
+        """loss, head_losses, head_correct ((0,) unless want_hits), count, denom, lse (H, N, S), coef (N, S).
 
-    def _allocate_grads(heads) -> list[torch.Tensor]:
-        """One gradient per head, all laid out like head 0 (class-innermost heads get class-innermost ones)."""
-        h0 = heads[0]
-        N, C, S = h0.shape
-        if S > 1 and h0.stride(1) == 1:
-            return [h0.new_empty((N, S, C)).permute(0, 2, 1) for _ in heads]
-        return [h0.new_empty((N, C, S)) for _ in heads]
+        The traced path (torch.compile, make_fx): lse mode, the same launch code as the eager path."""
+        out = _forward_impl(heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction,
+                            want_hits, SAVE_LSE if save_lse else NO_GRAD, traced=True)
+        return out[:7]
 
     @torch.library.triton_op("auxfuse::triton_multihead_ce_backward", mutates_args=())
     def _backward_op(
@@ -585,32 +972,13 @@ if _IMPORT_ERROR is None:
         denom: torch.Tensor,
     ) -> list[torch.Tensor]:
         """Every head's gradient from the saved lse and coef; grad_loss () or (N, S), read on the device."""
-        layout = _Layout(heads)
-        prob = target.dim() == 3
-        grads = _allocate_grads(heads)
-        g_sn, g_sc, g_ss = layout.strides3(grads[0])
-        if reduction == NONE:
-            grad_sn, grad_ss = layout.strides2(grad_loss.reshape(layout.N, layout.S))
-            grad_loss = grad_loss.reshape(layout.N, layout.S)
-        else:
-            grad_sn, grad_ss = 0, 0
-        args = _head_args(heads, layout)
-        args.update(_grad_args(grads, unused=coef))
-        args.update(_weight_args(head_weights))
-        args.update(_target_args(target, prob, layout))
-        args.update(
-            G_SN=g_sn, G_SC=g_sc, G_SS=g_ss,
-            CW=class_weight if class_weight is not None else lse,
-            LSE=lse, COEF=coef, DENOM=denom, GRAD=grad_loss, GRAD_SN=grad_sn, GRAD_SS=grad_ss,
-            C=layout.C, S=layout.inner, R=layout.R, ignore_index=ignore_index, eps=float(label_smoothing),
-            H=len(heads), PROB=prob, HAS_CW=class_weight is not None, SMOOTH=label_smoothing != 0.0,
-            RED=reduction,
-        )
-        _launch("backward", layout, args)
-        return grads
+        return list(_backward_impl(grad_loss, heads, target, class_weight, head_weights, ignore_index,
+                                   label_smoothing, reduction, lse, coef, denom, traced=True, one_buffer=False))
 
     def _setup_context(ctx, inputs, output):
         heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction, _, save_lse = inputs
+        ctx.set_materialize_grads(False)  # without it autograd zero-fills six unused output gradients
+        ctx.mark_non_differentiable(*output[1:])
         ctx.options = (head_weights, ignore_index, label_smoothing, reduction)
         ctx.num_heads = len(heads)
         ctx.has_class_weight = class_weight is not None
