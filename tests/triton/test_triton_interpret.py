@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 
-from oracle import check_backend
+from oracle import check_backend, naive_loss
 
 import auxfuse
 from auxfuse.backends import triton as tb
@@ -295,6 +295,193 @@ def test_empty_batch(reduction):
     assert all(g.shape == (0, 5, 1) for g in grads)
 
 
+# --- Grad modes: the gradient written in the forward vs from the saved log-sum-exp ------------------------------
+
+
+@pytest.fixture(params=["lse", "forward"])
+def forced_grad(request, monkeypatch):
+    """Every eager call of the test in one grad mode (as AUXFUSE_TRITON_GRAD does)."""
+    monkeypatch.setattr(tb, "FORCED_GRAD", request.param)
+    return request.param
+
+
+def _mode(heads, target, **options):
+    return tb.grad_mode(_problem([h.requires_grad_() for h in heads], target, [1.0] * len(heads), **options))
+
+
+def test_grad_mode_rule(monkeypatch):
+    """Gradient in the forward for wide or spatial shapes with mean / sum; lse for classifiers, 'none', no_grad."""
+    monkeypatch.setattr(tb, "FORCED_GRAD", None)
+    narrow, wide = _heads(2, (4, NARROW_C), torch.float32), _heads(2, (4, WIDE_C), torch.float32)
+    spatial = _heads(2, (2, NARROW_C, 3, 5), torch.float32)
+    index, wide_index, spatial_index = _index_target((4,), NARROW_C), _index_target((4,), WIDE_C), \
+        _index_target((2, 3, 5), NARROW_C)
+    assert _mode(narrow, index) == tb.SAVE_LSE
+    for reduction in ("mean", "sum"):
+        assert _mode(wide, wide_index, reduction=reduction) == tb.GRAD_IN_FORWARD
+        assert _mode(spatial, spatial_index, reduction=reduction) == tb.GRAD_IN_FORWARD
+    assert _mode(wide, wide_index, reduction="none") == tb.SAVE_LSE
+    assert _mode(spatial, _prob_target((2, NARROW_C, 3, 5), torch.float32)) == tb.GRAD_IN_FORWARD
+    with torch.no_grad():
+        assert _mode(wide, wide_index) == tb.NO_GRAD
+    monkeypatch.setattr(tb, "FORCED_GRAD", "forward")
+    assert _mode(narrow, index) == tb.GRAD_IN_FORWARD
+    assert _mode(narrow, index, reduction="none") == tb.SAVE_LSE  # forward needs mean / sum
+    monkeypatch.setattr(tb, "FORCED_GRAD", "lse")
+    assert _mode(wide, wide_index) == tb.SAVE_LSE
+
+
+# (layout, shape): a classifier and a wide classifier, spatial NCHW / channels_last, spatial with wide C.
+MODE_SHAPES = {
+    "narrow": (5, NARROW_C),
+    "wide": (4, WIDE_C),
+    "spatial": (2, NARROW_C, 3, 5),
+    "spatial-channels_last": (2, NARROW_C, 3, 5),
+    "spatial-wide": (2, WIDE_C, 1, 2),
+}
+MODE_CASES = [  # (shape, target, dtype, options)
+    ("narrow", "index", torch.float32, dict(label_smoothing=0.1, weight="w", ignore_index=2)),
+    ("wide", "index", torch.bfloat16, dict(label_smoothing=0.2, weight="w", ignore_index=3)),
+    ("wide", "prob", torch.float16, dict(weight="w")),
+    ("spatial", "index", torch.float16, dict(weight="w", ignore_index=-100)),
+    ("spatial", "prob", torch.float32, dict(label_smoothing=0.1)),
+    ("spatial-channels_last", "index", torch.bfloat16, dict(label_smoothing=0.1, ignore_index=-100)),
+    ("spatial-channels_last", "prob", torch.float32, dict(weight="w", label_smoothing=0.05)),
+    ("spatial-wide", "index", torch.float32, dict(weight="w", label_smoothing=0.1, ignore_index=-100)),
+]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", MODE_CASES, ids=[f"{c[0]}-{c[1]}-{str(c[2])[6:]}" for c in MODE_CASES])
+def test_grad_modes_against_oracle(case, reduction, forced_grad):
+    """Both grad modes on every kind of shape, target and option, against the naive F.cross_entropy sum,
+    with grad_output exactly 1 (the in-place scale returns at once) and 2.5."""
+    shape_name, target_kind, dtype, options = case
+    shape = MODE_SHAPES[shape_name]
+    layout = "channels_last" if shape_name.endswith("channels_last") else "contiguous"
+    heads = _heads(3, shape, dtype, layout=layout)
+    C = shape[1]
+    options = dict(options, reduction=reduction)
+    if options.get("weight") == "w":
+        options["weight"] = _class_weight(C)
+    if target_kind == "prob":
+        target = _prob_target(shape, dtype)
+        options.pop("ignore_index", None)
+    else:
+        target = _index_target((shape[0],) + shape[2:], C, ignore_frac=0.3,
+                               ignore_index=options.get("ignore_index", -100))
+    assert _mode(heads, target, **options) == (tb.GRAD_IN_FORWARD if forced_grad == "forward" else tb.SAVE_LSE)
+    for grad_output in ("1.0", "2.5"):
+        check_backend("triton", heads, target, WEIGHTS[:3], grad_output=grad_output, **options)
+
+
+def _grad_in_forward_loss(scale=1.0, **options):
+    heads = [h.requires_grad_() for h in _heads(2, (2, NARROW_C, 3, 5), torch.bfloat16)]
+    target = _index_target((2, 3, 5), NARROW_C, ignore_frac=0.2)
+    assert _mode(heads, target, **options) == tb.GRAD_IN_FORWARD
+    loss = auxfuse.multi_head_cross_entropy(heads, target, [1.0, 0.4], backend="triton", label_smoothing=0.1,
+                                            **options)
+    ref_heads = [h.detach().float().requires_grad_() for h in heads]
+    ref = naive_loss(ref_heads, target, [1.0, 0.4], label_smoothing=0.1, **options)
+    return heads, loss, torch.autograd.grad(ref * scale, ref_heads)
+
+
+def _saved_buffer(loss):
+    (buffer,) = loss.grad_fn.saved_tensors
+    return buffer
+
+
+def test_grad_in_forward_in_place_and_retain_graph(monkeypatch):
+    """A freed graph: the saved gradient buffer itself is handed out (scaled in place). A kept graph
+    (retain_graph=True): the buffer is left as it is, so a second backward gives the same gradients."""
+    monkeypatch.setattr(tb, "FORCED_GRAD", None)
+    heads, loss, ref_grads = _grad_in_forward_loss(scale=2.5)
+    buffer = _saved_buffer(loss)
+    before = buffer.clone()
+    first = torch.autograd.grad(loss * 2.5, heads, retain_graph=True)
+    assert torch.equal(buffer, before)  # not scaled in place: the graph is kept
+    second = torch.autograd.grad(loss * 2.5, heads, retain_graph=True)
+    for a, b, r in zip(first, second, ref_grads):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a.float(), r, rtol=2e-2, atol=2e-3)
+        assert a.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+    last = torch.autograd.grad(loss * 2.5, heads)  # the graph is freed: in place, the buffer handed out
+    for a, b in zip(first, last):
+        assert torch.equal(a, b)
+        assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+        assert b.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(loss, heads)
+
+
+def test_grad_in_forward_unit_grad_output_leaves_buffer(monkeypatch):
+    """loss.backward(): grad_output is exactly 1, the scale kernel returns at once, the heads get the buffer."""
+    monkeypatch.setattr(tb, "FORCED_GRAD", None)
+    heads, loss, ref_grads = _grad_in_forward_loss(reduction="sum")
+    buffer = _saved_buffer(loss)
+    before = buffer.clone()
+    loss.backward()
+    for h, r in zip(heads, ref_grads):
+        assert h.grad.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        torch.testing.assert_close(h.grad.float(), r, rtol=2e-2, atol=2e-3)
+    assert torch.equal(buffer, before)
+
+
+def test_grad_in_forward_traced_backward_is_out_of_place(monkeypatch):
+    """While a dispatch mode records the backward (as make_fx or compiled autograd do), grad_output's value is
+    not known: the backward writes grads * grad_output to a new buffer, never into the saved one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(tb, "FORCED_GRAD", None)
+    heads, loss, ref_grads = _grad_in_forward_loss(scale=2.5)
+    buffer = _saved_buffer(loss)
+    before = buffer.clone()
+    scaled = loss * 2.5
+    with Passthrough():
+        grads = torch.autograd.grad(scaled, heads)
+    assert torch.equal(buffer, before)
+    for a, r in zip(grads, ref_grads):
+        assert a.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+        torch.testing.assert_close(a.float(), r, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("shape", [(3, WIDE_C), (2, NARROW_C, 3, 5)], ids=["wide", "spatial"])
+def test_grad_in_forward_all_ignored(shape, forced_grad):
+    """Every target ignored: mean -> NaN loss and zero gradients (what PyTorch gives), sum -> 0."""
+    heads = [h.requires_grad_() for h in _heads(2, shape, torch.float32)]
+    target = torch.full((shape[0],) + shape[2:], -100, device=DEVICE)
+    out = auxfuse.multi_head_cross_entropy(heads, target, [1.0, 0.3], backend="triton", return_details=True,
+                                           weight=_class_weight(shape[1]), label_smoothing=0.1)
+    ref = torch.nn.functional.cross_entropy(heads[0].detach(), target)
+    assert torch.isnan(out.loss) and torch.isnan(ref) and torch.isnan(out.head_losses).all()
+    assert int(out.count) == 0
+    for g in torch.autograd.grad(out.loss * 2.0, heads):
+        assert (g == 0).all()
+    check_backend("triton", heads, target, [1.0, 0.3], reduction="sum", label_smoothing=0.1)
+
+
+def test_eager_call_fills_nothing(monkeypatch):
+    """The eager path allocates with torch.empty (every element written by a kernel) and tells autograd not to
+    zero-fill the outputs that have no gradient: no fill / zero op in a forward + backward, either mode."""
+    for mode in ("lse", "forward"):
+        monkeypatch.setattr(tb, "FORCED_GRAD", mode)
+        heads = [h.requires_grad_() for h in _heads(3, (4, 11), torch.float32)]
+        target = _index_target((4,), 11)
+        grad_output = torch.tensor(1.5, device=DEVICE)
+        problem = _problem(heads, target, WEIGHTS[:3])  # the backend alone (the CPU target check uses any())
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = tb.compute(problem)
+            torch.autograd.grad(out.loss, heads, grad_output)
+        names = {e.name for e in prof.events()}
+        fills = sorted(n for n in names if n.startswith(("aten::fill", "aten::zero", "aten::ones", "aten::full")))
+        assert fills == [], (mode, fills)
+        assert "auxfuse::triton_multihead_ce_forward" not in names  # the eager path skips the op
+
+
 def test_no_grad_and_no_details():
     heads = _heads(3, (5, 9), torch.float16)
     target = _index_target((5,), 9)
@@ -397,9 +584,10 @@ _TRITON_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16:
 def compile_sm90() -> list[str]:
     """Compile every kernel launch of a few representative calls, with every autotune config, to sm_90 cubin.
 
-    Runs the ops' host code on CPU tensors with wrap_triton recording the launches instead of running them,
-    then compiles each recorded launch as Triton would (ints equal to 1 specialized to constexprs). Needs
-    TRITON_INTERPRET unset (the interpreter does not compile). Returns one line per compiled kernel."""
+    Runs the host code of both grad modes on CPU tensors with the backend's launcher (tb._run) recording the
+    launches instead of running them, then compiles each recorded launch as Triton would (ints equal to 1
+    specialized to constexprs). Needs TRITON_INTERPRET unset (the interpreter does not compile). Returns one
+    line per compiled kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -408,12 +596,8 @@ def compile_sm90() -> list[str]:
     assert not tb.INTERPRET
     launches = []
 
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
+    def record(kernel, grid, args, traced):
+        launches.append((kernel, (), dict(args)))
 
     def lm(dtype=torch.bfloat16, H=2, N=2, C=128256, **kw):
         heads = [torch.zeros(N, C, 1, dtype=dtype) for _ in range(H)]
@@ -434,8 +618,8 @@ def compile_sm90() -> list[str]:
             torch.zeros(2, 4096, dtype=torch.long), None, [1.0] * tb.MAX_HEADS, 255, 0.0, 2, False, True,
         ),
     ]
-    original = torch.library.wrap_triton
-    torch.library.wrap_triton = Recorder
+    original = tb._run
+    tb._run = record
     try:
         for args in cases:
             out = torch.ops.auxfuse.triton_multihead_ce_forward(*args)
@@ -443,8 +627,12 @@ def compile_sm90() -> list[str]:
             grad = torch.ones_like(out[0])
             torch.ops.auxfuse.triton_multihead_ce_backward(grad, heads, target, cw, hw, ii, eps, red, out[5], out[6],
                                                            out[4])
+            if red != 0:  # grad-in-forward: divisor pre-pass (mean), forward with GRAD, scale kernel both ways
+                out = tb._forward_impl(*args[:8], tb.GRAD_IN_FORWARD, traced=True)
+                for in_place in (True, False):
+                    tb.scale_gradients(out[7], torch.ones(()), in_place)
     finally:
-        torch.library.wrap_triton = original
+        tb._run = original
     lines = []
     for kernel, args, kwargs in launches:
         fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
@@ -487,4 +675,6 @@ def test_kernels_compile_for_sm90():
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("_forward_kernel") >= 4 and "_backward_kernel" in result.stdout
+    for kernel in ("_forward_kernel", "_backward_kernel", "_finalize_kernel", "_denom_kernel", "_scale_kernel"):
+        assert kernel in result.stdout, result.stdout
+    assert result.stdout.count("_forward_kernel") >= 8  # both grad modes, every wide config
