@@ -43,8 +43,13 @@ a dispatch mode, fake / functional tensors) it writes grads * grad_output to a n
 
 Eager calls go through _EagerFunction (a torch.autograd.Function that launches the kernels directly):
 triton_op's dispatch, register_autograd's generated Function and wrap_triton cost tens of microseconds of
-host time per call, which is what a 3 x 256 x 1000 loss is made of on a GPU. Under torch.compile (and under
-any dispatch mode) the same launch code runs inside the ops
+host time per call, which is what a 3 x 256 x 1000 loss is made of on a GPU (with the launches stubbed out,
+CPU tensors: ~150-170 us per forward + backward against ~340 us through the op, 220-240 Python calls against
+880; see benchmarks/triton_bench.py --host-overhead). Eager launches also pass None in the unused head
+slots (fewer arguments for Triton's launcher to bind and specialize) and, once a tuned kernel's config is
+known for a static key, call its JITFunction with that config directly instead of going through the
+Autotuner's per-call argument merging. Under torch.compile (and under any dispatch mode) the same launch
+code (_forward_impl, _backward_impl) runs inside the ops
 
   auxfuse::triton_multihead_ce_forward   main kernel + finalize kernel, lse mode
   auxfuse::triton_multihead_ce_backward  the backward kernel
@@ -681,6 +686,9 @@ if _IMPORT_ERROR is None:
         ("backward", False): _tuned(_backward_kernel, False),
     }
 
+    def _cdiv(a: int, b: int) -> int:
+        return -(-a // b)  # triton.cdiv is a constexpr_function: microseconds per host call
+
     def _next_pow2(v: int) -> int:
         return 1 << max(0, int(v) - 1).bit_length()
 
@@ -690,14 +698,14 @@ if _IMPORT_ERROR is None:
             return False, 1, None
         block_c = max(16, _next_pow2(C))
         block_r = max(1, min(TILE // block_c, _next_pow2(inner)))
-        while block_r > 1 and outer * triton.cdiv(inner, block_r) < MIN_PROGRAMS:
+        while block_r > 1 and outer * _cdiv(inner, block_r) < MIN_PROGRAMS:
             block_r //= 2
         return True, block_r, block_c
 
     def _denom_plan(R: int) -> tuple[int, int]:
         """(programs, rows per program) of the divisor pre-pass: at most DENOM_MAX_PROGRAMS partials."""
-        rows = max(DENOM_MIN_ROWS, triton.cdiv(triton.cdiv(R, DENOM_MAX_PROGRAMS), DENOM_BLOCK) * DENOM_BLOCK)
-        return triton.cdiv(R, rows), rows
+        rows = max(DENOM_MIN_ROWS, _cdiv(_cdiv(R, DENOM_MAX_PROGRAMS), DENOM_BLOCK) * DENOM_BLOCK)
+        return _cdiv(R, rows), rows
 
     class _Layout:
         """The heads' sizes as the kernels walk them: outer x inner rows (a classifier: 1 x N)."""
@@ -717,19 +725,27 @@ if _IMPORT_ERROR is None:
             sn, ss = t.stride()
             return (0, sn) if self.classifier else (sn, ss)
 
-    def _head_args(heads, layout: _Layout) -> dict:
-        """X0..X7 and their strides; unused slots repeat head 0 (never read: H is a constexpr)."""
+    # The slots past the H-th head are never read (H is a constexpr). Eager launches pass None there: Triton
+    # binds a None as a constant, which is cheaper per launch than a tensor or int it checks and specializes.
+    # Traced launches (wrap_triton) repeat head 0 instead, the form torch.compile has been tested with.
+    def _head_args(heads, layout: _Layout, traced: bool) -> dict:
+        """X0..X7 and their strides."""
         args = {}
         for h in range(MAX_HEADS):
-            x = heads[h] if h < len(heads) else heads[0]
-            args[f"X{h}"] = x
-            args[f"SN{h}"], args[f"SC{h}"], args[f"SS{h}"] = layout.strides3(x)
+            if h < len(heads) or traced:
+                x = heads[h] if h < len(heads) else heads[0]
+                args[f"X{h}"] = x
+                args[f"SN{h}"], args[f"SC{h}"], args[f"SS{h}"] = layout.strides3(x)
+            else:
+                args[f"X{h}"] = args[f"SN{h}"] = args[f"SC{h}"] = args[f"SS{h}"] = None
         return args
 
-    def _grad_args(grads, unused: torch.Tensor, layout: _Layout) -> dict:
-        """G0..G7 and the gradients' strides; unused slots get a tensor the kernel never writes, so that no
-        written argument aliases another one (torch.compile's functionalization clones written arguments
-        that alias)."""
+    def _grad_args(grads, unused: torch.Tensor, layout: _Layout, traced: bool) -> dict:
+        """G0..G7 and the gradients' strides; traced, unused slots get a tensor the kernel never writes, so
+        that no written argument aliases another one (torch.compile's functionalization clones written
+        arguments that alias)."""
+        if not traced:
+            unused = None
         args = {f"G{h}": grads[h] if h < len(grads) else unused for h in range(MAX_HEADS)}
         if grads:
             args["G_SN"], args["G_SC"], args["G_SS"] = layout.strides3(grads[0])
@@ -737,8 +753,9 @@ if _IMPORT_ERROR is None:
             args["G_SN"] = args["G_SC"] = args["G_SS"] = 0
         return args
 
-    def _weight_args(head_weights) -> dict:
-        return {f"W{h}": float(head_weights[h]) if h < len(head_weights) else 0.0 for h in range(MAX_HEADS)}
+    def _weight_args(head_weights, traced: bool) -> dict:
+        unused = 0.0 if traced else None
+        return {f"W{h}": float(head_weights[h]) if h < len(head_weights) else unused for h in range(MAX_HEADS)}
 
     def _target_args(target: torch.Tensor, prob: bool, layout: _Layout) -> dict:
         if prob:
@@ -752,15 +769,30 @@ if _IMPORT_ERROR is None:
         args["BLOCK_R"] = block_r
         if narrow:
             args["BLOCK_C"] = block_c
-        grid = (layout.outer * triton.cdiv(layout.inner, block_r),)
-        _run(_KERNELS[(stage, narrow)], grid, args, traced)
+        grid = (layout.outer * _cdiv(layout.inner, block_r),)
+        # Everything the autotuner keys on (C, H, BLOCK_R, GRAD and the tensors' dtypes) follows from this.
+        key = (stage, narrow, layout.C, args["H"], block_r, args.get("GRAD"), args["X0"].dtype, args["T"].dtype)
+        _run(_KERNELS[(stage, narrow)], grid, args, traced, key)
         return grid[0]
 
-    def _run(kernel, grid, args: dict, traced: bool):
-        """Launch: directly in eager mode (no wrapper layers), through wrap_triton when tracing."""
+    _BEST_CONFIGS: dict = {}  # eager launches: static key -> (the tuned kernel's JITFunction, its config)
+
+    def _run(kernel, grid, args: dict, traced: bool, key=None):
+        """Launch: directly in eager mode (no wrapper layers), through wrap_triton when tracing.
+
+        An eager launch of a tuned kernel whose config is known for `key` skips the Autotuner's per-call work
+        (merging ~80 arguments into dicts, formatting every tensor's dtype into its key) and calls the
+        JITFunction with the config, as the Autotuner itself does once it has a cached choice."""
         if not traced:
             if grid[0] > 0:
-                kernel[grid](**args)
+                best = _BEST_CONFIGS.get(key) if key is not None else None
+                if best is not None:
+                    best[0][grid](**args, **best[1])
+                else:
+                    kernel[grid](**args)
+                    config = getattr(kernel, "best_config", None)
+                    if key is not None and config is not None:
+                        _BEST_CONFIGS[key] = (kernel.fn, config.all_kwargs())
             return
         if INTERPRET and any(_is_fake(v) for v in args.values()):
             # Under TRITON_INTERPRET=1 wrap_triton hands back the interpreted kernel itself (no HOP), which
@@ -775,7 +807,7 @@ if _IMPORT_ERROR is None:
 
     def _num_programs(layout: _Layout) -> int:
         _, block_r, _ = _plan(layout.C, layout.outer, layout.inner)
-        return layout.outer * triton.cdiv(layout.inner, block_r)
+        return layout.outer * _cdiv(layout.inner, block_r)
 
     def _grad_buffer(heads) -> torch.Tensor:
         """All heads' gradients as one (H, N, C, S) tensor laid out like head 0 (class-innermost heads get a
@@ -831,10 +863,10 @@ if _IMPORT_ERROR is None:
                 HAS_CW=class_weight is not None, BLOCK=DENOM_BLOCK,
             ), traced)
         block_d = max(16, _next_pow2(dp))
-        args = _head_args(heads, layout)
-        args.update(_weight_args(head_weights))
+        args = _head_args(heads, layout, traced)
+        args.update(_weight_args(head_weights, traced))
         args.update(_target_args(target, prob, layout))
-        args.update(_grad_args(grads, head_losses, layout))
+        args.update(_grad_args(grads, head_losses, layout, traced))
         args.update(
             CW=class_weight if class_weight is not None else head_losses,
             LOSS_ROWS=loss, LSE=lse, COEF=coef, PART=part, DPART=dpart, DP=dp,
@@ -845,7 +877,7 @@ if _IMPORT_ERROR is None:
         )
         programs = _launch("forward", layout, args, traced)
         _run(_finalize_kernel, (1,), dict(
-            PART=part, P=programs, **_weight_args(head_weights), DPART=dpart, DP=dp,
+            PART=part, P=programs, **_weight_args(head_weights, traced), DPART=dpart, DP=dp,
             LOSS=loss, HEAD_LOSSES=head_losses, HEAD_CORRECT=head_correct, COUNT=count, DENOM=denom,
             H=H, KP=kp, RED=reduction, HITS=want_hits, USE_DPART=use_dpart, BLOCK_D=block_d,
             BLOCK_P=FINALIZE_BLOCK,
@@ -864,9 +896,9 @@ if _IMPORT_ERROR is None:
             grad_sn, grad_ss = layout.strides2(grad_loss)
         else:
             grad_sn, grad_ss = 0, 0
-        args = _head_args(heads, layout)
-        args.update(_grad_args(grads, coef, layout))
-        args.update(_weight_args(head_weights))
+        args = _head_args(heads, layout, traced)
+        args.update(_grad_args(grads, coef, layout, traced))
+        args.update(_weight_args(head_weights, traced))
         args.update(_target_args(target, prob, layout))
         args.update(
             CW=class_weight if class_weight is not None else lse,
@@ -891,7 +923,7 @@ if _IMPORT_ERROR is None:
         out = grads if in_place else torch.empty_like(grads)
         assert out.stride() == grads.stride()  # empty_like keeps a dense layout
         numel = grads.numel()
-        grid = (min(triton.cdiv(numel, SCALE_BLOCK), SCALE_MAX_PROGRAMS),)
+        grid = (min(_cdiv(numel, SCALE_BLOCK), SCALE_MAX_PROGRAMS),)
         _run(_scale_kernel, grid, dict(SRC=grads, DST=out, NUMEL=numel, GRAD_OUT=grad_output,
                                        SKIP_ONE=in_place, BLOCK=SCALE_BLOCK), traced=_is_traced(grad_output))
         return out

@@ -596,7 +596,7 @@ def compile_sm90() -> list[str]:
     assert not tb.INTERPRET
     launches = []
 
-    def record(kernel, grid, args, traced):
+    def record(kernel, grid, args, traced, key=None):
         launches.append((kernel, (), dict(args)))
 
     def lm(dtype=torch.bfloat16, H=2, N=2, C=128256, **kw):
@@ -627,8 +627,12 @@ def compile_sm90() -> list[str]:
             grad = torch.ones_like(out[0])
             torch.ops.auxfuse.triton_multihead_ce_backward(grad, heads, target, cw, hw, ii, eps, red, out[5], out[6],
                                                            out[4])
+            # The eager path's launches (None in the unused head slots), both grad modes.
+            out = tb._forward_impl(*args[:8], tb.SAVE_LSE, traced=False)
+            tb._backward_impl(grad, heads, target, cw, hw, ii, eps, red, out[5], out[6], out[4], traced=False,
+                              one_buffer=True)
             if red != 0:  # grad-in-forward: divisor pre-pass (mean), forward with GRAD, scale kernel both ways
-                out = tb._forward_impl(*args[:8], tb.GRAD_IN_FORWARD, traced=True)
+                out = tb._forward_impl(*args[:8], tb.GRAD_IN_FORWARD, traced=False)
                 for in_place in (True, False):
                     tb.scale_gradients(out[7], torch.ones(()), in_place)
     finally:
@@ -642,7 +646,8 @@ def compile_sm90() -> list[str]:
             signature, constexprs = {}, {}
             for param in fn.params:
                 value = values[param.name]
-                if param.is_constexpr or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+                if param.is_constexpr or value is None or (
+                        isinstance(value, int) and not isinstance(value, bool) and value == 1):
                     signature[param.name], constexprs[param.name] = "constexpr", value
                 elif isinstance(value, torch.Tensor):
                     signature[param.name] = _TRITON_TYPES[value.dtype]
