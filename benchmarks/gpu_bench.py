@@ -5,8 +5,11 @@
     python3 benchmarks/gpu_bench.py --smoke       # tiny shapes on whatever device is here (code-path check)
 
 Providers: naive eager sum of F.cross_entropy; torch.compile of that sum; auxfuse backends torch, cuda and
-triton (triton only when auxfuse.available_backends()["triton"] is None); auxfuse-cuda-op, the registered op
-called directly (the cuda kernels without the Python front end); Liger-Kernel's
+triton (triton only when auxfuse.available_backends()["triton"] is None); auxfuse-cuda-op-lse and
+auxfuse-cuda-op-gif, the registered op called directly (the cuda kernels without the Python front end) in
+grad_mode 2 (saved log-sum-exp, backward kernel) and grad_mode 1 (gradient in the forward, backward a scale
+kernel that returns at once for grad_output 1): the measurement behind the cuda grad_mode rule in
+auxfuse/backends/native.py; Liger-Kernel's
 LigerCrossEntropyLoss looped over the heads when liger_kernel imports (2-D logits only).
 Modes: fwd (the training forward: inputs require grad, no backward) and fwd+bwd (forward, then
 torch.autograd.grad of the loss w.r.t. every head).
@@ -96,7 +99,9 @@ SMOKE_SHAPES = [
     Shape("smoke-seg", 2, (2, 5, 4, 4), torch.float32, (1.0, 0.5)),
 ]
 MODES = ("fwd+bwd", "fwd")
-PROVIDERS = ("naive", "compile", "auxfuse-torch", "auxfuse-cuda", "auxfuse-cuda-op", "auxfuse-triton", "liger")
+PROVIDERS = ("naive", "compile", "auxfuse-torch", "auxfuse-cuda", "auxfuse-cuda-op-lse", "auxfuse-cuda-op-gif",
+             "auxfuse-triton", "liger")
+CUDA_OP_GRAD_MODES = {"auxfuse-cuda-op-gif": 1, "auxfuse-cuda-op-lse": 2}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -126,9 +131,9 @@ def make_provider(name: str, shape: Shape) -> tuple[Callable, bool]:
             _COMPILED["naive"] = torch.compile(naive_sum, dynamic=False)
         fn = _COMPILED["naive"]
         return (lambda heads, t: fn(list(heads), t, weights)), False
-    if name == "auxfuse-cuda-op":
+    if name in CUDA_OP_GRAD_MODES:
         # The registered op with its autograd formula, without auxfuse's Python front end: how much of the
-        # cuda provider's time is the front end (output parsing, validation, backend choice).
+        # cuda provider's time is the front end (output parsing, validation, backend choice), per grad_mode.
         import auxfuse
 
         reason = auxfuse.available_backends().get("cuda")
@@ -136,10 +141,12 @@ def make_provider(name: str, shape: Shape) -> tuple[Callable, bool]:
             raise RuntimeError(f"skip: {reason}")
         n, c = shape.logits[0], shape.logits[1]
         w = list(weights)
+        grad_mode = CUDA_OP_GRAD_MODES[name]
 
         def op_loss(heads, t):
             rows = [h.reshape(n, c, -1) for h in heads]
-            return torch.ops.auxfuse.multihead_ce_forward(rows, t.reshape(n, -1), None, w, -100, 0.0, 1, 2)[0]
+            mode = grad_mode if any(h.requires_grad for h in heads) else 0
+            return torch.ops.auxfuse.multihead_ce_forward(rows, t.reshape(n, -1), None, w, -100, 0.0, 1, mode)[0]
 
         return op_loss, False
     if name.startswith("auxfuse-"):

@@ -7,11 +7,13 @@
 // (auxfuse/backends/native.py); torch.compile traces through this function with them.
 //
 // The backward follows the forward's grad_mode (contract in auxfuse.cpp):
-//   1 (CPU): the gradient was written in the forward, weights and the mean's divisor folded in. Backward
-//     hands that buffer out as it is when grad_output is 1 (loss.backward()), else scales it in place, so
-//     no second gradient-sized buffer is ever allocated. When the graph is kept (retain_graph=True) the
-//     buffer stays saved for the next backward, so it hands out a scaled copy instead; when tracing
-//     (torch.compile, make_fx) it always emits the multiply, since grad_output's value is not known.
+//   1 (CPU; CUDA for large heads): the gradient was written in the forward, weights and the mean's divisor
+//     folded in. Backward hands that buffer out scaled in place by grad_output through
+//     multihead_ce_scale_grad_, which does nothing when grad_output is 1 (loss.backward()) and finds that out
+//     on the device for CUDA, so no second gradient-sized buffer is ever allocated. When the graph is kept
+//     (retain_graph=True) the buffer stays saved for the next backward, so it hands out a scaled copy
+//     instead; when tracing (torch.compile, make_fx) it always emits the multiply, since grad_output's value
+//     is not known.
 //   2 (CUDA): one backward kernel from the saved log-sum-exp, reading grad_output on the device.
 #include <ATen/ATen.h>
 #include <ATen/FunctionalTensorWrapper.h>
@@ -104,8 +106,14 @@ class MultiheadCrossEntropy : public torch::autograd::Function<MultiheadCrossEnt
                             !is_traced(grads);
       if (!last_use) {
         grads = grads * scale();
-      } else if (reduction == kReductionNone || !grad_loss.device().is_cpu() || grad_loss.item<double>() != 1.0) {
+      } else if (reduction == kReductionNone) {
         grads.mul_(scale());
+      } else {
+        static const auto scale_grad = c10::Dispatcher::singleton()
+                                           .findSchemaOrThrow("auxfuse::multihead_ce_scale_grad_", "")
+                                           .typed<void(const at::Tensor&, const at::Tensor&)>();
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        scale_grad.call(grads, grad_loss);  // nothing when grad_output is 1, found out on the device for CUDA
       }
     } else {
       static const auto op = c10::Dispatcher::singleton()

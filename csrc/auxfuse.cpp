@@ -47,4 +47,7 @@ TORCH_LIBRARY(auxfuse, m) {
       "multihead_ce_backward(Tensor grad_loss, Tensor[] heads, Tensor target, Tensor? class_weight, "
       "float[] head_weights, int ignore_index, float label_smoothing, int reduction, Tensor lse, "
       "Tensor denom) -> Tensor");
+  // Backward of grad_mode 1 for mean / sum: grads *= grad_loss (one element) in place, unless grad_loss is
+  // exactly 1. CUDA reads grad_loss on the device (no sync; when it is 1 the kernel returns at once).
+  m.def("multihead_ce_scale_grad_(Tensor(a!) grads, Tensor grad_loss) -> ()");
 }

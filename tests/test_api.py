@@ -184,3 +184,34 @@ def test_works_without_compiled_extension():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def test_cuda_grad_mode_rule(monkeypatch):
+    """Which grad_mode the cuda backend asks for (the rule in auxfuse/backends/native.py), from shapes alone."""
+    from auxfuse.backends import native
+    from auxfuse.backends.problem import Problem
+
+    def problem(shape, dtype, num_heads=2, reduction="mean"):
+        heads = [torch.empty(shape, dtype=dtype, device="meta") for _ in range(num_heads)]
+        return Problem(heads=heads, names=[str(h) for h in range(num_heads)], head_weights=[1.0] * num_heads,
+                       target=torch.empty((shape[0], shape[2]), dtype=torch.long, device="meta"),
+                       prob_target=False, class_weight=None, ignore_index=-100, label_smoothing=0.0,
+                       reduction=reduction, needs_grad=True, want_details=False)
+
+    segmentation = problem((8, 21, 512 * 512), torch.float16)
+    googlenet = problem((256, 1000, 1), torch.float32, num_heads=3)
+    lm = problem((8192, 128256, 1), torch.bfloat16)
+    monkeypatch.setattr(native, "CUDA_GRAD", "auto")
+    assert native.cuda_grad_mode(segmentation) == native.GRAD_IN_FORWARD
+    assert native.cuda_grad_mode(problem((8, 21, 512 * 512), torch.float16, reduction="sum")) == native.GRAD_IN_FORWARD
+    assert native.cuda_grad_mode(googlenet) == native.SAVE_LSE
+    assert native.cuda_grad_mode(lm) == native.SAVE_LSE
+    assert native.cuda_grad_mode(problem((8, 21, 512 * 512), torch.float16, reduction="none")) == native.SAVE_LSE
+    monkeypatch.setattr(native, "CUDA_GRAD", "forward")
+    assert native.cuda_grad_mode(lm) == native.GRAD_IN_FORWARD
+    assert native.cuda_grad_mode(googlenet) == native.GRAD_IN_FORWARD
+    monkeypatch.setattr(native, "CUDA_GRAD", "lse")
+    assert native.cuda_grad_mode(segmentation) == native.SAVE_LSE
+    monkeypatch.setattr(native, "CUDA_GRAD", "fast")
+    with pytest.raises(ValueError, match="AUXFUSE_CUDA_GRAD"):
+        native.cuda_grad_mode(segmentation)

@@ -497,3 +497,15 @@ def test_auto_picks_cpu():
     assert auxfuse.explain_backend([torch.randn(2, 3, 4, 4).bfloat16()], torch.zeros(2, 4, 4).long())["chosen"] == "cpu"
     loss = auxfuse.multi_head_cross_entropy(heads, target)
     assert "MultiheadCrossEntropy" in loss.grad_fn.name()  # csrc/autograd.cpp
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_scale_grad_op(dtype):
+    """grad_mode 1's backward op: in place, nothing when grad_output is 1; schema and fake kernel (opcheck)."""
+    grads = torch.randn(2, 5, 7, 3).to(dtype)
+    before = grads.clone()
+    OPS.multihead_ce_scale_grad_(grads, torch.tensor(1.0))
+    assert torch.equal(grads, before)
+    OPS.multihead_ce_scale_grad_(grads, torch.tensor(0.5))
+    assert torch.equal(grads, before * 0.5)
+    torch.library.opcheck(OPS.multihead_ce_scale_grad_.default, (grads, torch.tensor(3.0)))

@@ -65,21 +65,32 @@ def emu():
     return torch.ops.auxfuse_emu
 
 
+GRAD_IN_FORWARD, SAVE_LSE = 1, 2
+
+
 def run_emulated(emu, heads, target, weights, *, weight=None, ignore_index=-100, label_smoothing=0.0,
-                 reduction="mean", grad_output=None):
-    """Forward and backward through the emulated kernels, laid out as auxfuse's front end does."""
+                 reduction="mean", grad_output=None, grad_mode=SAVE_LSE):
+    """Forward and backward through the emulated kernels, laid out as auxfuse's front end does; the
+    backward of grad_mode 1 as csrc/autograd.cpp does it (scale_grad_ for mean / sum, a multiply for none)."""
     N, C = heads[0].shape[:2]
     rows = [h.reshape(N, C, -1) for h in heads]
     prob = target.is_floating_point()
     t = target.reshape(N, C, -1) if prob else target.reshape(N, -1)
     cw = None if weight is None else weight.float().contiguous()
     red = REDUCTION[reduction]
-    loss, head_losses, head_correct, count, denom, lse = emu.multihead_ce_forward(
-        rows, t, cw, list(weights), ignore_index, label_smoothing, red, 2)
+    loss, head_losses, head_correct, count, denom, saved = emu.multihead_ce_forward(
+        rows, t, cw, list(weights), ignore_index, label_smoothing, red, grad_mode)
     if grad_output is None:
         grad_output = torch.ones_like(loss)
     g = grad_output.reshape(N, -1) if reduction == "none" else grad_output
-    grads = emu.multihead_ce_backward(g, rows, t, cw, list(weights), ignore_index, label_smoothing, red, lse, denom)
+    if grad_mode == SAVE_LSE:
+        grads = emu.multihead_ce_backward(g, rows, t, cw, list(weights), ignore_index, label_smoothing, red, saved,
+                                          denom)
+    elif reduction == "none":
+        grads = saved * g.unsqueeze(1).to(saved.dtype)
+    else:
+        grads = saved
+        emu.multihead_ce_scale_grad_(grads, g)
     grads = [grads[h].reshape(heads[h].shape) for h in range(len(heads))]
     loss = loss.reshape(target.shape if not prob else (N, *heads[0].shape[2:])) if reduction == "none" else loss
     return loss, head_losses, head_correct, count, grads
@@ -110,6 +121,12 @@ def reference(heads, target, weights, *, weight=None, ignore_index=-100, label_s
 
 
 def check(emu, heads, target, weights, **options):
+    """Both grad modes against the float64 naive sum; returns grad_mode 2's results."""
+    check_mode(emu, heads, target, weights, grad_mode=GRAD_IN_FORWARD, **options)
+    return check_mode(emu, heads, target, weights, grad_mode=SAVE_LSE, **options)
+
+
+def check_mode(emu, heads, target, weights, grad_mode, **options):
     dtype = heads[0].dtype
     if target.is_floating_point():
         target = target.to(dtype)  # probability targets have the heads' dtype
@@ -121,7 +138,8 @@ def check(emu, heads, target, weights, **options):
                        else (target.shape[0], *target.shape[2:])) + 0.5
     else:
         g = torch.tensor(1.7)
-    loss, head_losses, hits, count, grads = run_emulated(emu, heads, target, weights, grad_output=g, **options)
+    loss, head_losses, hits, count, grads = run_emulated(emu, heads, target, weights, grad_output=g,
+                                                         grad_mode=grad_mode, **options)
     r_loss, r_head_losses, r_hits, r_count, r_grads = reference(heads, target, weights, grad_output=g, **options)
     torch.testing.assert_close(loss.double(), r_loss, equal_nan=True, **tol)
     torch.testing.assert_close(head_losses.double(), r_head_losses, equal_nan=True, **tol)
@@ -246,14 +264,15 @@ def test_sixteen_heads(emu):
 
 
 @pytest.mark.parametrize("shape", [(8, 100), (4, 3000), (2, 7, 3, 3)], ids=["warp", "block", "thread"])
-def test_invalid_targets(emu, shape):
+@pytest.mark.parametrize("grad_mode", [GRAD_IN_FORWARD, SAVE_LSE], ids=["gif", "lse"])
+def test_invalid_targets(emu, shape, grad_mode):
     heads = make(shape, 2, torch.float32)
     target = make_target(shape, "index")
     target.view(-1)[1] = shape[1] + 5
     target.view(-1)[2] = -3
-    loss, _, _, count, grads = run_emulated(emu, heads, target, [1.0, 0.3])
+    loss, _, _, count, grads = run_emulated(emu, heads, target, [1.0, 0.3], grad_mode=grad_mode)
     assert torch.isnan(loss) and int(count) == target.numel()
-    rows, _, _, _, grads = run_emulated(emu, heads, target, [1.0, 0.3], reduction="none")
+    rows, _, _, _, grads = run_emulated(emu, heads, target, [1.0, 0.3], reduction="none", grad_mode=grad_mode)
     flat = rows.reshape(-1)
     assert torch.isnan(flat[1]) and torch.isnan(flat[2])
     assert torch.isfinite(flat[3:]).all() and torch.isfinite(flat[:1]).all()
@@ -261,10 +280,12 @@ def test_invalid_targets(emu, shape):
 
 @pytest.mark.parametrize("shape", [(8, 100), (4, 3000), (2, 7, 3, 3)], ids=["warp", "block", "thread"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_ignored(emu, shape, reduction):
+@pytest.mark.parametrize("grad_mode", [GRAD_IN_FORWARD, SAVE_LSE], ids=["gif", "lse"])
+def test_all_ignored(emu, shape, reduction, grad_mode):
     heads = make(shape, 2, torch.float32)
     target = torch.full((shape[0], *shape[2:]), -100)
-    loss, head_losses, hits, count, grads = run_emulated(emu, heads, target, [1.0, 0.3], reduction=reduction)
+    loss, head_losses, hits, count, grads = run_emulated(emu, heads, target, [1.0, 0.3], reduction=reduction,
+                                                         grad_mode=grad_mode)
     if reduction == "mean":
         assert torch.isnan(loss)
     else:
@@ -295,11 +316,12 @@ def test_nan_logit_makes_the_row_nan(emu):
 
 
 @pytest.mark.parametrize("shape", [(30, 423), (5, 3001), (2, 21, 20, 25)], ids=["warp", "block", "thread"])
-def test_repeatable(emu, shape):
+@pytest.mark.parametrize("grad_mode", [GRAD_IN_FORWARD, SAVE_LSE], ids=["gif", "lse"])
+def test_repeatable(emu, shape, grad_mode):
     heads = make(shape, 2, torch.bfloat16)
     target = make_target(shape, "ignore")
-    a = run_emulated(emu, heads, target, [1.0, 0.3], label_smoothing=0.1)
-    b = run_emulated(emu, heads, target, [1.0, 0.3], label_smoothing=0.1)
+    a = run_emulated(emu, heads, target, [1.0, 0.3], label_smoothing=0.1, grad_mode=grad_mode)
+    b = run_emulated(emu, heads, target, [1.0, 0.3], label_smoothing=0.1, grad_mode=grad_mode)
     for x, y in zip(a[:4], b[:4]):
         assert torch.equal(x, y)
     for x, y in zip(a[4], b[4]):
@@ -317,6 +339,37 @@ def test_empty_and_no_grad_mode(emu):
     t = make_target((5, 50), "index").reshape(5, 1)
     with_lse = emu.multihead_ce_forward(rows, t, None, [1.0, 0.3], -100, 0.0, 1, 2)
     without = emu.multihead_ce_forward(rows, t, None, [1.0, 0.3], -100, 0.0, 1, 0)
+    with_grad = emu.multihead_ce_forward(rows, t, None, [1.0, 0.3], -100, 0.0, 1, 1)
     assert torch.equal(with_lse[0], without[0]) and without[5].numel() == 0
-    with pytest.raises(RuntimeError, match="grad_mode"):
-        emu.multihead_ce_forward(rows, t, None, [1.0, 0.3], -100, 0.0, 1, 1)
+    assert torch.equal(with_grad[0], without[0]) and with_grad[5].shape == (2, 5, 50, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_scale_grad(emu, dtype):
+    """grad_mode 1's backward: nothing at all when grad_output is 1, else one multiply per element (vector body
+    and scalar tail: 1001 elements; 3 blocks of 256 threads: the grid-stride loop)."""
+    g = torch.randn(1001, generator=torch.Generator().manual_seed(7)).to(dtype)
+    before = g.clone()
+    emu.multihead_ce_scale_grad_(g, torch.tensor(1.0))
+    assert torch.equal(g, before)
+    emu.multihead_ce_scale_grad_(g, torch.tensor(2.5))
+    assert torch.equal(g, (before.float() * 2.5).to(dtype))
+    emu.multihead_ce_scale_grad_(g, torch.tensor(1.0, dtype=torch.float64))  # any dtype, read as float32
+    assert torch.equal(g, (before.float() * 2.5).to(dtype))
+
+
+@pytest.mark.parametrize("shape", [(8, 100), (9, 3000), (2, 7, 3, 3)], ids=["warp", "block", "thread"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_grad_in_forward_unit_grad_output(emu, shape, reduction):
+    """loss.backward(): scale_grad_ leaves the forward's gradient as it is, which equals grad_mode 2's; the
+    pre-pass's denominator is the forward's (class weights: a float sum in a different grid)."""
+    heads = make(shape, 2, torch.float32)
+    target = make_target(shape, "ignore")
+    weight = torch.rand(shape[1], generator=torch.Generator().manual_seed(3)) + 0.5
+    options = dict(weight=weight, reduction=reduction, label_smoothing=0.1)
+    fused = run_emulated(emu, heads, target, [1.0, 0.3], grad_mode=GRAD_IN_FORWARD, **options)
+    saved = run_emulated(emu, heads, target, [1.0, 0.3], grad_mode=SAVE_LSE, **options)
+    torch.testing.assert_close(fused[0], saved[0], rtol=1e-6, atol=0)
+    for a, b in zip(fused[4], saved[4]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    check_mode(emu, heads, target, [1.0, 0.3], grad_mode=GRAD_IN_FORWARD, **options)

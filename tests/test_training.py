@@ -154,7 +154,7 @@ _OPCHECK_CASES = {
 def test_opcheck_multihead_ce_forward_cpu(case, requires_grad):
     """torch.library.opcheck on the fused op with CPU tensors: schema, fake kernel, autograd registration and
     AOT dispatch (what torch.compile relies on)."""
-    from auxfuse.backends.native import GRAD_MODE, NO_GRAD
+    from auxfuse.backends.native import GRAD_IN_FORWARD, NO_GRAD
 
     N, C, S, channels_last, with_weight, smoothing, reduction, prob_target = _OPCHECK_CASES[case]
     g = torch.Generator().manual_seed(0)
@@ -171,7 +171,7 @@ def test_opcheck_multihead_ce_forward_cpu(case, requires_grad):
         target = torch.randint(0, C, (N, S), generator=g)
         target[0, 0] = -100
     class_weight = torch.rand(C, generator=g) + 0.5 if with_weight else None
-    grad_mode = GRAD_MODE["cpu"] if requires_grad else NO_GRAD
+    grad_mode = GRAD_IN_FORWARD if requires_grad else NO_GRAD
     args = (heads, target, class_weight, [1.0, 0.4], -100, smoothing, reduction, grad_mode)
     torch.library.opcheck(torch.ops.auxfuse.multihead_ce_forward.default, args)
 

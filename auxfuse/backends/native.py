@@ -2,17 +2,27 @@
 
 The ops are defined in csrc/auxfuse.cpp and their autograd in csrc/autograd.cpp (in C++: at classifier sizes
 a Python autograd layer cost as much as the kernel); this module registers their fake kernels (for
-torch.compile and meta tensors) and chooses the grad_mode per device:
-  - CPU computes the gradient inside the forward pass, while each row is in cache, with the head weight and
-    the mean's divisor folded in: one exponential per logit, and backward only scales by grad_output
-    (nothing at all when it is 1).
-  - CUDA saves the per-row log-sum-exp and writes the gradient in one backward pass that reads
-    grad_output on the device: 3 x element size bytes per logit and no host sync, where gradient-in-forward
-    would need a fourth pass to apply grad_output (it is only known in backward).
+torch.compile and meta tensors) and chooses the grad_mode per call:
+  - grad_mode 1, gradient in the forward: each row's gradient is written right after its log-sum-exp, while
+    the row is in cache, with the head weight and the mean's divisor folded in; backward only scales by
+    grad_output, and does nothing at all when it is 1 (loss.backward()): CUDA finds that out on the device.
+    Traffic: 2 x element size bytes per logit. Always on CPU (one exponential per logit). On CUDA for large
+    heads whose rows fit in cache (C <= 2048 and >= 16 MiB of logits, e.g. segmentation), with reduction
+    mean or sum, in eager mode.
+  - grad_mode 2, saved log-sum-exp: backward is one kernel that reads the logits again and grad_output on
+    the device: 3 x element size bytes per logit, 2 launches in all. CUDA otherwise: small heads (classifiers:
+    grad_mode 1 would add a pre-pass and a scale launch for a few microseconds of traffic), LM vocabularies
+    (a row of 128K logits must survive in L2 between its two reads; not measured yet, so not the default),
+    reduction none (grad_output is per row), and under torch.compile (a traced backward cannot skip the
+    multiply by grad_output, which would make grad_mode 1 read and write the gradient once more).
+  AUXFUSE_CUDA_GRAD=forward or =lse (read at import) forces one mode on CUDA for mean / sum in eager mode, to
+  measure both (benchmarks/gpu_bench.py does).
+  With a GradScaler (grad_output != 1) grad_mode 1 costs one more read and write of the gradient.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -27,16 +37,39 @@ except ImportError as error:  # the package still works, on the torch backend
     _LOAD_ERROR = f"the compiled extension auxfuse._C could not be imported ({error})"
 
 NO_GRAD, GRAD_IN_FORWARD, SAVE_LSE = 0, 1, 2
-GRAD_MODE = {"cpu": GRAD_IN_FORWARD, "cuda": SAVE_LSE}
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CUDA_MAX_HEADS = 16  # the CUDA kernels take the heads' pointers by value in the launch parameters
+CUDA_ROW_IN_CACHE_MAX_CLASSES = 2048  # kWarpMaxClasses in the .cu: above, a block per row
+CUDA_GRAD_IN_FORWARD_MIN_BYTES = 16 << 20
+CUDA_GRAD_CHOICES = ("auto", "forward", "lse")
+CUDA_GRAD = os.environ.get("AUXFUSE_CUDA_GRAD", "auto")
+
+
+def cuda_grad_mode(problem: Problem) -> int:
+    """The CUDA grad_mode of a call that needs a gradient (the rule is in this module's docstring)."""
+    if CUDA_GRAD not in CUDA_GRAD_CHOICES:
+        raise ValueError(f"auxfuse: AUXFUSE_CUDA_GRAD={CUDA_GRAD!r}; use one of {CUDA_GRAD_CHOICES}")
+    if problem.reduction == "none" or torch.compiler.is_compiling():
+        return SAVE_LSE
+    if CUDA_GRAD != "auto":
+        return GRAD_IN_FORWARD if CUDA_GRAD == "forward" else SAVE_LSE
+    h0 = problem.heads[0]
+    logit_bytes = len(problem.heads) * h0.numel() * h0.element_size()
+    fits = h0.shape[1] <= CUDA_ROW_IN_CACHE_MAX_CLASSES and logit_bytes >= CUDA_GRAD_IN_FORWARD_MIN_BYTES
+    return GRAD_IN_FORWARD if fits else SAVE_LSE
+
+
+_HAS_KERNEL: dict[str, bool] = {}  # kernels register when _C loads, before this module asks: cached per key
 
 
 @torch.compiler.assume_constant_result  # a static fact: no graph break under torch.compile(fullgraph=True)
 def _has_kernel(dispatch_key: str) -> bool:
-    return _LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "auxfuse::multihead_ce_forward", dispatch_key
-    )
+    found = _HAS_KERNEL.get(dispatch_key)
+    if found is None:
+        found = _HAS_KERNEL[dispatch_key] = _LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "auxfuse::multihead_ce_forward", dispatch_key
+        )
+    return found
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -79,6 +112,10 @@ if _LOAD_ERROR is None:
     def _backward_fake(grad_loss, heads, target, class_weight, head_weights, ignore_index, label_smoothing,
                        reduction, lse, denom):
         return _allocate_head_grads(heads)
+
+    @torch.library.register_fake("auxfuse::multihead_ce_scale_grad_")
+    def _scale_grad_fake(grads, grad_loss):
+        return None
 
 
 class NativeBackend:
@@ -123,7 +160,10 @@ class NativeBackend:
         if any(h.stride() != heads[0].stride() for h in heads[1:]):
             # The kernels walk every head with head 0's strides.
             heads = [h.contiguous() for h in heads]
-        grad_mode = GRAD_MODE[self.device_type] if problem.needs_grad else NO_GRAD
+        if not problem.needs_grad:
+            grad_mode = NO_GRAD
+        else:
+            grad_mode = GRAD_IN_FORWARD if self.device_type == "cpu" else cuda_grad_mode(problem)
         loss, head_losses, head_correct, count, _, _ = torch.ops.auxfuse.multihead_ce_forward(
             heads,
             problem.target,

@@ -1130,9 +1130,16 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss_in, at::TensorList heads, co
 
 }  // namespace
 
+// On CPU reading grad_loss costs nothing: skip the pass over the gradient when it is 1.
+void scale_grad_cpu(const at::Tensor& grads, const at::Tensor& grad_loss) {
+  TORCH_CHECK(grad_loss.numel() == 1, "auxfuse: scale_grad_ takes a one-element grad_output");
+  if (grad_loss.item<double>() != 1.0) grads.mul_(grad_loss.to(grads.scalar_type()));
+}
+
 TORCH_LIBRARY_IMPL(auxfuse, CPU, m) {
   m.impl("multihead_ce_forward", &forward_cpu);
   m.impl("multihead_ce_backward", &backward_cpu);
+  m.impl("multihead_ce_scale_grad_", &scale_grad_cpu);
 }
 
 }  // namespace auxfuse

@@ -1,6 +1,6 @@
 // Fused CUDA kernels of the auxfuse ops (schema and output contract: csrc/auxfuse.cpp).
 //
-// Forward (grad_mode 0 and 2): ONE launch for all heads. A "group" of G threads owns one row (n, s) at a time
+// Forward: ONE launch for all heads (grad_mode 0 and 2; grad_mode 1 adds a pre-pass for mean, below). A "group" of G threads owns one row (n, s) at a time
 // and loops over the heads inside the row, so the row's target is read once for every head:
 //   G = 1    thread per row: class-strided logits, e.g. (N, C, S) segmentation heads (consecutive threads
 //            take consecutive s, so every class step is a coalesced load; up to 24 loads in flight per
@@ -25,10 +25,16 @@
 // (grad_loss, divided by denom for mean, per row for none); `p - 1` at the target is formed in fp32
 // before the single rounding to the logits' dtype.
 //
+// grad_mode 1 (gradient in the forward, 2 x element size bytes per logit instead of 3): right after a row's
+// log-sum-exp is known, its group reads the row again (from L1 / L2: it was just read) and writes the
+// gradient with the head weight folded in, and for mean the 1 / denom of a pre-pass: the same forward kernel
+// launched with no heads, which only sums the targets' weights (a read of the targets, not the logits). With
+// a block per row the grid is one block per SM so that the rows in flight fit in L2. Backward is then
+// scale_grad_kernel: it reads grad_output on the device and returns at once when it is 1 (loss.backward()),
+// else scales the gradient in place (one more read and write: a GradScaler's scale costs a pass).
+//
 // Never a host sync. Invalid class indices (outside [0, C), not ignore_index) are never used as an
 // address: the row reads class 0 instead, its loss is NaN (so the loss is NaN) and its gradient row NaN.
-// grad_mode 1 (gradient in the forward) is not offered on CUDA: for mean it needs the denominator before
-// any gradient can be written, i.e. a second pass, and grad_output is only known in backward.
 //
 // AUXFUSE_KERNELS_ONLY: compile the kernels alone (no ATen / torch headers), for quick register checks:
 //   nvcc -DAUXFUSE_KERNELS_ONLY -Xptxas=-v -I csrc -I <torch>/include -c csrc/cuda/multihead_ce.cu
@@ -86,6 +92,8 @@ constexpr int kThreadMaxClasses = 32;    // below (contiguous classes): a thread
 constexpr int kRowBlock = 512;           // block-per-row threads
 constexpr int kWarpBlock = 128;          // warp-per-row kernels: 4 rows per block
 constexpr int kThreadBlock = 256;        // thread-per-row kernels
+constexpr int kScaleBlock = 256;         // scale_grad_kernel
+constexpr int kScaleBlocksPerSM = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // ------------------------------------------------------------------------------------------------
@@ -469,7 +477,7 @@ __device__ __forceinline__ void write_row_index(const T* __restrict__ x, int64_t
           const int c0 = shift + vi * V;
 #pragma unroll
           for (int k = 0; k < V; ++k) f[k] = grad_of(f[k], c0 + k);
-          gv[vi] = Vec<T>::pack(f);
+          __stcs(gv + vi, Vec<T>::pack(f));  // streaming: the gradient is not read again soon
         }
       }
     }
@@ -508,6 +516,18 @@ __device__ __forceinline__ void write_row_prob(const T* __restrict__ x, int64_t 
   }
 }
 
+// One head's gradient row for a class-index target: `sc` is head weight x the row's scale (0 for an ignored
+// row), `lse` the row's log-sum-exp. A row with an invalid target gets NaN (never an out-of-bounds read).
+template <typename T, int G>
+__device__ __forceinline__ void write_index_grad(const T* __restrict__ x, int64_t cs, T* __restrict__ g, int64_t gs,
+                                                 int C, int lane, float lse, bool bad, int y,
+                                                 const RowCoeffs<float>& k, float sc,
+                                                 const float* __restrict__ cw_smooth) {
+  const float A = bad ? NAN : sc * k.lse_coef;
+  write_row_index<T, G>(x, cs, g, gs, C, lane, lse * kLog2e, A, sc * k.smooth_coef, sc * k.target_coef, y,
+                        cw_smooth);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Kernels
 // ------------------------------------------------------------------------------------------------
@@ -532,7 +552,10 @@ struct CommonParams {
 
 struct ForwardParams {
   CommonParams p;
-  float* lse;          // (H, R) or nullptr (grad_mode 0)
+  float* lse;          // grad_mode 2: (H, R), else nullptr
+  void* grad;          // grad_mode 1: (H, N, C, S) with strides gH, gN, gC, gS, else nullptr
+  int64_t gH, gN, gC, gS;
+  const float* denom_in;  // grad_mode 1 with mean: the denominator from the pre-pass, else nullptr
   float* loss_rows;    // (R,) for reduction none, else nullptr
   float* loss;         // () for mean / sum
   float* head_losses;  // (H,)
@@ -610,7 +633,8 @@ constexpr int kernel_min_blocks() {
   return G == 1 ? 3 : min_blocks<BLOCK>();
 }
 
-template <typename T, int G, int BLOCK>
+// GRAD: grad_mode 1 (writes fp.grad); a kernel of its own, so the others keep their registers for the scans.
+template <typename T, int G, int BLOCK, bool GRAD>
 __global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>()) multihead_ce_forward_kernel(const ForwardParams fp) {
   constexpr int kGroups = BLOCK / G;
   constexpr int kWarps = BLOCK / 32;
@@ -632,6 +656,12 @@ __global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>()) multihea
   const float eps = p.eps;
   const bool need_xs = eps != 0.f;
   const float W = (eps != 0.f) ? class_weight_sum<BLOCK>(p, scratch) : static_cast<float>(C);
+  // grad_mode 1: the gradient of a counted row is scaled by head weight x (1 / denom for mean), known from
+  // the pre-pass; backward then only multiplies by grad_output.
+  T* const grad = static_cast<T*>(fp.grad);
+  const float grad_scale =
+      GRAD && p.reduction == auxfuse::kReductionMean ? __fdiv_rn(1.f, *fp.denom_in) : 1.f;
+  const float* cw_smooth = eps != 0.f ? p.class_weight : nullptr;
 
   // Per-thread partials (only group leaders add to them).
   float acc_loss[kMaxHeads];
@@ -667,23 +697,33 @@ __global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>()) multihea
         scan_row_index<T, G>(x, cs, C, lane, need_xs, p.class_weight, st, xs);
         st = group_allreduce<G, BLOCK>(st, MergeState{}, scratch);
         if (need_xs) xs = group_allreduce<G, BLOCK>(xs, AddOp{}, scratch);
+        const RowCoeffs<float> k = auxfuse::index_target_coeffs<float>(rt.w_y, W, eps, C);
         if (leader && rt.counted) {
-          const RowCoeffs<float> k = auxfuse::index_target_coeffs<float>(rt.w_y, W, eps, C);
           const SoftmaxState<float> ss{st.m, st.s, static_cast<int64_t>(st.arg)};
           const float x_y = load_float(x + static_cast<int64_t>(rt.y_read) * cs);
           loss = rt.bad ? NAN : auxfuse::index_target_row_loss<float>(ss, auxfuse::log_acc(ss.sum), x_y - st.m, xs, W, k);
           hit = !rt.bad && st.arg == rt.y;
+        }
+        if constexpr (GRAD) {  // the row was just read: the second read comes from L1 / L2
+          const float sc = rt.counted ? grad_scale * p.head_weight[h] : 0.f;
+          write_index_grad<T, G>(x, cs, grad + h * fp.gH + n * fp.gN + s * fp.gS, fp.gC, C, lane,
+                                 st.m + __logf(st.s), rt.bad, rt.y, k, sc, cw_smooth);
         }
       } else {
         ProbRowSums<float> ps = auxfuse::prob_row_sums_empty<float>();
         scan_row_prob<T, G>(x, cs, trow, p.pC, C, lane, p.class_weight, st, ps);
         st = group_allreduce<G, BLOCK>(st, MergeState{}, scratch);
         ps = group_allreduce<G, BLOCK>(ps, MergeProb{}, scratch);
+        const float lse_coef = auxfuse::prob_target_lse_coef<float>(ps, W, eps, C);
         if (leader) {
           const SoftmaxState<float> ss{st.m, st.s, static_cast<int64_t>(st.arg)};
-          const float lse_coef = auxfuse::prob_target_lse_coef<float>(ps, W, eps, C);
           loss = auxfuse::prob_target_row_loss<float>(ss, auxfuse::log_acc(ss.sum), ps, lse_coef, eps, C);
           hit = st.arg >= 0 && st.arg == ps.target_argmax;
+        }
+        if constexpr (GRAD) {
+          write_row_prob<T, G>(x, cs, trow, p.pC, grad + h * fp.gH + n * fp.gN + s * fp.gS, fp.gC, C, lane,
+                               (st.m + __logf(st.s)) * kLog2e, lse_coef, grad_scale * p.head_weight[h], eps,
+                               p.class_weight);
         }
       }
       if (leader) {
@@ -749,7 +789,8 @@ __global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>()) multihea
   }
   __syncthreads();
   if (tid == 0) {
-    const float denom = static_cast<float>(fin_f[p.H]);
+    // With a pre-pass (grad_mode 1, mean) its denominator, the one the gradient used, is already in place.
+    const float denom = fp.denom_in != nullptr ? *fp.denom_in : static_cast<float>(fin_f[p.H]);
     *fp.denom = denom;
     *fp.count = static_cast<int64_t>(fin_i[p.H]);
     float total = 0.f;
@@ -759,7 +800,9 @@ __global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>()) multihea
       fp.head_losses[h] = p.reduction == auxfuse::kReductionSum ? head_sum : __fdiv_rn(head_sum, denom);
       total = fmaf(p.head_weight[h], head_sum, total);
     }
-    if (p.reduction == auxfuse::kReductionSum) {
+    if (fp.loss == nullptr) {
+      // the pre-pass: denominator and count only
+    } else if (p.reduction == auxfuse::kReductionSum) {
       *fp.loss = total;
     } else if (p.reduction == auxfuse::kReductionMean) {
       *fp.loss = __fdiv_rn(total, denom);  // 0 / 0 = NaN when every row is ignored, as in PyTorch
@@ -803,11 +846,9 @@ __global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>()) multihea
       if (!rt.counted) row_scale = 0.f;  // exactly zero, also when every row is ignored (denom 0)
       const RowCoeffs<float> k = auxfuse::index_target_coeffs<float>(rt.w_y, W, eps, C);
       for (int h = 0; h < p.H; ++h) {
-        const float sc = row_scale * p.head_weight[h];
-        const float lseL = bp.lse[h * p.R + r] * kLog2e;
-        const float A = rt.bad ? NAN : sc * k.lse_coef;
-        write_row_index<T, G>(static_cast<const T*>(p.heads[h]) + off, cs, grad + h * bp.gH + goff, bp.gC, C,
-                              lane, lseL, A, sc * k.smooth_coef, sc * k.target_coef, rt.y, cw_smooth);
+        write_index_grad<T, G>(static_cast<const T*>(p.heads[h]) + off, cs, grad + h * bp.gH + goff, bp.gC, C,
+                               lane, bp.lse[h * p.R + r], rt.bad, rt.y, k, row_scale * p.head_weight[h],
+                               cw_smooth);
       }
     } else {
       const T* trow = static_cast<const T*>(p.ptarget) + n * p.pN + s * p.pS;
@@ -823,9 +864,32 @@ __global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>()) multihea
   }
 }
 
+// Backward of grad_mode 1: g *= grad_output in place, unless grad_output is exactly 1 (loss.backward()),
+// which every block finds out on the device and returns at once: no host sync, no pass over the gradient.
+// g is dense: n elements from a 16-byte aligned start (a fresh allocation).
+template <typename T>
+__global__ void __launch_bounds__(kScaleBlock) scale_grad_kernel(T* __restrict__ g, int64_t n,
+                                                                  const float* __restrict__ grad_loss) {
+  const float scale = *grad_loss;
+  if (scale == 1.f) return;
+  constexpr int V = Vec<T>::kVec;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kScaleBlock;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kScaleBlock + threadIdx.x;
+  uint4* __restrict__ gv = reinterpret_cast<uint4*>(g);
+  for (int64_t i = first; i < n / V; i += stride) {
+    float f[V];
+    Vec<T>::unpack(gv[i], f);
+#pragma unroll
+    for (int k = 0; k < V; ++k) f[k] *= scale;
+    gv[i] = Vec<T>::pack(f);
+  }
+  for (int64_t i = n / V * V + first; i < n; i += stride) g[i] = to_scalar<T>(load_float(g + i) * scale);
+}
+
 #ifdef AUXFUSE_KERNELS_ONLY
 #define AUXFUSE_INSTANTIATE(T, G, B)                                                            \
-  template __global__ void multihead_ce_forward_kernel<T, G, B>(const ForwardParams);             \
+  template __global__ void multihead_ce_forward_kernel<T, G, B, false>(const ForwardParams);      \
+  template __global__ void multihead_ce_forward_kernel<T, G, B, true>(const ForwardParams);       \
   template __global__ void multihead_ce_backward_kernel<T, G, B>(const BackwardParams);
 AUXFUSE_INSTANTIATE(float, 1, kThreadBlock)
 AUXFUSE_INSTANTIATE(float, 32, kWarpBlock)
@@ -836,6 +900,9 @@ AUXFUSE_INSTANTIATE(c10::BFloat16, kRowBlock, kRowBlock)
 AUXFUSE_INSTANTIATE(c10::Half, 1, kThreadBlock)
 AUXFUSE_INSTANTIATE(c10::Half, 32, kWarpBlock)
 AUXFUSE_INSTANTIATE(c10::Half, kRowBlock, kRowBlock)
+template __global__ void scale_grad_kernel<float>(float*, int64_t, const float*);
+template __global__ void scale_grad_kernel<c10::BFloat16>(c10::BFloat16*, int64_t, const float*);
+template __global__ void scale_grad_kernel<c10::Half>(c10::Half*, int64_t, const float*);
 }  // namespace auxfuse_cuda
 #else
 
@@ -939,9 +1006,6 @@ ForwardResult forward_impl(Launcher& launcher, at::TensorList heads, const at::T
                            int64_t ignore_index, double label_smoothing, int64_t reduction, int64_t grad_mode) {
   const auxfuse::ProblemShape shape = auxfuse::check_inputs(heads, target, class_weight, head_weights, reduction);
   check_kernel_limits(heads, shape);
-  TORCH_CHECK(grad_mode == auxfuse::kNoGrad || grad_mode == auxfuse::kSaveLse,
-              "auxfuse: the CUDA kernels save the log-sum-exp for backward (grad_mode 2) or compute no gradient "
-              "(grad_mode 0); grad_mode ", grad_mode, " is not available on CUDA");
   const at::Tensor& h0 = heads[0];
   auxfuse::ForwardOutputs out = auxfuse::allocate_forward_outputs(heads, shape, reduction, grad_mode);
 
@@ -957,9 +1021,19 @@ ForwardResult forward_impl(Launcher& launcher, at::TensorList heads, const at::T
   }
 
   const Mapping mapping = choose_mapping(shape.classes, h0.stride(1));
-  const int grid = grid_for(shape.rows(), mapping, kMaxForwardBlocks);
-  const int64_t slots = (shape.heads + 1) * static_cast<int64_t>(grid);
-  // One allocation for the partials, never zeroed (every block writes its own): int64 first, then float.
+  // grad_mode 1, a block per row: one block per SM, so that the rows being read (one each) stay in L2 until
+  // their second read, which writes the gradient (2 blocks per SM would keep 2 x 132 rows of up to 512 KB).
+  const int max_blocks = grad_mode == auxfuse::kGradInForward && mapping == Mapping::kBlock
+                             ? std::min(kMaxForwardBlocks, launcher.sm_count())
+                             : kMaxForwardBlocks;
+  const int grid = grid_for(shape.rows(), mapping, max_blocks);
+  // grad_mode 1 with mean: a pre-pass over the targets (the forward kernel with no heads) computes the
+  // denominator the gradient is divided by, before the gradient is written.
+  const bool pre_pass = grad_mode == auxfuse::kGradInForward && reduction == auxfuse::kReductionMean;
+  const int pre_grid = pre_pass ? grid_for(shape.rows(), Mapping::kThread, kMaxForwardBlocks) : 0;
+  const int64_t slots = (shape.heads + 1) * static_cast<int64_t>(std::max(grid, pre_grid));
+  // One allocation for the partials of both launches (stream-ordered), never zeroed (every block writes its
+  // own): int64 first, then float.
   at::Tensor workspace = at::empty({slots * static_cast<int64_t>(sizeof(long long) + sizeof(float))},
                                    h0.options().dtype(at::kByte));
   at::Tensor ticket_holder;
@@ -967,6 +1041,13 @@ ForwardResult forward_impl(Launcher& launcher, at::TensorList heads, const at::T
   ForwardParams fp{};
   fp.p = make_common(heads, shape, target, class_weight, head_weights, ignore_index, label_smoothing, reduction);
   fp.lse = grad_mode == auxfuse::kSaveLse ? out.saved.data_ptr<float>() : nullptr;
+  if (grad_mode == auxfuse::kGradInForward) {
+    fp.grad = out.saved.data_ptr();
+    fp.gH = out.saved.stride(0);
+    fp.gN = out.saved.stride(1);
+    fp.gC = out.saved.stride(2);
+    fp.gS = out.saved.stride(3);
+  }
   fp.loss_rows = reduction == auxfuse::kReductionNone ? out.loss.data_ptr<float>() : nullptr;
   fp.loss = reduction == auxfuse::kReductionNone ? nullptr : out.loss.data_ptr<float>();
   fp.head_losses = out.head_losses.data_ptr<float>();
@@ -975,10 +1056,20 @@ ForwardResult forward_impl(Launcher& launcher, at::TensorList heads, const at::T
   fp.denom = out.denom.data_ptr<float>();
   fp.part_i = reinterpret_cast<long long*>(workspace.data_ptr());
   fp.part_f = reinterpret_cast<float*>(fp.part_i + slots);
-  fp.ticket = launcher.ticket(h0.options(), ticket_holder);
+  fp.ticket = launcher.ticket(h0.options(), ticket_holder);  // both launches: each leaves it at 0
 
   dispatch_dtype(h0.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+    if (pre_pass) {
+      ForwardParams pre = fp;
+      pre.p.H = 0;
+      pre.lse = nullptr;
+      pre.grad = nullptr;
+      pre.loss = nullptr;
+      pre.loss_rows = nullptr;
+      launcher.template forward<T>(Mapping::kThread, pre_grid, pre);
+      fp.denom_in = out.denom.data_ptr<float>();
+    }
     launcher.template forward<T>(mapping, grid, fp);
   });
   return {out.loss, out.head_losses, out.head_correct, out.count, out.denom, out.saved};
@@ -1038,6 +1129,25 @@ at::Tensor backward_impl(Launcher& launcher, const at::Tensor& grad_loss, at::Te
   return grads;
 }
 
+// grads *= grad_loss (a one-element tensor), in place, unless it is 1; read on the device.
+template <typename Launcher>
+void scale_grad_impl(Launcher& launcher, const at::Tensor& grads, const at::Tensor& grad_loss) {
+  TORCH_CHECK(grads.is_non_overlapping_and_dense() && grad_loss.numel() == 1 &&
+                  grad_loss.device() == grads.device(),
+              "auxfuse: scale_grad_ takes a dense gradient and a one-element grad_output on its device");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(grads.data_ptr()) % 16 == 0, "auxfuse: scale_grad_ needs a 16-byte "
+              "aligned gradient (the forward's own allocation)");
+  if (grads.numel() == 0) return;
+  const at::Tensor grad_f = grad_loss.to(at::kFloat);
+  const int64_t threads_needed = (grads.numel() + 7) / 8;
+  const int grid = static_cast<int>(std::min<int64_t>((threads_needed + kScaleBlock - 1) / kScaleBlock,
+                                                      static_cast<int64_t>(launcher.sm_count()) * kScaleBlocksPerSM));
+  dispatch_dtype(grads.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    launcher.template scale<T>(grid, static_cast<T*>(grads.data_ptr()), grads.numel(), grad_f.data_ptr<float>());
+  });
+}
+
 #ifndef AUXFUSE_EMULATE
 
 struct CudaLauncher {
@@ -1074,17 +1184,45 @@ struct CudaLauncher {
 
   template <typename T>
   void forward(Mapping m, int grid, const ForwardParams& fp) {
+    if (fp.grad != nullptr) {
+      forward_kernel<T, true>(m, grid, fp);
+    } else {
+      forward_kernel<T, false>(m, grid, fp);
+    }
+  }
+
+  template <typename T, bool GRAD>
+  void forward_kernel(Mapping m, int grid, const ForwardParams& fp) {
     switch (m) {
       case Mapping::kThread:
-        multihead_ce_forward_kernel<T, 1, kThreadBlock><<<grid, kThreadBlock, 0, stream.stream()>>>(fp);
+        multihead_ce_forward_kernel<T, 1, kThreadBlock, GRAD><<<grid, kThreadBlock, 0, stream.stream()>>>(fp);
         break;
       case Mapping::kWarp:
-        multihead_ce_forward_kernel<T, 32, kWarpBlock><<<grid, kWarpBlock, 0, stream.stream()>>>(fp);
+        multihead_ce_forward_kernel<T, 32, kWarpBlock, GRAD><<<grid, kWarpBlock, 0, stream.stream()>>>(fp);
         break;
       case Mapping::kBlock:
-        multihead_ce_forward_kernel<T, kRowBlock, kRowBlock><<<grid, kRowBlock, 0, stream.stream()>>>(fp);
+        multihead_ce_forward_kernel<T, kRowBlock, kRowBlock, GRAD><<<grid, kRowBlock, 0, stream.stream()>>>(fp);
         break;
     }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  int sm_count() const {
+    static std::mutex mutex;
+    static std::map<int, int> counts;  // per device, asked once
+    std::lock_guard<std::mutex> lock(mutex);
+    const int device = stream.device_index();
+    auto it = counts.find(device);
+    if (it != counts.end()) return it->second;
+    int count = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    counts.emplace(device, count);
+    return count;
+  }
+
+  template <typename T>
+  void scale(int grid, T* g, int64_t n, const float* grad_loss) {
+    scale_grad_kernel<T><<<grid, kScaleBlock, 0, stream.stream()>>>(g, n, grad_loss);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
@@ -1125,11 +1263,18 @@ at::Tensor multihead_ce_backward_cuda(const at::Tensor& grad_loss, at::TensorLis
                        label_smoothing, reduction, lse, denom);
 }
 
+void multihead_ce_scale_grad_cuda(const at::Tensor& grads, const at::Tensor& grad_loss) {
+  TORCH_CHECK(grads.is_cuda(), "auxfuse: the CUDA kernels need a CUDA gradient");
+  CudaLauncher launcher(grads.device());
+  scale_grad_impl(launcher, grads, grad_loss);
+}
+
 }  // namespace auxfuse_cuda
 
 TORCH_LIBRARY_IMPL(auxfuse, CUDA, m) {
   m.impl("multihead_ce_forward", &auxfuse_cuda::multihead_ce_forward_cuda);
   m.impl("multihead_ce_backward", &auxfuse_cuda::multihead_ce_backward_cuda);
+  m.impl("multihead_ce_scale_grad_", &auxfuse_cuda::multihead_ce_scale_grad_cuda);
 }
 
 #else  // AUXFUSE_EMULATE: the emulation's launcher and op registration live in emulate.cpp

@@ -96,6 +96,10 @@ template <typename T>
 inline T __ldcg(const T* p) {
   return *p;
 }
+template <typename T>
+inline void __stcs(T* p, T v) {
+  *p = v;
+}
 inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline float __logf(float x) { return std::log(x); }
 inline float __fdiv_rn(float a, float b) { return a / b; }

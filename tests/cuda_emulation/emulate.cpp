@@ -27,18 +27,35 @@ struct EmulatedLauncher {
 
   template <typename T>
   void forward(Mapping m, int grid, const ForwardParams& fp) {
-    switch (m) {
-      case Mapping::kThread:
-        emu::launch(grid, kThreadBlock, [&] { multihead_ce_forward_kernel<T, 1, kThreadBlock>(fp); });
-        break;
-      case Mapping::kWarp:
-        emu::launch(grid, kWarpBlock, [&] { multihead_ce_forward_kernel<T, 32, kWarpBlock>(fp); });
-        break;
-      case Mapping::kBlock:
-        emu::launch(grid, kRowBlock, [&] { multihead_ce_forward_kernel<T, kRowBlock, kRowBlock>(fp); });
-        break;
+    if (fp.grad != nullptr) {
+      forward_kernel<T, true>(m, grid, fp);
+    } else {
+      forward_kernel<T, false>(m, grid, fp);
     }
     TORCH_CHECK(*counter() == 0, "emulation: the forward kernel left its ticket at ", *counter());
+  }
+
+  template <typename T, bool GRAD>
+  void forward_kernel(Mapping m, int grid, const ForwardParams& fp) {
+    switch (m) {
+      case Mapping::kThread:
+        emu::launch(grid, kThreadBlock, [&] { multihead_ce_forward_kernel<T, 1, kThreadBlock, GRAD>(fp); });
+        break;
+      case Mapping::kWarp:
+        emu::launch(grid, kWarpBlock, [&] { multihead_ce_forward_kernel<T, 32, kWarpBlock, GRAD>(fp); });
+        break;
+      case Mapping::kBlock:
+        emu::launch(grid, kRowBlock, [&] { multihead_ce_forward_kernel<T, kRowBlock, kRowBlock, GRAD>(fp); });
+        break;
+    }
+  }
+
+  // Few "SMs", so that grad_mode 1's one-block-per-SM grid strides too.
+  int sm_count() const { return 2; }
+
+  template <typename T>
+  void scale(int grid, T* g, int64_t n, const float* grad_loss) {
+    emu::launch(grid, kScaleBlock, [&] { scale_grad_kernel<T>(g, n, grad_loss); });
   }
 
   template <typename T>
@@ -74,6 +91,11 @@ at::Tensor emulated_backward(const at::Tensor& grad_loss, at::TensorList heads, 
                        label_smoothing, reduction, lse, denom);
 }
 
+void emulated_scale_grad(const at::Tensor& grads, const at::Tensor& grad_loss) {
+  EmulatedLauncher launcher;
+  scale_grad_impl(launcher, grads, grad_loss);
+}
+
 // Which kernel a shape takes (0 thread, 1 warp, 2 block per row), so the tests can check their coverage.
 int64_t emulated_mapping(int64_t classes, int64_t class_stride) {
   return static_cast<int64_t>(choose_mapping(classes, class_stride));
@@ -90,10 +112,12 @@ TORCH_LIBRARY(auxfuse_emu, m) {
       "multihead_ce_backward(Tensor grad_loss, Tensor[] heads, Tensor target, Tensor? class_weight, "
       "float[] head_weights, int ignore_index, float label_smoothing, int reduction, Tensor lse, "
       "Tensor denom) -> Tensor");
+  m.def("multihead_ce_scale_grad_(Tensor(a!) grads, Tensor grad_loss) -> ()");
   m.def("mapping(int classes, int class_stride) -> int", &auxfuse_cuda::emulated_mapping);
 }
 
 TORCH_LIBRARY_IMPL(auxfuse_emu, CPU, m) {
   m.impl("multihead_ce_forward", &auxfuse_cuda::emulated_forward);
   m.impl("multihead_ce_backward", &auxfuse_cuda::emulated_backward);
+  m.impl("multihead_ce_scale_grad_", &auxfuse_cuda::emulated_scale_grad);
 }
