@@ -32,11 +32,13 @@ class MultiHeadLossOutput(NamedTuple):
 
 def _check_heads(heads: Heads) -> None:
     first_name, first = heads.names[0], heads.tensors[0]
+    if not first.is_floating_point():
+        raise ValueError(f"auxfuse: head {first_name!r} holds {first.dtype}; logits must be floating point")
+    shape, dtype, device = first.shape, first.dtype, first.device
     for name, x in zip(heads.names, heads.tensors):
-        if not x.is_floating_point():
-            raise ValueError(f"auxfuse: head {name!r} holds {x.dtype}; logits must be floating point")
-        for what, a, b in (("shape", x.shape, first.shape), ("dtype", x.dtype, first.dtype),
-                           ("device", x.device, first.device)):
+        if x.shape == shape and x.dtype == dtype and x.device == device:  # the usual case, checked cheaply
+            continue
+        for what, a, b in (("shape", x.shape, shape), ("dtype", x.dtype, dtype), ("device", x.device, device)):
             if a != b:
                 raise ValueError(
                     f"auxfuse: head {name!r} has {what} {a} but head {first_name!r} has {b}; "
