@@ -41,14 +41,24 @@ SHAPES = {
 }
 
 
-def _timed(fn, warmup_ms: float, rep_ms: float) -> float:
-    """Median milliseconds of fn (CUDA events, L2 flushed between runs), via triton.testing.do_bench."""
+def _timed(fn, warmup_ms: float, rep_ms: float, device: str = "cuda") -> float:
+    """Median milliseconds of fn (CUDA events, L2 flushed between runs), via triton.testing.do_bench.
+    (device="cpu": a few wall-clock runs, only to check this script under TRITON_INTERPRET=1.)"""
+    if device != "cuda":
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            runs.append((time.perf_counter() - start) * 1e3)
+        return sorted(runs)[1]
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
-def _peak_mib(fn) -> float:
+def _peak_mib(fn, device: str = "cuda") -> float:
+    if device != "cuda":
+        return float("nan")
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -57,9 +67,12 @@ def _peak_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def run(shapes: Optional[dict] = None, warmup_ms: float = 25, rep_ms: float = 100, verbose: bool = True) -> dict:
-    """Benchmark backend="triton" vs eager for each shape; returns {shape: {metric: value}} ({} without CUDA)."""
-    if not torch.cuda.is_available():
+def run(shapes: Optional[dict] = None, warmup_ms: float = 25, rep_ms: float = 100, verbose: bool = True,
+        device: str = "cuda") -> dict:
+    """Benchmark backend="triton" vs eager for each shape; returns {shape: {metric: value}} ({} without CUDA).
+
+    device="cpu" (with TRITON_INTERPRET=1 and small shapes) only checks that the script runs."""
+    if device == "cuda" and not torch.cuda.is_available():
         if verbose:
             print("triton_bench: skipped (no CUDA device)")
         return {}
@@ -73,9 +86,9 @@ def run(shapes: Optional[dict] = None, warmup_ms: float = 25, rep_ms: float = 10
         return {}
     results = {}
     for name, (H, N, C, dtype) in (shapes or SHAPES).items():
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        heads = [torch.randn(N, C, device="cuda", dtype=dtype, generator=gen).requires_grad_() for _ in range(H)]
-        target = torch.randint(0, C, (N,), device="cuda", generator=gen)
+        gen = torch.Generator(device=device).manual_seed(0)
+        heads = [torch.randn(N, C, device=device, dtype=dtype, generator=gen).requires_grad_() for _ in range(H)]
+        target = torch.randint(0, C, (N,), device=device, generator=gen)
         weights = [1.0] + [0.3] * (H - 1)
 
         def fused_loss():
@@ -95,40 +108,41 @@ def run(shapes: Optional[dict] = None, warmup_ms: float = 25, rep_ms: float = 10
         fused_g = torch.autograd.grad(fused_l, heads)
         eager_g = torch.autograd.grad(eager_l, heads)
         row = {
-            "max_abs_loss_diff": float((fused_l - eager_l.float()).abs()),
+            "max_abs_loss_diff": float((fused_l.detach() - eager_l.detach().float()).abs()),
             "max_abs_grad_diff": max(float((a.float() - b.float()).abs().max()) for a, b in zip(fused_g, eager_g)),
         }
         del fused_l, eager_l, fused_g, eager_g
         with torch.no_grad():
             fused_loss()
-        row["triton_fwd_bwd_ms"] = _timed(fused_step, warmup_ms, rep_ms)
-        row["eager_fwd_bwd_ms"] = _timed(eager_step, warmup_ms, rep_ms)
+        row["triton_fwd_bwd_ms"] = _timed(fused_step, warmup_ms, rep_ms, device)
+        row["eager_fwd_bwd_ms"] = _timed(eager_step, warmup_ms, rep_ms, device)
         with torch.no_grad():
-            row["triton_fwd_ms"] = _timed(fused_loss, warmup_ms, rep_ms)
-            row["eager_fwd_ms"] = _timed(eager_loss, warmup_ms, rep_ms)
+            row["triton_fwd_ms"] = _timed(fused_loss, warmup_ms, rep_ms, device)
+            row["eager_fwd_ms"] = _timed(eager_loss, warmup_ms, rep_ms, device)
         row["speedup_fwd_bwd"] = row["eager_fwd_bwd_ms"] / row["triton_fwd_bwd_ms"]
         forced = tb.FORCED_GRAD
         try:
             for mode in ("lse", "forward"):
                 tb.FORCED_GRAD = mode
                 fused_step()  # compile + autotune this mode's kernels outside the timing
-                row[f"triton_{mode}_fwd_bwd_ms"] = _timed(fused_step, warmup_ms, rep_ms)
+                row[f"triton_{mode}_fwd_bwd_ms"] = _timed(fused_step, warmup_ms, rep_ms, device)
         finally:
             tb.FORCED_GRAD = forced
         # The floor: a copy of H x N x C elements reads each logit's bytes once and writes a gradient's once.
-        src = torch.empty(H * N * C, device="cuda", dtype=dtype)
+        src = torch.empty(H * N * C, device=device, dtype=dtype)
         dst = torch.empty_like(src)
-        row["copy_floor_ms"] = _timed(lambda: dst.copy_(src), warmup_ms, rep_ms)
+        row["copy_floor_ms"] = _timed(lambda: dst.copy_(src), warmup_ms, rep_ms, device)
         del src, dst
         row["pct_of_floor"] = 100.0 * row["copy_floor_ms"] / row["triton_fwd_bwd_ms"]
-        row["triton_peak_mib"] = _peak_mib(fused_step)
-        row["eager_peak_mib"] = _peak_mib(eager_step)
+        row["triton_peak_mib"] = _peak_mib(fused_step, device)
+        row["eager_peak_mib"] = _peak_mib(eager_step, device)
         # Bytes of the floor (logits read once, gradients written once) per second of forward + backward.
         floor_bytes = 2 * H * N * C * heads[0].element_size()
         row["triton_floor_TBps"] = floor_bytes / (row["triton_fwd_bwd_ms"] * 1e-3) / 1e12
         results[name] = row
         del heads, target
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     if verbose:
         _print_table(results)
     return results
@@ -138,9 +152,9 @@ def _print_table(results: dict) -> None:
     columns = ["triton_fwd_bwd_ms", "eager_fwd_bwd_ms", "speedup_fwd_bwd", "triton_lse_fwd_bwd_ms",
                "triton_forward_fwd_bwd_ms", "copy_floor_ms", "pct_of_floor", "triton_fwd_ms", "eager_fwd_ms",
                "triton_peak_mib", "eager_peak_mib", "triton_floor_TBps", "max_abs_loss_diff", "max_abs_grad_diff"]
-    print("shape".ljust(28) + "".join(c.rjust(20) for c in columns))
+    print("shape".ljust(28) + "".join(c.rjust(27) for c in columns))
     for name, row in results.items():
-        print(name.ljust(28) + "".join(f"{row[c]:20.4g}" for c in columns))
+        print(name.ljust(28) + "".join(f"{row[c]:27.4g}" for c in columns))
 
 
 def host_overhead(H: int = 3, N: int = 256, C: int = 1000, calls: int = 300, verbose: bool = True) -> dict:
