@@ -482,6 +482,40 @@ def test_eager_call_fills_nothing(monkeypatch):
         assert "auxfuse::triton_multihead_ce_forward" not in names  # the eager path skips the op
 
 
+def test_traced_forward_goes_through_the_op():
+    """Under make_fx (a dispatch mode: values unknown) the backend calls the triton_op (lse mode), not the eager
+    autograd.Function, so the graph holds one op node."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def fn(a, b, t):
+        return tb.compute(_problem([a, b], t, [1.0, 0.3])).loss
+
+    heads = _heads(2, (4, WIDE_C), torch.float32)
+    with _interpreter_keeps_op_whole():
+        graph = make_fx(fn, tracing_mode="fake")(*heads, _index_target((4,), WIDE_C))
+    targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    assert targets.count("auxfuse.triton_multihead_ce_forward.default") == 1, targets
+
+
+def test_benchmark_script_runs():
+    """benchmarks/triton_bench.py (run on the GPU machine) on tiny CPU shapes, and its host-overhead mode."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                    "benchmarks"))
+    import triton_bench
+
+    if DEVICE != "cpu":
+        pytest.skip("the CPU check of the script (the GPU run is the script itself)")
+    results = triton_bench.run({"tiny": (2, 4, 40, torch.float32)}, device="cpu", verbose=False)
+    row = results["tiny"]
+    assert row["max_abs_grad_diff"] < 1e-5 and row["max_abs_loss_diff"] < 1e-5
+    for column in ("triton_lse_fwd_bwd_ms", "triton_forward_fwd_bwd_ms", "copy_floor_ms", "pct_of_floor"):
+        assert row[column] > 0
+    overhead = triton_bench.host_overhead(H=2, N=8, C=40, calls=3, verbose=False)
+    assert overhead["eager, lse mode"]["launches"] == ["_forward_kernel", "_finalize_kernel", "_backward_kernel"]
+    assert overhead["eager, grad-in-forward"]["launches"] == [
+        "_denom_kernel", "_forward_kernel", "_finalize_kernel", "_scale_kernel"]
+
+
 def test_no_grad_and_no_details():
     heads = _heads(3, (5, 9), torch.float16)
     target = _index_target((5,), 9)
