@@ -647,6 +647,10 @@ def compile_sm90() -> list[str]:
             [torch.zeros(2, 21, 4096, dtype=torch.float16) for _ in range(2)],
             torch.zeros(2, 21, 4096, dtype=torch.float16), torch.ones(21), [1.0, 0.5], 255, 0.1, 0, True, True,
         ),
+        (  # segmentation NCHW, bf16, probability targets, mean (grad-in-forward divides by N x S)
+            [torch.zeros(2, 21, 4096, dtype=torch.bfloat16) for _ in range(2)],
+            torch.zeros(2, 21, 4096, dtype=torch.bfloat16), None, [1.0, 0.5], -100, 0.0, 1, False, True,
+        ),
         (  # channels_last bf16, eight heads, sum
             [torch.zeros(2, 4096, 21, dtype=torch.bfloat16).permute(0, 2, 1) for _ in range(tb.MAX_HEADS)],
             torch.zeros(2, 4096, dtype=torch.long), None, [1.0] * tb.MAX_HEADS, 255, 0.0, 2, False, True,
