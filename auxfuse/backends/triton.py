@@ -43,13 +43,16 @@ a dispatch mode, fake / functional tensors) it writes grads * grad_output to a n
 
 Eager calls go through _EagerFunction (a torch.autograd.Function that launches the kernels directly):
 triton_op's dispatch, register_autograd's generated Function and wrap_triton cost tens of microseconds of
-host time per call, which is what a 3 x 256 x 1000 loss is made of on a GPU (with the launches stubbed out,
-CPU tensors: ~150-170 us per forward + backward against ~340 us through the op, 220-240 Python calls against
-880; see benchmarks/triton_bench.py --host-overhead). Eager launches also pass None in the unused head
-slots (fewer arguments for Triton's launcher to bind and specialize) and, once a tuned kernel's config is
-known for a static key, call its JITFunction with that config directly instead of going through the
-Autotuner's per-call argument merging. Under torch.compile (and under any dispatch mode) the same launch
-code (_forward_impl, _backward_impl) runs inside the ops
+host time per call, which is what a 3 x 256 x 1000 loss is made of on a GPU. With the launches stubbed out
+(CPU tensors, this machine's 2 cores) a forward + backward of that shape costs ~140 us of host time against
+~370 us before this path existed (op dispatch + register_autograd + six zero fills), and ~170 Python calls
+against ~900 through the op (benchmarks/triton_bench.py --host-overhead). Eager calls also keep the
+non-tensor part of their launches (strides, options, grids) in a plan cached per call signature (shapes,
+strides, dtypes, options); pass None in the unused head slots (fewer arguments for Triton's launcher to bind
+and specialize); and, once a tuned kernel's config is known for a static key, call its JITFunction with that
+config directly instead of going through the Autotuner's per-call argument merging. The Triton launcher's
+own cost is not measured (the interpreter replaces it). Under torch.compile (and under any dispatch mode)
+the same launch code (_forward_impl, _backward_impl) runs inside the ops
 
   auxfuse::triton_multihead_ce_forward   main kernel + finalize kernel, lse mode
   auxfuse::triton_multihead_ce_backward  the backward kernel
@@ -314,7 +317,7 @@ if _IMPORT_ERROR is None:
         return tl.where(d == 0.0, float("inf"), 1.0 / tl.where(d == 0.0, 1.0, d))
 
     @triton.jit
-    def _index_row_terms(T, t_row, CW, row_mask, C, ignore_index, eps, weight_sum, HAS_CW: tl.constexpr):
+    def _index_row_terms(T, t_row, CW, row_mask, C, ignore_index, eps, HAS_CW: tl.constexpr):
         """Per row of class-index targets: counted, good (a valid class), the safe class, w_y, the target's
         coefficient (1 - eps) w_y and the smoothing term of the gradient."""
         y = tl.load(T + t_row, mask=row_mask, other=ignore_index)
@@ -406,7 +409,7 @@ if _IMPORT_ERROR is None:
             t_arg = tl.zeros([BLOCK_R], tl.int32)
         else:
             counted, good, y, y_safe, w_y, target_coef, smooth_row = _index_row_terms(
-                T, t_row, CW, row_mask, C, ignore_index, eps, weight_sum, HAS_CW)
+                T, t_row, CW, row_mask, C, ignore_index, eps, HAS_CW)
             bad = counted != good  # a class index outside [0, C): never read, NaN loss
             coef = tl.where(good, target_coef + smooth_coef * weight_sum, 0.0)
             coef = tl.where(bad, float("nan"), coef)
@@ -610,7 +613,7 @@ if _IMPORT_ERROR is None:
             counted = row_mask
         else:
             counted, good, y, y_safe, w_y, target_coef, smooth_row = _index_row_terms(
-                T, t_row, CW, row_mask, C, ignore_index, eps, 0.0, HAS_CW)
+                T, t_row, CW, row_mask, C, ignore_index, eps, HAS_CW)
         # Rows that count for nothing get exactly zero (also when all are ignored and the divisor is 0).
         scale = tl.where(counted, g, 0.0)
         coef = tl.load(COEF + r, mask=row_mask, other=0.0)
@@ -711,71 +714,120 @@ if _IMPORT_ERROR is None:
         """The heads' sizes as the kernels walk them: outer x inner rows (a classifier: 1 x N)."""
 
         def __init__(self, heads):
-            N, C, S = heads[0].shape
+            h0 = heads[0]
+            N, C, S = h0.shape
             self.N, self.C, self.S = N, C, S
             self.R = N * S
             self.classifier = S == 1
             self.outer, self.inner = (1, N) if self.classifier else (N, S)
+            # Class-innermost heads (channels_last) get class-innermost gradients.
+            self.channels_last = S > 1 and h0.stride(1) == 1
+
+        def map3(self, sn: int, sc: int, ss: int) -> tuple[int, int, int]:
+            return (0, sc, sn) if self.classifier else (sn, sc, ss)
 
         def strides3(self, t: torch.Tensor) -> tuple[int, int, int]:
-            sn, sc, ss = t.stride()
-            return (0, sc, sn) if self.classifier else (sn, sc, ss)
+            return self.map3(*t.stride())
 
         def strides2(self, t: torch.Tensor) -> tuple[int, int]:
             sn, ss = t.stride()
             return (0, sn) if self.classifier else (sn, ss)
 
+        def grad_strides3(self) -> tuple[int, int, int]:
+            """The strides of every head's gradient as _grad_buffer and _allocate_grads lay them out."""
+            N, C, S = self.N, self.C, self.S
+            return self.map3(S * C, 1, C) if self.channels_last else self.map3(C * S, S, 1)
+
+    def _grad_buffer(heads) -> torch.Tensor:
+        """All heads' gradients as one (H, N, C, S) tensor laid out like head 0 (class-innermost heads get a
+        class-innermost buffer); dense, so the scale kernel walks it flat."""
+        h0 = heads[0]
+        N, C, S = h0.shape
+        if S > 1 and h0.stride(1) == 1:
+            return h0.new_empty((len(heads), N, S, C)).permute(0, 1, 3, 2)
+        return h0.new_empty((len(heads), N, C, S))
+
+    def _allocate_grads(heads) -> list[torch.Tensor]:
+        """One gradient tensor per head (the op's outputs may not alias each other), laid out like head 0."""
+        h0 = heads[0]
+        N, C, S = h0.shape
+        if S > 1 and h0.stride(1) == 1:
+            return [h0.new_empty((N, S, C)).permute(0, 2, 1) for _ in heads]
+        return [h0.new_empty((N, C, S)) for _ in heads]
+
     # The slots past the H-th head are never read (H is a constexpr). Eager launches pass None there: Triton
     # binds a None as a constant, which is cheaper per launch than a tensor or int it checks and specializes.
-    # Traced launches (wrap_triton) repeat head 0 instead, the form torch.compile has been tested with.
-    def _head_args(heads, layout: _Layout, traced: bool) -> dict:
-        """X0..X7 and their strides."""
+    # Traced launches (wrap_triton) repeat head 0 there instead (the form torch.compile has been tested with),
+    # and in written slots a tensor the kernel never writes, so that no written argument aliases another one
+    # (torch.compile's functionalization clones written arguments that alias).
+
+    def _static_head_args(heads, layout: _Layout, head_weights, traced: bool) -> dict:
+        """The heads' strides (SN/SC/SS 0..7), weights (W0..7) and the gradients' strides."""
         args = {}
         for h in range(MAX_HEADS):
             if h < len(heads) or traced:
-                x = heads[h] if h < len(heads) else heads[0]
-                args[f"X{h}"] = x
-                args[f"SN{h}"], args[f"SC{h}"], args[f"SS{h}"] = layout.strides3(x)
+                args[f"SN{h}"], args[f"SC{h}"], args[f"SS{h}"] = layout.strides3(heads[h if h < len(heads) else 0])
             else:
-                args[f"X{h}"] = args[f"SN{h}"] = args[f"SC{h}"] = args[f"SS{h}"] = None
+                args[f"SN{h}"] = args[f"SC{h}"] = args[f"SS{h}"] = None
+        args.update(_weight_args(head_weights, traced))
+        args["G_SN"], args["G_SC"], args["G_SS"] = layout.grad_strides3()
         return args
 
-    def _grad_args(grads, unused: torch.Tensor, layout: _Layout, traced: bool) -> dict:
-        """G0..G7 and the gradients' strides; traced, unused slots get a tensor the kernel never writes, so
-        that no written argument aliases another one (torch.compile's functionalization clones written
-        arguments that alias)."""
-        if not traced:
-            unused = None
-        args = {f"G{h}": grads[h] if h < len(grads) else unused for h in range(MAX_HEADS)}
-        if grads:
-            args["G_SN"], args["G_SC"], args["G_SS"] = layout.strides3(grads[0])
-        else:
-            args["G_SN"] = args["G_SC"] = args["G_SS"] = 0
+    def _tensor_head_args(heads, grads, unused_written: torch.Tensor, traced: bool) -> dict:
+        """X0..X7 and G0..G7 (no G when grads is empty and not traced: the kernel does not write them)."""
+        args = {}
+        for h in range(MAX_HEADS):
+            if h < len(heads):
+                args[f"X{h}"] = heads[h]
+            elif traced:
+                args[f"X{h}"] = heads[0]
+            else:
+                args[f"X{h}"] = None
+            if h < len(grads):
+                args[f"G{h}"] = grads[h]
+            else:
+                args[f"G{h}"] = unused_written if traced else None
         return args
 
     def _weight_args(head_weights, traced: bool) -> dict:
         unused = 0.0 if traced else None
         return {f"W{h}": float(head_weights[h]) if h < len(head_weights) else unused for h in range(MAX_HEADS)}
 
-    def _target_args(target: torch.Tensor, prob: bool, layout: _Layout) -> dict:
+    def _target_strides(target: torch.Tensor, prob: bool, layout: _Layout) -> dict:
         if prob:
             t_sn, t_sc, t_ss = layout.strides3(target)
         else:
             (t_sn, t_ss), t_sc = layout.strides2(target), 0
-        return dict(T=target, T_SN=t_sn, T_SC=t_sc, T_SS=t_ss)
+        return dict(T_SN=t_sn, T_SC=t_sc, T_SS=t_ss)
 
-    def _launch(stage: str, layout: _Layout, args: dict, traced: bool):
+    def _kernel_plan(stage: str, layout: _Layout, H: int, grad: Optional[bool], dtype, target_dtype) -> tuple:
+        """(tuned kernel, grid, block args, key for _run) of a forward / backward launch."""
         narrow, block_r, block_c = _plan(layout.C, layout.outer, layout.inner)
-        args["BLOCK_R"] = block_r
-        if narrow:
-            args["BLOCK_C"] = block_c
+        blocks = dict(BLOCK_R=block_r, BLOCK_C=block_c) if narrow else dict(BLOCK_R=block_r)
         grid = (layout.outer * _cdiv(layout.inner, block_r),)
         # Everything the autotuner keys on (C, H, BLOCK_R, GRAD and the tensors' dtypes) follows from this.
-        key = (stage, narrow, layout.C, args["H"], block_r, args.get("GRAD"), args["X0"].dtype, args["T"].dtype)
-        _run(_KERNELS[(stage, narrow)], grid, args, traced, key)
-        return grid[0]
+        key = (stage, narrow, layout.C, H, block_r, grad, dtype, target_dtype)
+        return _KERNELS[(stage, narrow)], grid, blocks, key
 
     _BEST_CONFIGS: dict = {}  # eager launches: static key -> (the tuned kernel's JITFunction, its config)
+    _PLANS: dict = {}  # eager calls: call signature -> the non-tensor part of its launches
+    _MAX_PLANS = 256
+
+    def _cached_plan(build, key, traced: bool):
+        """build(), memoized by key for eager calls (static shapes and strides; traced shapes may be symbolic)."""
+        if traced:
+            return build()
+        plan = _PLANS.get(key)
+        if plan is None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            plan = _PLANS[key] = build()
+        return plan
+
+    def _signature(heads, target, class_weight, *options) -> tuple:
+        h0 = heads[0]
+        return (tuple(h0.shape), tuple(h.stride() for h in heads), h0.dtype, h0.device, tuple(target.shape),
+                target.stride(), target.dtype, class_weight is None, *options)
 
     def _run(kernel, grid, args: dict, traced: bool, key=None):
         """Launch: directly in eager mode (no wrapper layers), through wrap_triton when tracing.
@@ -805,109 +857,119 @@ if _IMPORT_ERROR is None:
 
         return isinstance(value, torch.Tensor) and (value.device.type == "meta" or is_fake(value))
 
-    def _num_programs(layout: _Layout) -> int:
-        _, block_r, _ = _plan(layout.C, layout.outer, layout.inner)
-        return layout.outer * _cdiv(layout.inner, block_r)
-
-    def _grad_buffer(heads) -> torch.Tensor:
-        """All heads' gradients as one (H, N, C, S) tensor laid out like head 0 (class-innermost heads get a
-        class-innermost buffer); dense, so the scale kernel walks it flat."""
-        h0 = heads[0]
-        N, C, S = h0.shape
-        if S > 1 and h0.stride(1) == 1:
-            return h0.new_empty((len(heads), N, S, C)).permute(0, 1, 3, 2)
-        return h0.new_empty((len(heads), N, C, S))
-
-    def _allocate_grads(heads) -> list[torch.Tensor]:
-        """One gradient tensor per head (the op's outputs may not alias each other), laid out like head 0."""
-        h0 = heads[0]
-        N, C, S = h0.shape
-        if S > 1 and h0.stride(1) == 1:
-            return [h0.new_empty((N, S, C)).permute(0, 2, 1) for _ in heads]
-        return [h0.new_empty((N, C, S)) for _ in heads]
+    def _forward_plan(heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction,
+                      want_hits, mode, traced) -> dict:
+        """Everything of the forward launches that is not a tensor: shapes, strides, options, grids."""
+        H = len(heads)
+        layout = _Layout(heads)
+        prob = target.dim() == 3
+        save = mode == SAVE_LSE
+        grad = mode == GRAD_IN_FORWARD
+        kp = _next_pow2(2 + 2 * H)
+        use_dpart = grad and reduction == MEAN and not prob
+        dp, rows = _denom_plan(layout.R) if use_dpart else (0, 0)
+        block_d = max(16, _next_pow2(dp))
+        kernel, grid, blocks, key = _kernel_plan("forward", layout, H, grad, heads[0].dtype, target.dtype)
+        has_cw = class_weight is not None
+        smooth = label_smoothing != 0.0
+        forward = _static_head_args(heads, layout, head_weights, traced)
+        forward.update(_target_strides(target, prob, layout))
+        forward.update(
+            DP=dp, C=layout.C, S=layout.inner, R=layout.R, ignore_index=ignore_index, eps=float(label_smoothing),
+            H=H, PROB=prob, HAS_CW=has_cw, SMOOTH=smooth, RED=reduction, SAVE=save, HITS=want_hits, KP=kp,
+            GRAD=grad, BLOCK_D=block_d,
+            EVICT="evict_last" if grad else "",  # grad-in-forward: keep the row in L2 for the second pass
+            **blocks,
+        )
+        finalize = dict(
+            P=grid[0], **_weight_args(head_weights, traced), DP=dp, H=H, KP=kp, RED=reduction, HITS=want_hits,
+            USE_DPART=use_dpart, BLOCK_D=block_d, BLOCK_P=FINALIZE_BLOCK,
+        )
+        denom = None
+        if use_dpart:
+            t_sn, t_ss = layout.strides2(target)
+            denom = dict(T_SN=t_sn, T_SS=t_ss, C=layout.C, S=layout.inner, R=layout.R, ROWS=rows,
+                         ignore_index=ignore_index, HAS_CW=has_cw, BLOCK=DENOM_BLOCK)
+        return dict(
+            layout=layout, H=H, save=save, grad=grad, dp=dp, part_shape=(grid[0], kp),
+            kernel=kernel, grid=grid, key=key, forward=forward, finalize=finalize, denom=denom,
+        )
 
     def _forward_impl(heads, target, class_weight, head_weights, ignore_index: int, label_smoothing: float,
                       reduction: int, want_hits: bool, mode: int, traced: bool):
         """The forward launches of both paths. Returns loss, head_losses, head_correct ((0,) unless
         want_hits), count, denom, lse (H, N, S) and coef (N, S) (SAVE_LSE, else (0,)), and the heads'
         gradients as one (H, N, C, S) buffer (GRAD_IN_FORWARD, else None)."""
-        H = len(heads)
-        h0 = heads[0]
-        layout = _Layout(heads)
-        prob = target.dim() == 3
-        device = h0.device
+        options = (head_weights, ignore_index, label_smoothing, reduction, want_hits, mode, traced)
+        plan = _cached_plan(
+            lambda: _forward_plan(heads, target, class_weight, *options),
+            _signature(heads, target, class_weight, tuple(head_weights), *options[1:]), traced)
+        layout, H = plan["layout"], plan["H"]
+        device = heads[0].device
         f32 = dict(dtype=torch.float32, device=device)
-        save = mode == SAVE_LSE
-        grad = mode == GRAD_IN_FORWARD
         loss = torch.empty((layout.N, layout.S) if reduction == NONE else (), **f32)
         head_losses = torch.empty((H,), **f32)
         head_correct = torch.empty((H if want_hits else 0,), dtype=torch.int64, device=device)
         count = torch.empty((), dtype=torch.int64, device=device)
         denom = torch.empty((), **f32)
-        lse = torch.empty((H, layout.N, layout.S) if save else (0,), **f32)
-        coef = torch.empty((layout.N, layout.S) if save else (0,), **f32)
-        kp = _next_pow2(2 + 2 * H)
-        part = torch.empty((_num_programs(layout), kp), **f32)
-        buffer = _grad_buffer(heads) if grad else None
-        grads = buffer.unbind(0) if grad else ()
+        lse = torch.empty((H, layout.N, layout.S) if plan["save"] else (0,), **f32)
+        coef = torch.empty((layout.N, layout.S) if plan["save"] else (0,), **f32)
+        part = torch.empty(plan["part_shape"], **f32)
+        buffer = _grad_buffer(heads) if plan["grad"] else None
         # Written arguments that a mode does not use point at head_losses, which only the finalize writes.
-        dpart, dp = head_losses, 0
-        use_dpart = grad and reduction == MEAN and not prob
-        if use_dpart:
-            dp, rows = _denom_plan(layout.R)
-            dpart = torch.empty((dp,), **f32)
-            t_sn, t_ss = layout.strides2(target)
-            _run(_denom_kernel, (dp,), dict(
-                T=target, T_SN=t_sn, T_SS=t_ss, CW=class_weight if class_weight is not None else dpart,
-                DPART=dpart, C=layout.C, S=layout.inner, R=layout.R, ROWS=rows, ignore_index=ignore_index,
-                HAS_CW=class_weight is not None, BLOCK=DENOM_BLOCK,
+        dpart = head_losses
+        if plan["denom"] is not None:
+            dpart = torch.empty((plan["dp"],), **f32)
+            _run(_denom_kernel, (plan["dp"],), dict(
+                plan["denom"], T=target, CW=class_weight if class_weight is not None else dpart, DPART=dpart,
             ), traced)
-        block_d = max(16, _next_pow2(dp))
-        args = _head_args(heads, layout, traced)
-        args.update(_weight_args(head_weights, traced))
-        args.update(_target_args(target, prob, layout))
-        args.update(_grad_args(grads, head_losses, layout, traced))
-        args.update(
-            CW=class_weight if class_weight is not None else head_losses,
-            LOSS_ROWS=loss, LSE=lse, COEF=coef, PART=part, DPART=dpart, DP=dp,
-            C=layout.C, S=layout.inner, R=layout.R, ignore_index=ignore_index, eps=float(label_smoothing),
-            H=H, PROB=prob, HAS_CW=class_weight is not None, SMOOTH=label_smoothing != 0.0,
-            RED=reduction, SAVE=save, HITS=want_hits, KP=kp, GRAD=grad, BLOCK_D=block_d,
-            EVICT="evict_last" if grad else "",  # grad-in-forward: keep the row in L2 for the second pass
-        )
-        programs = _launch("forward", layout, args, traced)
+        args = _tensor_head_args(heads, buffer.unbind(0) if buffer is not None else (), head_losses, traced)
+        args.update(plan["forward"])
+        args.update(T=target, CW=class_weight if class_weight is not None else head_losses,
+                    LOSS_ROWS=loss, LSE=lse, COEF=coef, PART=part, DPART=dpart)
+        _run(plan["kernel"], plan["grid"], args, traced, plan["key"])
         _run(_finalize_kernel, (1,), dict(
-            PART=part, P=programs, **_weight_args(head_weights, traced), DPART=dpart, DP=dp,
-            LOSS=loss, HEAD_LOSSES=head_losses, HEAD_CORRECT=head_correct, COUNT=count, DENOM=denom,
-            H=H, KP=kp, RED=reduction, HITS=want_hits, USE_DPART=use_dpart, BLOCK_D=block_d,
-            BLOCK_P=FINALIZE_BLOCK,
+            plan["finalize"], PART=part, DPART=dpart, LOSS=loss, HEAD_LOSSES=head_losses, HEAD_CORRECT=head_correct,
+            COUNT=count, DENOM=denom,
         ), traced)
         return loss, head_losses, head_correct, count, denom, lse, coef, buffer
+
+    def _backward_plan(heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction,
+                       traced) -> dict:
+        """Everything of the lse-mode backward launch that is not a tensor (or grad_loss's strides)."""
+        H = len(heads)
+        layout = _Layout(heads)
+        prob = target.dim() == 3
+        kernel, grid, blocks, key = _kernel_plan("backward", layout, H, None, heads[0].dtype, target.dtype)
+        static = _static_head_args(heads, layout, head_weights, traced)
+        static.update(_target_strides(target, prob, layout))
+        static.update(
+            C=layout.C, S=layout.inner, R=layout.R, ignore_index=ignore_index, eps=float(label_smoothing),
+            H=H, PROB=prob, HAS_CW=class_weight is not None, SMOOTH=label_smoothing != 0.0, RED=reduction,
+            **blocks,
+        )
+        return dict(layout=layout, kernel=kernel, grid=grid, key=key, static=static)
 
     def _backward_impl(grad_loss, heads, target, class_weight, head_weights, ignore_index: int,
                        label_smoothing: float, reduction: int, lse, coef, denom, traced: bool, one_buffer: bool):
         """The lse-mode backward launch of both paths: every head's gradient from the saved lse and coef;
         grad_loss () or (N, S), read on the device."""
-        layout = _Layout(heads)
-        prob = target.dim() == 3
+        options = (head_weights, ignore_index, label_smoothing, reduction, traced)
+        plan = _cached_plan(
+            lambda: _backward_plan(heads, target, class_weight, *options),
+            ("backward", *_signature(heads, target, class_weight, tuple(head_weights), *options[1:])), traced)
+        layout = plan["layout"]
         grads = _grad_buffer(heads).unbind(0) if one_buffer else _allocate_grads(heads)
         if reduction == NONE:
             grad_loss = grad_loss.reshape(layout.N, layout.S)
             grad_sn, grad_ss = layout.strides2(grad_loss)
         else:
             grad_sn, grad_ss = 0, 0
-        args = _head_args(heads, layout, traced)
-        args.update(_grad_args(grads, coef, layout, traced))
-        args.update(_weight_args(head_weights, traced))
-        args.update(_target_args(target, prob, layout))
-        args.update(
-            CW=class_weight if class_weight is not None else lse,
-            LSE=lse, COEF=coef, DENOM=denom, GRAD=grad_loss, GRAD_SN=grad_sn, GRAD_SS=grad_ss,
-            C=layout.C, S=layout.inner, R=layout.R, ignore_index=ignore_index, eps=float(label_smoothing),
-            H=len(heads), PROB=prob, HAS_CW=class_weight is not None, SMOOTH=label_smoothing != 0.0,
-            RED=reduction,
-        )
-        _launch("backward", layout, args, traced)
+        args = _tensor_head_args(heads, grads, coef, traced)
+        args.update(plan["static"])
+        args.update(T=target, CW=class_weight if class_weight is not None else lse, LSE=lse, COEF=coef,
+                    DENOM=denom, GRAD=grad_loss, GRAD_SN=grad_sn, GRAD_SS=grad_ss)
+        _run(plan["kernel"], plan["grid"], args, traced, plan["key"])
         return grads
 
     def scale_gradients(grads: torch.Tensor, grad_output: torch.Tensor, in_place: bool) -> torch.Tensor:
