@@ -22,9 +22,13 @@ Two grad modes (chosen from static facts only, never from tensor values):
            be known before the gradient is written, so a small pre-pass kernel sums it from the targets in a
            fixed order (no float atomics) and the main kernel reads the partials on the device. Backward is one
            _scale_kernel launch: nothing moves when grad_output is 1.0. Logits read once + gradient written
-           once = 2 x element size bytes per logit, the copy floor.
+           once = 2 x element size bytes per logit, the copy floor (LM 2 x 8192 x 128256 bf16: at most 67% of
+           the floor in lse mode even at full bandwidth). Only the gradient buffer is saved for backward, not
+           the logits, so the caller's logits can be freed right after the forward.
+  Neither mode's GPU time has been measured with this code yet (written on a machine without a GPU);
+  benchmarks/triton_bench.py times both on every shape, with the copy floor.
 
-The rule (_grad_mode): gradient in the forward when a gradient is needed, reduction is mean or sum, we are
+The rule (grad_mode): gradient in the forward when a gradient is needed, reduction is mean or sum, we are
 not tracing (torch.compile / make_fx / a dispatch mode), and the shape is wide (C > NARROW_MAX_C, LM
 vocabularies) or spatial (S > 1, segmentation). Otherwise lse:
   - classifier shapes (S == 1, narrow C, e.g. GoogLeNet's 3 x 256 x 1000) are launch-bound, not
@@ -82,7 +86,8 @@ rows s, a [BLOCK_R, BLOCK_C] tile, and loops over the classes in BLOCK_C chunks 
   - wide (C > NARROW_MAX_C, LM vocabularies): one row per program, BLOCK_C chunks (autotuned). In
     grad-in-forward mode the first pass loads with evict_last and the second with evict_first, so the row
     stays in L2 between the passes (a 128256-class bf16 row is 250 KB; the programs in flight hold a few
-    tens of MB, inside an H100 / H200's 50 MB L2).
+    tens of MB, around an H100 / H200's 50 MB L2; the autotuner times the configs with GRAD in its key, so
+    it picks the block size / warps whose rows in flight reuse L2 best).
 Every program handles all heads of its rows, so the target and class weights are read once for all heads.
 
 Reductions are deterministic: each program writes one row of partial sums (count, denominator, each head's
@@ -109,6 +114,7 @@ import os
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .problem import BackendResult, Problem
 
@@ -200,8 +206,6 @@ def not_supported_reasons(problem: Problem) -> list[str]:
 def _tracing() -> bool:
     """True while torch.compile traces or a dispatch mode (make_fx, FakeTensorMode, ...) is active: tensor
     values are not there to read, and the launches must go through wrap_triton."""
-    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-
     return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
 
 
