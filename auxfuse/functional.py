@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
@@ -46,13 +44,6 @@ def _check_heads(heads: Heads) -> None:
                 )
     if first.dim() == 0:
         raise ValueError(f"auxfuse: head {first_name!r} is a scalar; logits need a class dimension (N, C, ...)")
-
-
-def _as_rows(x: torch.Tensor, batched: bool) -> torch.Tensor:
-    """(N, C, d1..dk) -> (N, C, S) without a copy wherever the strides allow (channels_last included)."""
-    if not batched:
-        x = x.unsqueeze(0)
-    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
 
 
 def _check_target_range(problem: Problem, backend, check_targets: bool) -> None:
@@ -110,10 +101,9 @@ def build_problem(
             f"{tuple(first.shape)} it must be class indices of shape {index_shape} (int64) or probabilities "
             f"of shape {tuple(first.shape)} (floating point)"
         )
-    if prob_target:
-        target = _as_rows(target.to(first.dtype), batched)
-    else:
-        target = target.long().reshape(first.shape[0] if batched else 1, math.prod(index_shape[1:]))
+    target = target.to(first.dtype) if prob_target else target.long()
+    if not batched:  # one sample: a batch of one
+        target = target.unsqueeze(0)
     acc_dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
     class_weight = None
     if weight is not None:
@@ -124,10 +114,10 @@ def build_problem(
             raise ValueError(f"auxfuse: weight is on {weight.device} but the heads are on {first.device}; move one")
         class_weight = weight.to(acc_dtype).contiguous()
     problem = Problem(
-        heads=[_as_rows(x, batched) for x in heads.tensors],
+        inputs=heads.tensors if batched else [x.unsqueeze(0) for x in heads.tensors],
         names=heads.names,
         head_weights=[float(w) for w in heads.weights],
-        target=target,
+        input_target=target,
         prob_target=prob_target,
         class_weight=class_weight,
         ignore_index=int(ignore_index),

@@ -175,7 +175,7 @@ def host_overhead(H: int = 3, N: int = 256, C: int = 1000, calls: int = 300, ver
     heads = [torch.randn(N, C, 1, generator=gen).requires_grad_() for _ in range(H)]
     target = torch.randint(0, C, (N, 1), generator=gen)
     weights = [1.0] + [0.3] * (H - 1)
-    problem = Problem(heads=heads, names=[str(h) for h in range(H)], head_weights=weights, target=target,
+    problem = Problem(inputs=heads, names=[str(h) for h in range(H)], head_weights=weights, input_target=target,
                       prob_target=False, class_weight=None, ignore_index=-100, label_smoothing=0.0,
                       reduction="mean", needs_grad=True, want_details=False)
     grad_output = torch.ones(())

@@ -70,6 +70,7 @@ class MultiheadCrossEntropy : public torch::autograd::Function<MultiheadCrossEnt
     ctx->set_materialize_grads(false);
     ctx->mark_non_differentiable({head_losses, head_correct, count, denom, saved});
     ctx->saved_data["num_heads"] = static_cast<int64_t>(heads.size());
+    ctx->saved_data["classifier"] = heads[0].dim() == 2;  // (N, C) heads: gradients (N, C, 1) -> (N, C)
     ctx->saved_data["grad_mode"] = grad_mode;
     ctx->saved_data["reduction"] = reduction;
     if (grad_mode == kGradInForward) {
@@ -128,8 +129,9 @@ class MultiheadCrossEntropy : public torch::autograd::Function<MultiheadCrossEnt
                       ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["label_smoothing"].toDouble(),
                       reduction, saved[0], saved[1]);
     }
+    const bool classifier = ctx->saved_data["classifier"].toBool();
     for (int64_t h = 0; h < num_heads; ++h) {
-      grad_inputs[h] = grads.select(0, h);
+      grad_inputs[h] = classifier ? grads.select(0, h).squeeze(2) : grads.select(0, h);
     }
     return grad_inputs;
   }

@@ -5,7 +5,9 @@
 // Contract shared by every kernel (the oracle is auxfuse/backends/reference.py):
 //   heads        H >= 1 tensors of one shape (N, C, S), one dtype and device; any strides, but all heads
 //                share heads[0]'s strides (Python makes an odd one contiguous). S is the flattened
-//                spatial size (1 for classifier heads).
+//                spatial size. Classifier heads may also be (N, C), read as (N, C, 1) with targets (N,) /
+//                (N, C): outputs and gradients are then those of (N, C, 1) (a `none` loss (N, 1)); autograd
+//                hands each head its gradient as (N, C).
 //   target       class indices (N, S) int64, or probabilities (N, C, S) of the heads' dtype.
 //   class_weight optional (C,) of the accumulation dtype (float32, float64 for float64 heads).
 //   head_weights H floats.

@@ -21,12 +21,30 @@ struct ProblemShape {
   int64_t rows() const { return batch * spatial; }
 };
 
+// The heads and target as every kernel reads them: (N, C, S) and (N, S) / (N, C, S). Classifier heads may
+// come as (N, C) with targets (N,) / (N, C): viewed here as (N, C, 1) and (N, 1) / (N, C, 1), so that
+// Python passes them as they are instead of making a view per head, which under autograd is a node per head
+// in forward and in backward.
+struct RowViews {
+  std::vector<at::Tensor> heads;
+  at::Tensor target;
+};
+
+inline RowViews as_row_views(at::TensorList heads, const at::Tensor& target) {
+  RowViews rows;
+  const bool classifier = !heads.empty() && heads[0].dim() == 2;
+  rows.heads.reserve(heads.size());
+  for (const at::Tensor& h : heads) rows.heads.push_back(classifier && h.dim() == 2 ? h.unsqueeze(2) : h);
+  rows.target = classifier && target.dim() >= 1 && target.dim() <= 2 ? target.unsqueeze(-1) : target;
+  return rows;
+}
+
 inline ProblemShape check_inputs(at::TensorList heads, const at::Tensor& target,
                                  const c10::optional<at::Tensor>& class_weight, at::ArrayRef<double> head_weights,
                                  int64_t reduction) {
   TORCH_CHECK(!heads.empty(), "auxfuse: at least one head is needed");
   const at::Tensor& h0 = heads[0];
-  TORCH_CHECK(h0.dim() == 3, "auxfuse: heads must be (N, C, S); got ", h0.sizes());
+  TORCH_CHECK(h0.dim() == 3, "auxfuse: heads must be (N, C, S) or (N, C); got ", h0.sizes());
   TORCH_CHECK(at::isFloatingType(h0.scalar_type()), "auxfuse: heads must be floating point; got ", h0.scalar_type());
   for (size_t h = 1; h < heads.size(); ++h) {
     TORCH_CHECK(heads[h].sizes() == h0.sizes() && heads[h].strides() == h0.strides() &&

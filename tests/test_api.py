@@ -193,8 +193,8 @@ def test_cuda_grad_mode_rule(monkeypatch):
 
     def problem(shape, dtype, num_heads=2, reduction="mean"):
         heads = [torch.empty(shape, dtype=dtype, device="meta") for _ in range(num_heads)]
-        return Problem(heads=heads, names=[str(h) for h in range(num_heads)], head_weights=[1.0] * num_heads,
-                       target=torch.empty((shape[0], shape[2]), dtype=torch.long, device="meta"),
+        return Problem(inputs=heads, names=[str(h) for h in range(num_heads)], head_weights=[1.0] * num_heads,
+                       input_target=torch.empty((shape[0], shape[2]), dtype=torch.long, device="meta"),
                        prob_target=False, class_weight=None, ignore_index=-100, label_smoothing=0.0,
                        reduction=reduction, needs_grad=True, want_details=False)
 

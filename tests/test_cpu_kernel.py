@@ -509,3 +509,35 @@ def test_scale_grad_op(dtype):
     OPS.multihead_ce_scale_grad_(grads, torch.tensor(0.5))
     assert torch.equal(grads, before * 0.5)
     torch.library.opcheck(OPS.multihead_ce_scale_grad_.default, (grads, torch.tensor(3.0)))
+
+
+@pytest.mark.parametrize("grad_mode", [1, 2], ids=["grad_in_forward", "save_lse"])
+@pytest.mark.parametrize("reduction", [0, 1, 2], ids=["none", "mean", "sum"])
+def test_classifier_heads_as_they_are(grad_mode, reduction):
+    """(N, C) heads and (N,) targets reach the op without views: the same results as their (N, C, 1) views,
+    gradients handed to each head as (N, C), and opcheck (schema, fake kernel, autograd) on the 2-D form."""
+    g = torch.Generator().manual_seed(4)
+    heads = [torch.randn(6, 11, generator=g).requires_grad_(True) for _ in range(2)]
+    target = torch.randint(0, 11, (6,), generator=g)
+    target[1] = -100
+    args = (target, None, [1.0, 0.4], -100, 0.1, reduction, grad_mode)
+    flat = OPS.multihead_ce_forward(heads, *args)
+    rows = OPS.multihead_ce_forward([h.unsqueeze(2) for h in heads], target.unsqueeze(1), *args[1:])
+    for a, b in zip(flat[:5], rows[:5]):
+        assert torch.equal(a, b)
+    grad_loss = torch.rand(flat[0].shape) + 0.5
+    flat_grads = torch.autograd.grad(flat[0], heads, grad_loss)
+    rows_grads = torch.autograd.grad(rows[0], heads, grad_loss)
+    for a, b in zip(flat_grads, rows_grads):
+        assert a.shape == (6, 11) and torch.equal(a, b)
+    torch.library.opcheck(OPS.multihead_ce_forward.default, (heads, *args))
+
+
+def test_classifier_loss_has_no_view_nodes():
+    """MultiHeadLoss on classifier heads: the fused node's inputs are the heads themselves (no reshape node per
+    head in forward and in backward)."""
+    heads = [torch.randn(4, 7, requires_grad=True) for _ in range(3)]
+    loss = auxfuse.MultiHeadLoss(weights=(1.0, 0.3, 0.3), backend="cpu")(tuple(heads), torch.tensor([0, 1, 2, 3]))
+    inputs = [fn for fn, _ in loss.grad_fn.next_functions if fn is not None]
+    assert [type(fn).__name__ for fn in inputs] == ["AccumulateGrad"] * 3
+    assert [fn.variable for fn in inputs] == heads

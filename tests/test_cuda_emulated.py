@@ -373,3 +373,21 @@ def test_grad_in_forward_unit_grad_output(emu, shape, reduction):
     for a, b in zip(fused[4], saved[4]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     check_mode(emu, heads, target, [1.0, 0.3], grad_mode=GRAD_IN_FORWARD, **options)
+
+
+@pytest.mark.parametrize("grad_mode", [GRAD_IN_FORWARD, SAVE_LSE], ids=["gif", "lse"])
+def test_classifier_heads_as_they_are(emu, grad_mode):
+    """(N, C) heads and (N,) targets: the host code views them as (N, C, 1); same results as the views."""
+    heads = make((7, 300), 2, torch.bfloat16)
+    target = make_target((7, 300), "ignore")
+    args = (None, [1.0, 0.3], -100, 0.1, 1, grad_mode)
+    flat = emu.multihead_ce_forward(heads, target, *args)
+    rows = emu.multihead_ce_forward([h.unsqueeze(2) for h in heads], target.unsqueeze(1), *args)
+    for a, b in zip(flat, rows):
+        assert torch.equal(a, b)
+    if grad_mode == SAVE_LSE:
+        grad_loss = torch.tensor(1.5)
+        a = emu.multihead_ce_backward(grad_loss, heads, target, None, [1.0, 0.3], -100, 0.1, 1, flat[5], flat[4])
+        b = emu.multihead_ce_backward(grad_loss, [h.unsqueeze(2) for h in heads], target.unsqueeze(1), None,
+                                      [1.0, 0.3], -100, 0.1, 1, rows[5], rows[4])
+        assert torch.equal(a, b)

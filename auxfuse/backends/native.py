@@ -53,8 +53,8 @@ def cuda_grad_mode(problem: Problem) -> int:
         return SAVE_LSE
     if CUDA_GRAD != "auto":
         return GRAD_IN_FORWARD if CUDA_GRAD == "forward" else SAVE_LSE
-    h0 = problem.heads[0]
-    logit_bytes = len(problem.heads) * h0.numel() * h0.element_size()
+    h0 = problem.inputs[0]
+    logit_bytes = len(problem.inputs) * h0.numel() * h0.element_size()
     fits = h0.shape[1] <= CUDA_ROW_IN_CACHE_MAX_CLASSES and logit_bytes >= CUDA_GRAD_IN_FORWARD_MIN_BYTES
     return GRAD_IN_FORWARD if fits else SAVE_LSE
 
@@ -76,10 +76,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _rows_shape(h0) -> tuple:
+    """(N, C, S) of a head as the kernels see it (as_row_views in csrc/ops_common.h): (N, C) is (N, C, 1)."""
+    return (*h0.shape, 1) if h0.dim() == 2 else tuple(h0.shape)
+
+
 def _allocate_head_grads(heads):
     """Mirror of allocate_head_grads in csrc/ops_common.h: gradients laid out like the heads."""
     h0 = heads[0]
-    H, (N, C, S) = len(heads), h0.shape
+    H, (N, C, S) = len(heads), _rows_shape(h0)
     if S > 1 and h0.stride(1) == 1:
         return h0.new_empty((H, N, S, C)).permute(0, 1, 3, 2)
     return h0.new_empty((H, N, C, S))
@@ -90,7 +95,7 @@ if _LOAD_ERROR is None:
     @torch.library.register_fake("auxfuse::multihead_ce_forward")
     def _forward_fake(heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction, grad_mode):
         h0 = heads[0]
-        N, C, S = h0.shape
+        N, C, S = _rows_shape(h0)
         acc = _acc_dtype(h0.dtype)
         loss = h0.new_empty((N, S) if reduction == 0 else (), dtype=acc)
         if grad_mode == GRAD_IN_FORWARD:
@@ -147,8 +152,8 @@ class NativeBackend:
         if self.device_type == "cuda":
             if problem.dtype not in CUDA_DTYPES:
                 reasons.append(f"the CUDA kernels take {[str(d) for d in CUDA_DTYPES]}, not {problem.dtype}")
-            if len(problem.heads) > CUDA_MAX_HEADS:
-                reasons.append(f"the CUDA kernels take at most {CUDA_MAX_HEADS} heads, got {len(problem.heads)}")
+            if len(problem.inputs) > CUDA_MAX_HEADS:
+                reasons.append(f"the CUDA kernels take at most {CUDA_MAX_HEADS} heads, got {len(problem.inputs)}")
         if problem.prob_target and problem.target.requires_grad:
             reasons.append("gradients w.r.t. probability targets are computed by the torch backend only")
         if problem.class_weight is not None and problem.class_weight.requires_grad:
@@ -156,7 +161,11 @@ class NativeBackend:
         return reasons
 
     def compute(self, problem: Problem) -> BackendResult:
-        heads = problem.heads
+        # Classifier heads go as they are, (N, C): the op views them as (N, C, 1) below autograd.
+        if problem.is_classifier:
+            heads, target = problem.inputs, problem.input_target
+        else:
+            heads, target = problem.heads, problem.target
         if any(h.stride() != heads[0].stride() for h in heads[1:]):
             # The kernels walk every head with head 0's strides.
             heads = [h.contiguous() for h in heads]
@@ -166,7 +175,7 @@ class NativeBackend:
             grad_mode = GRAD_IN_FORWARD if self.device_type == "cpu" else cuda_grad_mode(problem)
         loss, head_losses, head_correct, count, _, _ = torch.ops.auxfuse.multihead_ce_forward(
             heads,
-            problem.target,
+            target,
             problem.class_weight,
             problem.head_weights,
             problem.ignore_index,

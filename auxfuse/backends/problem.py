@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 import torch
@@ -10,18 +11,28 @@ import torch
 REDUCTIONS = ("none", "mean", "sum")
 
 
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, d1..dk) -> (N, C, S) without a copy wherever the strides allow (channels_last included)."""
+    if x.dim() == 3:
+        return x
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+
+
 @dataclass
 class Problem:
-    """Heads as (N, C, S) views sharing one shape, dtype and device, and the options of cross_entropy.
+    """The heads and the options of cross_entropy, validated.
 
-    target is int64 (N, S) class indices, or (N, C, S) probabilities of the heads' dtype.
+    inputs: the heads as the model gave them, batched: (N, C, d1, ..., dk) (k >= 0), one shape, dtype and device.
+    input_target: int64 class indices (N, d1, ..., dk), or probabilities (N, C, d1, ..., dk) of the heads' dtype.
+    heads / target: the same as (N, C, S) and (N, S) / (N, C, S) views, made on first use: classifier heads
+    (N, C) reach the fused op as they are, since each view of a head that requires grad is an autograd node.
     class_weight, when given, is a contiguous (C,) tensor of the accumulation dtype.
     """
 
-    heads: list[torch.Tensor]
+    inputs: list[torch.Tensor]
     names: list[str]
     head_weights: list[float]
-    target: torch.Tensor
+    input_target: torch.Tensor
     prob_target: bool
     class_weight: Optional[torch.Tensor]
     ignore_index: int
@@ -30,13 +41,38 @@ class Problem:
     needs_grad: bool
     want_details: bool
 
+    # Made on first use (not functools.cached_property: torch.compile does not trace its descriptor).
+    _heads: Optional[list[torch.Tensor]] = field(default=None, repr=False)
+    _target: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    @property
+    def heads(self) -> list[torch.Tensor]:
+        if self._heads is None:
+            self._heads = [as_rows(x) for x in self.inputs]
+        return self._heads
+
+    @property
+    def target(self) -> torch.Tensor:
+        if self._target is None:
+            t = self.input_target
+            if self.prob_target:
+                self._target = as_rows(t)
+            else:
+                self._target = t if t.dim() == 2 else t.reshape(t.shape[0], math.prod(t.shape[1:]))
+        return self._target
+
+    @property
+    def is_classifier(self) -> bool:
+        """(N, C) heads: the form the fused op takes without views."""
+        return self.inputs[0].dim() == 2
+
     @property
     def device(self) -> torch.device:
-        return self.heads[0].device
+        return self.inputs[0].device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.heads[0].dtype
+        return self.inputs[0].dtype
 
     @property
     def acc_dtype(self) -> torch.dtype:
@@ -45,7 +81,7 @@ class Problem:
 
     @property
     def num_classes(self) -> int:
-        return self.heads[0].shape[1]
+        return self.inputs[0].shape[1]
 
     @property
     def reduction_code(self) -> int:

@@ -199,5 +199,8 @@ def compute(problem: Problem) -> BackendResult:
     weight_needs_grad = problem.class_weight is not None and problem.class_weight.requires_grad
     if torch.is_grad_enabled() and (target_needs_grad or weight_needs_grad):
         return _naive(problem)
-    loss, head_losses, head_correct, count = _MultiHeadCrossEntropy.apply(problem, *problem.heads)
+    # The (N, C, S) / (N, S) views are made here, before the autograd.Function: made inside it (on first use),
+    # torch.compile could not carry them out of its forward.
+    heads, _ = problem.heads, problem.target
+    loss, head_losses, head_correct, count = _MultiHeadCrossEntropy.apply(problem, *heads)
     return BackendResult(loss, head_losses, head_correct, count)

@@ -191,9 +191,9 @@ def not_supported_reasons(problem: Problem) -> list[str]:
     if problem.dtype not in DTYPES:
         reasons.append(f"the Triton kernels take float32 / float16 / bfloat16 logits, not {problem.dtype} "
                        "(use backend='torch' or 'cpu' for float64)")
-    if len(problem.heads) > MAX_HEADS:
+    if len(problem.inputs) > MAX_HEADS:
         reasons.append(f"the Triton kernels take at most {MAX_HEADS} heads (one pointer argument each), "
-                       f"got {len(problem.heads)}")
+                       f"got {len(problem.inputs)}")
     if problem.num_classes < 1:
         reasons.append("the heads have no classes")
     if problem.prob_target and problem.target.requires_grad:

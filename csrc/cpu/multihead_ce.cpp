@@ -817,13 +817,15 @@ void forward_tiles(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<sca
 // Forward op.
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
-    at::TensorList heads, const at::Tensor& target_in, const c10::optional<at::Tensor>& class_weight,
+    at::TensorList heads_in, const at::Tensor& target_in, const c10::optional<at::Tensor>& class_weight,
     at::ArrayRef<double> head_weights, int64_t ignore_index, double label_smoothing, int64_t reduction,
     int64_t grad_mode) {
-  const ProblemShape shape = check_inputs(heads, target_in, class_weight, head_weights, reduction);
+  const RowViews rows = as_row_views(heads_in, target_in);
+  const at::TensorList heads = rows.heads;
+  const at::Tensor& target = rows.target;
+  const ProblemShape shape = check_inputs(heads, target, class_weight, head_weights, reduction);
   TORCH_CHECK(grad_mode >= kNoGrad && grad_mode <= kSaveLse, "auxfuse: bad grad_mode ", grad_mode);
   TORCH_CHECK(heads[0].device().is_cpu(), "auxfuse: the CPU kernel got tensors on ", heads[0].device());
-  const at::Tensor& target = target_in;
   ForwardOutputs outs;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, heads[0].scalar_type(), "auxfuse_multihead_ce_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -1077,10 +1079,13 @@ void backward_tiles(const Args<scalar_t>& a, const BackwardIn<at::opmath_type<sc
   });
 }
 
-at::Tensor backward_cpu(const at::Tensor& grad_loss_in, at::TensorList heads, const at::Tensor& target,
+at::Tensor backward_cpu(const at::Tensor& grad_loss_in, at::TensorList heads_in, const at::Tensor& target_in,
                         const c10::optional<at::Tensor>& class_weight, at::ArrayRef<double> head_weights,
                         int64_t ignore_index, double label_smoothing, int64_t reduction, const at::Tensor& lse_in,
                         const at::Tensor& denom) {
+  const RowViews rows = as_row_views(heads_in, target_in);
+  const at::TensorList heads = rows.heads;
+  const at::Tensor& target = rows.target;
   const ProblemShape shape = check_inputs(heads, target, class_weight, head_weights, reduction);
   const auto acc_type = at::toOpMathType(heads[0].scalar_type());
   TORCH_CHECK(heads[0].device().is_cpu(), "auxfuse: the CPU kernel got tensors on ", heads[0].device());

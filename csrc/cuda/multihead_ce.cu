@@ -1001,9 +1001,12 @@ using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
 // Launcher: unsigned int* ticket(const at::TensorOptions&, at::Tensor& holder) (a zeroed counter);
 // template <typename T> void forward(Mapping, int grid, const ForwardParams&); likewise backward.
 template <typename Launcher>
-ForwardResult forward_impl(Launcher& launcher, at::TensorList heads, const at::Tensor& target,
+ForwardResult forward_impl(Launcher& launcher, at::TensorList heads_in, const at::Tensor& target_in,
                            const c10::optional<at::Tensor>& class_weight, at::ArrayRef<double> head_weights,
                            int64_t ignore_index, double label_smoothing, int64_t reduction, int64_t grad_mode) {
+  const auxfuse::RowViews rows = auxfuse::as_row_views(heads_in, target_in);
+  const at::TensorList heads = rows.heads;
+  const at::Tensor& target = rows.target;
   const auxfuse::ProblemShape shape = auxfuse::check_inputs(heads, target, class_weight, head_weights, reduction);
   check_kernel_limits(heads, shape);
   const at::Tensor& h0 = heads[0];
@@ -1076,10 +1079,13 @@ ForwardResult forward_impl(Launcher& launcher, at::TensorList heads, const at::T
 }
 
 template <typename Launcher>
-at::Tensor backward_impl(Launcher& launcher, const at::Tensor& grad_loss, at::TensorList heads,
-                         const at::Tensor& target, const c10::optional<at::Tensor>& class_weight,
+at::Tensor backward_impl(Launcher& launcher, const at::Tensor& grad_loss, at::TensorList heads_in,
+                         const at::Tensor& target_in, const c10::optional<at::Tensor>& class_weight,
                          at::ArrayRef<double> head_weights, int64_t ignore_index, double label_smoothing,
                          int64_t reduction, const at::Tensor& lse, const at::Tensor& denom) {
+  const auxfuse::RowViews rows = auxfuse::as_row_views(heads_in, target_in);
+  const at::TensorList heads = rows.heads;
+  const at::Tensor& target = rows.target;
   const auxfuse::ProblemShape shape = auxfuse::check_inputs(heads, target, class_weight, head_weights, reduction);
   check_kernel_limits(heads, shape);
   const at::Tensor& h0 = heads[0];

@@ -251,7 +251,7 @@ def test_invalid_target_gives_nan_not_out_of_bounds(C):
         with pytest.raises(ValueError) if DEVICE == "cpu" else contextlib.nullcontext():
             auxfuse.multi_head_cross_entropy(heads, target, [1.0, 0.3], backend="triton")
         problem = _problem(heads, good, [1.0, 0.3], reduction="none")
-        problem.target = target.reshape(4, 1)
+        problem.input_target = target
         result = tb.compute(problem)
         rows = result.loss.reshape(4)
         assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3]]).all()
@@ -261,7 +261,7 @@ def test_invalid_target_gives_nan_not_out_of_bounds(C):
             assert torch.isfinite(g[[0, 1, 3]]).all() and torch.isnan(g[2]).all()
         for reduction in ("mean", "sum"):
             problem = _problem(heads, good, [1.0, 0.3], reduction=reduction)
-            problem.target = target.reshape(4, 1)
+            problem.input_target = target
             assert torch.isnan(tb.compute(problem).loss)
 
 
