@@ -498,11 +498,18 @@ def test_grad_in_forward_launches():
             auxfuse.outputs.collect_heads(heads, [1.0, 0.5]), target, weight=None, ignore_index=255,
             label_smoothing=0.0, reduction="mean", want_details=False)
         assert native.cuda_grad_mode(problem) == native.GRAD_IN_FORWARD
+    ours, others = _device_kernels(lambda: mhce(heads, target, [1.0, 0.5], ignore_index=255), heads)
+    assert len(ours) == 3, f"expected pre-pass + forward + scale auxfuse kernels, got {ours}"
+    assert not others, f"unexpected device work besides the auxfuse kernels: {others}"
+
+
+def _device_kernels(loss_fn, heads):
+    """(auxfuse kernels, other device work) of one forward + backward with grad_output 1, after a warm-up (the
+    stream's ticket counter is allocated once)."""
     grad_out = torch.tensor(1.0, device=DEV)
 
     def step():
-        loss = mhce(heads, target, [1.0, 0.5], ignore_index=255)
-        return torch.autograd.grad(loss, heads, grad_out)
+        return torch.autograd.grad(loss_fn(), heads, grad_out)
 
     for _ in range(3):
         step()
@@ -511,15 +518,8 @@ def test_grad_in_forward_launches():
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    names = _kernel_names(prof)
-    ours = [n for n in names if "auxfuse" in n]
-    others = [n for n in names if "auxfuse" not in n]
-    assert len(ours) == 3, f"expected pre-pass + forward + scale auxfuse kernels, got {ours}"
-    assert not others, f"unexpected device work besides the auxfuse kernels: {others}"
-
-
-def _kernel_names(prof):
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [n for n in names if "auxfuse" in n], [n for n in names if "auxfuse" not in n]
 
 
 @needs_cuda_backend
@@ -530,21 +530,6 @@ def test_two_launches_for_forward_and_backward(dtype):
     shape = (256, 1000)
     heads = [h.requires_grad_(True) for h in make_heads(shape, 3, dtype)]
     target = make_target(shape, 1000, "index")
-    grad_out = torch.tensor(1.0, device=DEV)
-
-    def step():
-        loss = mhce(heads, target, [1.0, 0.3, 0.3])
-        return torch.autograd.grad(loss, heads, grad_out)
-
-    for _ in range(3):  # warm-up: the stream's ticket counter is allocated once
-        step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    names = _kernel_names(prof)
-    ours = [n for n in names if "auxfuse" in n]
-    others = [n for n in names if "auxfuse" not in n]
+    ours, others = _device_kernels(lambda: mhce(heads, target, [1.0, 0.3, 0.3]), heads)
     assert len(ours) == 2, f"expected 1 forward + 1 backward auxfuse kernel, got {ours}"
     assert not others, f"unexpected device work besides the auxfuse kernels: {others}"

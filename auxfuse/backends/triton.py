@@ -337,6 +337,32 @@ if _IMPORT_ERROR is None:
         return counted, good, y, y_safe, w_y, target_coef, smooth_row
 
     @triton.jit
+    def _write_grad_rows(X, x_row, SC, G, g_row, G_SC, T, t_row, T_SC, CW, C, row_mask, lse, coef, y_safe,
+                         target_coef, smooth_row, eps, smooth_coef, row_scale,
+                         PROB: tl.constexpr, HAS_CW: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One head's gradient for BLOCK_R rows, BLOCK_C columns at a time: the logits read once more (evicted
+        first: not read again), the gradient scaled by row_scale and rounded once to the gradient's dtype.
+        Shared by the backward kernel and the forward kernel's grad-in-forward pass."""
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            col_mask = cols < C
+            mask = row_mask[:, None] & col_mask[None, :]
+            cols64 = cols.to(tl.int64)
+            x = tl.load(X + (x_row[:, None] + cols64[None, :] * SC), mask=mask, other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
+            wc = x  # placeholders, replaced below when used
+            t = x
+            if HAS_CW and (SMOOTH or PROB):
+                wc = tl.load(CW + cols, mask=col_mask, other=0.0)
+            if PROB:
+                t = tl.load(T + (t_row[:, None] + cols64[None, :] * T_SC), mask=mask, other=0.0)
+                t = t.to(tl.float32)
+            grad = _grad_chunk(x, t, wc, cols64, lse, coef, y_safe, target_coef, smooth_row, eps, smooth_coef,
+                               PROB, HAS_CW, SMOOTH)
+            grad = grad * row_scale[:, None]
+            tl.store(G + (g_row[:, None] + cols64[None, :] * G_SC), grad.to(G.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _grad_chunk(x, t, wc, cols64, lse, coef, y_safe, target_coef, smooth_row, eps, smooth_coef,
                     PROB: tl.constexpr, HAS_CW: tl.constexpr, SMOOTH: tl.constexpr):
         """d loss_row / d x for one [BLOCK_R, BLOCK_C] chunk, in fp32, before the row's scale (shared by the
@@ -508,25 +534,9 @@ if _IMPORT_ERROR is None:
                 # Second pass over the row (just read: L2 / L1), the gradient with everything folded in.
                 G = _sel(h, G0, G1, G2, G3, G4, G5, G6, G7)
                 row_scale = scale * _sel(h, W0, W1, W2, W3, W4, W5, W6, W7)
-                for c0 in range(0, C, BLOCK_C):
-                    cols = c0 + tl.arange(0, BLOCK_C)
-                    col_mask = cols < C
-                    mask = row_mask[:, None] & col_mask[None, :]
-                    cols64 = cols.to(tl.int64)
-                    x = tl.load(X + (x_row[:, None] + cols64[None, :] * SC), mask=mask, other=0.0,
-                                eviction_policy="evict_first").to(tl.float32)
-                    wc = x  # placeholders, replaced below when used
-                    t = x
-                    if HAS_CW and (SMOOTH or PROB):
-                        wc = tl.load(CW + cols, mask=col_mask, other=0.0)
-                    if PROB:
-                        t = tl.load(T + (t_row[:, None] + cols64[None, :] * T_SC), mask=mask, other=0.0)
-                        t = t.to(tl.float32)
-                    grad = _grad_chunk(x, t, wc, cols64, lse, coef, y_safe, target_coef, smooth_row, eps,
-                                       smooth_coef, PROB, HAS_CW, SMOOTH)
-                    grad = grad * row_scale[:, None]
-                    tl.store(G + (g_row[:, None] + cols64[None, :] * G_SC), grad.to(G.dtype.element_ty),
-                             mask=mask)
+                _write_grad_rows(X, x_row, SC, G, g_row, G_SC, T, t_row, T_SC, CW, C, row_mask, lse, coef, y_safe,
+                                 target_coef, smooth_row, eps, smooth_coef, row_scale, PROB, HAS_CW, SMOOTH,
+                                 BLOCK_C)
             if SAVE:
                 tl.store(LSE + (tl.cast(R, tl.int64) * h + r), lse, mask=row_mask)
             if RED == 0:
@@ -631,23 +641,8 @@ if _IMPORT_ERROR is None:
             x_row = n64 * SN + s64 * SS
             lse = tl.load(LSE + (tl.cast(R, tl.int64) * h + r), mask=row_mask, other=0.0)
             row_scale = scale * _sel(h, W0, W1, W2, W3, W4, W5, W6, W7)
-            for c0 in range(0, C, BLOCK_C):
-                cols = c0 + tl.arange(0, BLOCK_C)
-                col_mask = cols < C
-                mask = row_mask[:, None] & col_mask[None, :]
-                cols64 = cols.to(tl.int64)
-                x = tl.load(X + (x_row[:, None] + cols64[None, :] * SC), mask=mask, other=0.0).to(tl.float32)
-                wc = x  # placeholders, replaced below when used
-                t = x
-                if HAS_CW and (SMOOTH or PROB):
-                    wc = tl.load(CW + cols, mask=col_mask, other=0.0)
-                if PROB:
-                    t = tl.load(T + (t_row[:, None] + cols64[None, :] * T_SC), mask=mask, other=0.0)
-                    t = t.to(tl.float32)
-                grad = _grad_chunk(x, t, wc, cols64, lse, coef, y_safe, target_coef, smooth_row, eps,
-                                   smooth_coef, PROB, HAS_CW, SMOOTH)
-                grad = grad * row_scale[:, None]
-                tl.store(G + (g_row[:, None] + cols64[None, :] * G_SC), grad.to(G.dtype.element_ty), mask=mask)
+            _write_grad_rows(X, x_row, SC, G, g_row, G_SC, T, t_row, T_SC, CW, C, row_mask, lse, coef, y_safe,
+                             target_coef, smooth_row, eps, smooth_coef, row_scale, PROB, HAS_CW, SMOOTH, BLOCK_C)
 
     @triton.jit
     def _scale_loop(SRC, DST, NUMEL, g, BLOCK: tl.constexpr):
@@ -739,7 +734,7 @@ if _IMPORT_ERROR is None:
 
         def grad_strides3(self) -> tuple[int, int, int]:
             """The strides of every head's gradient as _grad_buffer and _allocate_grads lay them out."""
-            N, C, S = self.N, self.C, self.S
+            C, S = self.C, self.S
             return self.map3(S * C, 1, C) if self.channels_last else self.map3(C * S, S, 1)
 
     def _grad_buffer(heads) -> torch.Tensor:
