@@ -379,7 +379,13 @@ def test_side_streams():
 
 @needs_cuda_backend
 @pytest.mark.parametrize("shape", [(256, 1000), (2, 21, 16, 16), (4, 50257)], ids=["warp", "spatial", "block"])
-def test_cuda_graph_capture_and_replay(shape):
+@pytest.mark.parametrize("grad_mode", ["lse", "forward"])
+def test_cuda_graph_capture_and_replay(monkeypatch, shape, grad_mode):
+    """Both grad modes capture (no host sync) and replay; grad_output changes value between replays (1.0
+    is grad_mode 1's early exit, read on the device)."""
+    from auxfuse.backends import native
+
+    monkeypatch.setattr(native, "CUDA_GRAD", grad_mode)
     H = 3
     heads = [h.requires_grad_(True) for h in make_heads(shape, H, torch.float32)]
     target = make_target(shape, shape[1], "ignore")
@@ -403,6 +409,7 @@ def test_cuda_graph_capture_and_replay(shape):
             for h, new in zip(heads, make_heads(shape, H, torch.float32, seed=100 + seed)):
                 h.copy_(new)
             target.copy_(make_target(shape, shape[1], "ignore", seed=200 + seed))
+            grad_out.fill_(1.0 if seed == 1 else 1.5)
         graph.replay()
         torch.cuda.synchronize()
         eager = step()
