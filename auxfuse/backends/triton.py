@@ -230,7 +230,7 @@ def grad_mode(problem: Problem) -> int:
         return SAVE_LSE
     if FORCED_GRAD is not None:
         return GRAD_IN_FORWARD if FORCED_GRAD == "forward" else SAVE_LSE
-    N, C, S = problem.heads[0].shape
+    _, C, S = problem.heads[0].shape
     return GRAD_IN_FORWARD if (C > NARROW_MAX_C or S > 1) else SAVE_LSE
 
 

@@ -1,7 +1,8 @@
 // Fused CUDA kernels of the auxfuse ops (schema and output contract: csrc/auxfuse.cpp).
 //
-// Forward: ONE launch for all heads (grad_mode 0 and 2; grad_mode 1 adds a pre-pass for mean, below). A "group" of G threads owns one row (n, s) at a time
-// and loops over the heads inside the row, so the row's target is read once for every head:
+// Forward: ONE launch for all heads (grad_mode 0 and 2; grad_mode 1 adds a pre-pass for mean, below).
+// A "group" of G threads owns one row (n, s) at a time and loops over the heads inside the row, so the row's
+// target is read once for every head:
 //   G = 1    thread per row: class-strided logits, e.g. (N, C, S) segmentation heads (consecutive threads
 //            take consecutive s, so every class step is a coalesced load; up to 24 loads in flight per
 //            thread), or tiny C (< 32);
@@ -1145,11 +1146,11 @@ void scale_grad_impl(Launcher& launcher, const at::Tensor& grads, const at::Tens
               "aligned gradient (the forward's own allocation)");
   if (grads.numel() == 0) return;
   const at::Tensor grad_f = grad_loss.to(at::kFloat);
-  const int64_t threads_needed = (grads.numel() + 7) / 8;
-  const int grid = static_cast<int>(std::min<int64_t>((threads_needed + kScaleBlock - 1) / kScaleBlock,
-                                                      static_cast<int64_t>(launcher.sm_count()) * kScaleBlocksPerSM));
   dispatch_dtype(grads.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+    const int64_t vectors = (grads.numel() + Vec<T>::kVec - 1) / Vec<T>::kVec;  // one per thread and step
+    const int grid = static_cast<int>(std::min<int64_t>((vectors + kScaleBlock - 1) / kScaleBlock,
+                                                        static_cast<int64_t>(launcher.sm_count()) * kScaleBlocksPerSM));
     launcher.template scale<T>(grid, static_cast<T*>(grads.data_ptr()), grads.numel(), grad_f.data_ptr<float>());
   });
 }
