@@ -139,14 +139,12 @@ def make_provider(name: str, shape: Shape) -> tuple[Callable, bool]:
         reason = auxfuse.available_backends().get("cuda")
         if reason is not None:
             raise RuntimeError(f"skip: {reason}")
-        n, c = shape.logits[0], shape.logits[1]
         w = list(weights)
         grad_mode = CUDA_OP_GRAD_MODES[name]
 
-        def op_loss(heads, t):
-            rows = [h.reshape(n, c, -1) for h in heads]
+        def op_loss(heads, t):  # the op takes the heads as they are, (N, C, d1, ..., dk)
             mode = grad_mode if any(h.requires_grad for h in heads) else 0
-            return torch.ops.auxfuse.multihead_ce_forward(rows, t.reshape(n, -1), None, w, -100, 0.0, 1, mode)[0]
+            return torch.ops.auxfuse.multihead_ce_forward(list(heads), t, None, w, -100, 0.0, 1, mode)[0]
 
         return op_loss, False
     if name.startswith("auxfuse-"):

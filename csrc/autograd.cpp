@@ -70,7 +70,6 @@ class MultiheadCrossEntropy : public torch::autograd::Function<MultiheadCrossEnt
     ctx->set_materialize_grads(false);
     ctx->mark_non_differentiable({head_losses, head_correct, count, denom, saved});
     ctx->saved_data["num_heads"] = static_cast<int64_t>(heads.size());
-    ctx->saved_data["classifier"] = heads[0].dim() == 2;  // (N, C) heads: gradients (N, C, 1) -> (N, C)
     ctx->saved_data["grad_mode"] = grad_mode;
     ctx->saved_data["reduction"] = reduction;
     if (grad_mode == kGradInForward) {
@@ -99,8 +98,12 @@ class MultiheadCrossEntropy : public torch::autograd::Function<MultiheadCrossEnt
     if (grad_mode == kGradInForward) {
       grads = ctx->get_saved_variables()[0];
       // Built only when used: loss.backward() (grad_output 1 on a freed graph) launches nothing at all.
+      // A `none` loss is (N, S): its gradient is broadcast over the classes as (N, 1, d1, ..., dk).
       const auto scale = [&] {
-        return (reduction == kReductionNone ? grad_loss.unsqueeze(1) : grad_loss).to(grads.scalar_type());
+        if (reduction != kReductionNone) return grad_loss.to(grads.scalar_type());
+        std::vector<int64_t> sizes(grads.sizes().begin() + 1, grads.sizes().end());
+        sizes[1] = 1;
+        return grad_loss.reshape(sizes).to(grads.scalar_type());
       };
       // The buffer may be handed out (or scaled in place) only if this backward is its last reader.
       const bool last_use = !torch::autograd::get_current_graph_task_keep_graph() && !is_traced(grad_loss) &&
@@ -129,9 +132,8 @@ class MultiheadCrossEntropy : public torch::autograd::Function<MultiheadCrossEnt
                       ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["label_smoothing"].toDouble(),
                       reduction, saved[0], saved[1]);
     }
-    const bool classifier = ctx->saved_data["classifier"].toBool();
     for (int64_t h = 0; h < num_heads; ++h) {
-      grad_inputs[h] = classifier ? grads.select(0, h).squeeze(2) : grads.select(0, h);
+      grad_inputs[h] = grads.select(0, h);  // (H, *head shape): see grads_in_head_shape
     }
     return grad_inputs;
   }

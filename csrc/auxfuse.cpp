@@ -5,9 +5,10 @@
 // Contract shared by every kernel (the oracle is auxfuse/backends/reference.py):
 //   heads        H >= 1 tensors of one shape (N, C, S), one dtype and device; any strides, but all heads
 //                share heads[0]'s strides (Python makes an odd one contiguous). S is the flattened
-//                spatial size. Classifier heads may also be (N, C), read as (N, C, 1) with targets (N,) /
-//                (N, C): outputs and gradients are then those of (N, C, 1) (a `none` loss (N, 1)); autograd
-//                hands each head its gradient as (N, C).
+//                spatial size. Heads may also come as the model gave them, (N, C, d1, ..., dk) for any
+//                k >= 0 with targets (N, d1, ..., dk) / (N, C, d1, ..., dk): read as (N, C, S), S = d1...dk
+//                (1 for k = 0); the loss and log-sum-exp are then those of (N, C, S) (a `none` loss (N, S)),
+//                and gradients come in the heads' shape, (H, N, C, d1, ..., dk).
 //   target       class indices (N, S) int64, or probabilities (N, C, S) of the heads' dtype.
 //   class_weight optional (C,) of the accumulation dtype (float32, float64 for float64 heads).
 //   head_weights H floats.
@@ -23,8 +24,8 @@
 //   count        int64 (): counted rows (target != ignore_index; every row for probability targets).
 //   denom        acc (): the mean's divisor: sum of class_weight[target] over counted rows, or count
 //                without weights; N * S for probability targets.
-//   saved        grad_mode 0: empty (0,). 1: gradients (H, N, C, S) in the heads' dtype, laid out like
-//                the heads (see allocate_head_grads). 2: log-sum-exp (H, N, S), acc dtype.
+//   saved        grad_mode 0: empty (0,). 1: gradients (H, *heads' shape) in the heads' dtype, laid out
+//                like the heads (see allocate_head_grads). 2: log-sum-exp (H, N, S), acc dtype.
 // A target outside [0, C) that is not ignore_index raises ValueError on CPU before anything is written;
 // on CUDA it is never read out of bounds and makes the loss NaN.
 #include <Python.h>
@@ -44,7 +45,7 @@ TORCH_LIBRARY(auxfuse, m) {
       "int ignore_index, float label_smoothing, int reduction, int grad_mode) -> "
       "(Tensor loss, Tensor head_losses, Tensor head_correct, Tensor count, Tensor denom, Tensor saved)");
   // Gradient of every head from the saved log-sum-exp (grad_mode 2): grad_loss is () for mean / sum and
-  // (N, S) for none, read on the device. Returns (H, N, C, S) in the heads' dtype, laid out like the heads.
+  // (N, S) for none, read on the device. Returns (H, *heads' shape) in the heads' dtype, laid out like the heads.
   m.def(
       "multihead_ce_backward(Tensor grad_loss, Tensor[] heads, Tensor target, Tensor? class_weight, "
       "float[] head_weights, int ignore_index, float label_smoothing, int reduction, Tensor lse, "

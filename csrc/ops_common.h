@@ -5,7 +5,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <c10/util/accumulate.h>
 
+#include <tuple>
 #include <vector>
 
 #include "multihead_ce.h"
@@ -21,10 +23,11 @@ struct ProblemShape {
   int64_t rows() const { return batch * spatial; }
 };
 
-// The heads and target as every kernel reads them: (N, C, S) and (N, S) / (N, C, S). Classifier heads may
-// come as (N, C) with targets (N,) / (N, C): viewed here as (N, C, 1) and (N, 1) / (N, C, 1), so that
+// The heads and target as every kernel reads them: (N, C, S) and (N, S) / (N, C, S). Heads may come as
+// (N, C, d1, ..., dk) for any k >= 0, with targets (N, d1, ..., dk) / (N, C, d1, ..., dk): reshaped here to
+// (N, C, S) (a view wherever the strides allow, as every head of one call shares head 0's strides), so that
 // Python passes them as they are instead of making a view per head, which under autograd is a node per head
-// in forward and in backward.
+// in forward and in backward. Anything else is left as it is for check_inputs to report.
 struct RowViews {
   std::vector<at::Tensor> heads;
   at::Tensor target;
@@ -32,10 +35,21 @@ struct RowViews {
 
 inline RowViews as_row_views(at::TensorList heads, const at::Tensor& target) {
   RowViews rows;
-  const bool classifier = !heads.empty() && heads[0].dim() == 2;
-  rows.heads.reserve(heads.size());
-  for (const at::Tensor& h : heads) rows.heads.push_back(classifier && h.dim() == 2 ? h.unsqueeze(2) : h);
-  rows.target = classifier && target.dim() >= 1 && target.dim() <= 2 ? target.unsqueeze(-1) : target;
+  rows.heads = heads.vec();
+  rows.target = target;
+  if (heads.empty() || heads[0].dim() < 2 || heads[0].dim() == 3) {
+    return rows;
+  }
+  const at::IntArrayRef sizes = heads[0].sizes();
+  const int64_t N = sizes[0], C = sizes[1], S = c10::multiply_integers(sizes.slice(2));
+  for (at::Tensor& h : rows.heads) {
+    if (h.sizes() == sizes) h = h.reshape({N, C, S});
+  }
+  if (target.dim() == heads[0].dim() - 1 && target.size(0) == N && target.sizes().slice(1) == sizes.slice(2)) {
+    rows.target = target.reshape({N, S});
+  } else if (target.sizes() == sizes) {
+    rows.target = target.reshape({N, C, S});
+  }
   return rows;
 }
 
@@ -44,7 +58,7 @@ inline ProblemShape check_inputs(at::TensorList heads, const at::Tensor& target,
                                  int64_t reduction) {
   TORCH_CHECK(!heads.empty(), "auxfuse: at least one head is needed");
   const at::Tensor& h0 = heads[0];
-  TORCH_CHECK(h0.dim() == 3, "auxfuse: heads must be (N, C, S) or (N, C); got ", h0.sizes());
+  TORCH_CHECK(h0.dim() == 3, "auxfuse: heads must be (N, C, d1, ..., dk); got ", h0.sizes());
   TORCH_CHECK(at::isFloatingType(h0.scalar_type()), "auxfuse: heads must be floating point; got ", h0.scalar_type());
   for (size_t h = 1; h < heads.size(); ++h) {
     TORCH_CHECK(heads[h].sizes() == h0.sizes() && heads[h].strides() == h0.strides() &&
@@ -89,8 +103,25 @@ inline at::Tensor allocate_head_grads(at::TensorList heads) {
   return at::empty({H, N, C, S}, h0.options());
 }
 
+// Gradients as autograd hands them out, (H, *shape of the heads as given): a view of the (H, N, C, S) layout
+// the kernels write, so that each head's gradient is one select.
+inline at::Tensor grads_in_head_shape(const at::Tensor& grads, at::TensorList heads_in) {
+  const at::Tensor& h0 = heads_in[0];
+  if (h0.dim() == 3) return grads;
+  std::vector<int64_t> sizes{grads.size(0)};
+  sizes.insert(sizes.end(), h0.sizes().begin(), h0.sizes().end());
+  return grads.view(sizes);
+}
+
 struct ForwardOutputs {
   at::Tensor loss, head_losses, head_correct, count, denom, saved;
+
+  // The op's outputs; `saved` in the heads' shape when it holds gradients (grad_mode 1).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> result(at::TensorList heads_in,
+                                                                                            int64_t grad_mode) const {
+    return {loss, head_losses, head_correct, count, denom,
+            grad_mode == kGradInForward ? grads_in_head_shape(saved, heads_in) : saved};
+  }
 };
 
 inline ForwardOutputs allocate_forward_outputs(at::TensorList heads, const ProblemShape& shape, int64_t reduction,

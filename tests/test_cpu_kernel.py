@@ -511,33 +511,73 @@ def test_scale_grad_op(dtype):
     torch.library.opcheck(OPS.multihead_ce_scale_grad_.default, (grads, torch.tensor(3.0)))
 
 
+def _heads_of_layout(layout, g):
+    """Two heads of one layout with 11 classes, and the (N, d1, ..., dk) shape of their class-index target."""
+    if layout == "classifier":
+        return [torch.randn(6, 11, generator=g) for _ in range(2)], (6,)
+    if layout == "spatial-1d":
+        return [torch.randn(2, 11, 5, generator=g) for _ in range(2)], (2, 5)
+    if layout == "nchw":
+        return [torch.randn(2, 11, 3, 4, generator=g) for _ in range(2)], (2, 3, 4)
+    if layout == "channels_last":
+        return [torch.randn(2, 11, 3, 4, generator=g).to(memory_format=torch.channels_last) for _ in range(2)], (2, 3, 4)
+    if layout == "volumetric":
+        return [torch.randn(2, 11, 2, 3, 2, generator=g) for _ in range(2)], (2, 2, 3, 2)
+    assert layout == "no-view"  # classes innermost but H and W swapped in memory: (N, C, S) needs a copy
+    return [torch.randn(2, 4, 3, 11, generator=g).permute(0, 3, 2, 1) for _ in range(2)], (2, 3, 4)
+
+
+HEAD_LAYOUTS = ["classifier", "spatial-1d", "nchw", "channels_last", "volumetric", "no-view"]
+
+
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS)
 @pytest.mark.parametrize("grad_mode", [1, 2], ids=["grad_in_forward", "save_lse"])
 @pytest.mark.parametrize("reduction", [0, 1, 2], ids=["none", "mean", "sum"])
-def test_classifier_heads_as_they_are(grad_mode, reduction):
-    """(N, C) heads and (N,) targets reach the op without views: the same results as their (N, C, 1) views,
-    gradients handed to each head as (N, C), and opcheck (schema, fake kernel, autograd) on the 2-D form."""
+def test_heads_as_they_are(layout, grad_mode, reduction):
+    """(N, C, d1, ..., dk) heads and (N, d1, ..., dk) targets reach the op as they are: the same results as
+    their (N, C, S) views, gradients handed to each head in its own shape, and opcheck (schema, fake kernel,
+    autograd) on that form."""
     g = torch.Generator().manual_seed(4)
-    heads = [torch.randn(6, 11, generator=g).requires_grad_(True) for _ in range(2)]
-    target = torch.randint(0, 11, (6,), generator=g)
-    target[1] = -100
+    heads, index_shape = _heads_of_layout(layout, g)
+    heads = [h.requires_grad_(True) for h in heads]
+    N, C = heads[0].shape[:2]
+    target = torch.randint(0, C, index_shape, generator=g)
+    target.view(-1)[1] = -100
     args = (target, None, [1.0, 0.4], -100, 0.1, reduction, grad_mode)
-    flat = OPS.multihead_ce_forward(heads, *args)
-    rows = OPS.multihead_ce_forward([h.unsqueeze(2) for h in heads], target.unsqueeze(1), *args[1:])
-    for a, b in zip(flat[:5], rows[:5]):
+    given = OPS.multihead_ce_forward(heads, *args)
+    rows = OPS.multihead_ce_forward([h.reshape(N, C, -1) for h in heads], target.reshape(N, -1), *args[1:])
+    for a, b in zip(given[:5], rows[:5]):
         assert torch.equal(a, b)
-    grad_loss = torch.rand(flat[0].shape) + 0.5
-    flat_grads = torch.autograd.grad(flat[0], heads, grad_loss)
+    grad_loss = torch.rand(given[0].shape, generator=g) + 0.5
+    given_grads = torch.autograd.grad(given[0], heads, grad_loss)
     rows_grads = torch.autograd.grad(rows[0], heads, grad_loss)
-    for a, b in zip(flat_grads, rows_grads):
-        assert a.shape == (6, 11) and torch.equal(a, b)
+    for a, b in zip(given_grads, rows_grads):
+        assert a.shape == heads[0].shape and torch.equal(a, b)
     torch.library.opcheck(OPS.multihead_ce_forward.default, (heads, *args))
 
 
-def test_classifier_loss_has_no_view_nodes():
-    """MultiHeadLoss on classifier heads: the fused node's inputs are the heads themselves (no reshape node per
-    head in forward and in backward)."""
-    heads = [torch.randn(4, 7, requires_grad=True) for _ in range(3)]
-    loss = auxfuse.MultiHeadLoss(weights=(1.0, 0.3, 0.3), backend="cpu")(tuple(heads), torch.tensor([0, 1, 2, 3]))
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS)
+def test_probability_targets_as_they_are(layout):
+    """(N, C, d1, ..., dk) probability targets are read as (N, C, S) too."""
+    g = torch.Generator().manual_seed(5)
+    heads, _ = _heads_of_layout(layout, g)
+    N, C = heads[0].shape[:2]
+    target = torch.softmax(torch.randn(heads[0].shape, generator=g), 1)
+    args = (None, [1.0, 0.4], -100, 0.0, 1, 1)
+    given = OPS.multihead_ce_forward(heads, target, *args)
+    rows = OPS.multihead_ce_forward([h.reshape(N, C, -1) for h in heads], target.reshape(N, C, -1), *args)
+    for a, b in zip(given[:5], rows[:5]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS)
+def test_loss_has_no_view_nodes(layout):
+    """MultiHeadLoss: the fused node's inputs are the heads themselves (no reshape node per head in forward and
+    in backward), for classifier and spatial heads alike."""
+    heads, index_shape = _heads_of_layout(layout, torch.Generator().manual_seed(6))
+    heads = [h.requires_grad_(True) for h in heads]
+    target = torch.randint(0, heads[0].shape[1], index_shape)
+    loss = auxfuse.MultiHeadLoss(weights=(1.0, 0.3), backend="cpu")(tuple(heads), target)
     inputs = [fn for fn, _ in loss.grad_fn.next_functions if fn is not None]
-    assert [type(fn).__name__ for fn in inputs] == ["AccumulateGrad"] * 3
+    assert [type(fn).__name__ for fn in inputs] == ["AccumulateGrad"] * 2
     assert [fn.variable for fn in inputs] == heads

@@ -375,19 +375,35 @@ def test_grad_in_forward_unit_grad_output(emu, shape, reduction):
     check_mode(emu, heads, target, [1.0, 0.3], grad_mode=GRAD_IN_FORWARD, **options)
 
 
+HEAD_LAYOUTS = {  # name: (shape, make the heads of that layout from contiguous ones)
+    "classifier": ((7, 300), lambda h: h),
+    "nchw": ((2, 40, 3, 5), lambda h: h),
+    "channels_last": ((2, 40, 3, 5), lambda h: h.to(memory_format=torch.channels_last)),
+    # classes innermost but H and W swapped in memory: (N, C, S) needs a copy
+    "no-view": ((2, 40, 3, 5), lambda h: h.permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1)),
+}
+
+
+@pytest.mark.parametrize("layout", list(HEAD_LAYOUTS))
 @pytest.mark.parametrize("grad_mode", [GRAD_IN_FORWARD, SAVE_LSE], ids=["gif", "lse"])
-def test_classifier_heads_as_they_are(emu, grad_mode):
-    """(N, C) heads and (N,) targets: the host code views them as (N, C, 1); same results as the views."""
-    heads = make((7, 300), 2, torch.bfloat16)
-    target = make_target((7, 300), "ignore")
+def test_heads_as_they_are(emu, grad_mode, layout):
+    """(N, C, d1, ..., dk) heads and (N, d1, ..., dk) targets: the host code reads them as (N, C, S); the same
+    results as the (N, C, S) views, gradients in the heads' shape."""
+    shape, arrange = HEAD_LAYOUTS[layout]
+    heads = [arrange(h) for h in make(shape, 2, torch.bfloat16)]
+    target = make_target(shape, "ignore")
+    N, C = shape[:2]
+    rows_heads, rows_target = [h.reshape(N, C, -1) for h in heads], target.reshape(N, -1)
     args = (None, [1.0, 0.3], -100, 0.1, 1, grad_mode)
-    flat = emu.multihead_ce_forward(heads, target, *args)
-    rows = emu.multihead_ce_forward([h.unsqueeze(2) for h in heads], target.unsqueeze(1), *args)
-    for a, b in zip(flat, rows):
+    given = emu.multihead_ce_forward(heads, target, *args)
+    rows = emu.multihead_ce_forward(rows_heads, rows_target, *args)
+    for a, b in zip(given[:5], rows[:5]):
         assert torch.equal(a, b)
-    if grad_mode == SAVE_LSE:
+    if grad_mode == GRAD_IN_FORWARD:
+        assert given[5].shape == (2, *shape) and torch.equal(given[5], rows[5].view(given[5].shape))
+    else:
         grad_loss = torch.tensor(1.5)
-        a = emu.multihead_ce_backward(grad_loss, heads, target, None, [1.0, 0.3], -100, 0.1, 1, flat[5], flat[4])
-        b = emu.multihead_ce_backward(grad_loss, [h.unsqueeze(2) for h in heads], target.unsqueeze(1), None,
-                                      [1.0, 0.3], -100, 0.1, 1, rows[5], rows[4])
-        assert torch.equal(a, b)
+        a = emu.multihead_ce_backward(grad_loss, heads, target, None, [1.0, 0.3], -100, 0.1, 1, given[5], given[4])
+        b = emu.multihead_ce_backward(grad_loss, rows_heads, rows_target, None, [1.0, 0.3], -100, 0.1, 1, rows[5],
+                                      rows[4])
+        assert a.shape == (2, *shape) and torch.equal(a, b.view(a.shape))

@@ -22,6 +22,7 @@ torch.compile and meta tensors) and chooses the grad_mode per call:
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -76,18 +77,21 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _rows_shape(h0) -> tuple:
-    """(N, C, S) of a head as the kernels see it (as_row_views in csrc/ops_common.h): (N, C) is (N, C, 1)."""
-    return (*h0.shape, 1) if h0.dim() == 2 else tuple(h0.shape)
+def _rows(h0):
+    """A head as the kernels see it, (N, C, S): the reshape of as_row_views in csrc/ops_common.h."""
+    return h0 if h0.dim() == 3 else h0.reshape(h0.shape[0], h0.shape[1], math.prod(h0.shape[2:]))
 
 
 def _allocate_head_grads(heads):
-    """Mirror of allocate_head_grads in csrc/ops_common.h: gradients laid out like the heads."""
-    h0 = heads[0]
-    H, (N, C, S) = len(heads), _rows_shape(h0)
-    if S > 1 and h0.stride(1) == 1:
-        return h0.new_empty((H, N, S, C)).permute(0, 1, 3, 2)
-    return h0.new_empty((H, N, C, S))
+    """Mirror of allocate_head_grads and grads_in_head_shape in csrc/ops_common.h: gradients laid out like the
+    heads' (N, C, S) views, returned in the heads' shape."""
+    rows = _rows(heads[0])
+    H, (N, C, S) = len(heads), rows.shape
+    if S > 1 and rows.stride(1) == 1:
+        grads = rows.new_empty((H, N, S, C)).permute(0, 1, 3, 2)
+    else:
+        grads = rows.new_empty((H, N, C, S))
+    return grads.view(H, *heads[0].shape)
 
 
 if _LOAD_ERROR is None:
@@ -95,7 +99,7 @@ if _LOAD_ERROR is None:
     @torch.library.register_fake("auxfuse::multihead_ce_forward")
     def _forward_fake(heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction, grad_mode):
         h0 = heads[0]
-        N, C, S = _rows_shape(h0)
+        N, C, S = _rows(h0).shape
         acc = _acc_dtype(h0.dtype)
         loss = h0.new_empty((N, S) if reduction == 0 else (), dtype=acc)
         if grad_mode == GRAD_IN_FORWARD:
@@ -161,11 +165,8 @@ class NativeBackend:
         return reasons
 
     def compute(self, problem: Problem) -> BackendResult:
-        # Classifier heads go as they are, (N, C): the op views them as (N, C, 1) below autograd.
-        if problem.is_classifier:
-            heads, target = problem.inputs, problem.input_target
-        else:
-            heads, target = problem.heads, problem.target
+        # The heads go as they are: the op views them as (N, C, S) below autograd.
+        heads, target = problem.inputs, problem.input_target
         if any(h.stride() != heads[0].stride() for h in heads[1:]):
             # The kernels walk every head with head 0's strides.
             heads = [h.contiguous() for h in heads]

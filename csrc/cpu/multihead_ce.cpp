@@ -899,7 +899,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     *outs.count.data_ptr<int64_t>() = stats.count;
     *outs.denom.data_ptr<acc_t>() = denom;
   });
-  return {outs.loss, outs.head_losses, outs.head_correct, outs.count, outs.denom, outs.saved};
+  return outs.result(heads_in, grad_mode);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1130,7 +1130,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss_in, at::TensorList heads_in,
       }
     }
   });
-  return grads;
+  return grads_in_head_shape(grads, heads_in);
 }
 
 }  // namespace

@@ -1021,7 +1021,7 @@ ForwardResult forward_impl(Launcher& launcher, at::TensorList heads_in, const at
     out.head_correct.zero_();
     out.count.zero_();
     out.denom.zero_();
-    return {out.loss, out.head_losses, out.head_correct, out.count, out.denom, out.saved};
+    return out.result(heads_in, grad_mode);
   }
 
   const Mapping mapping = choose_mapping(shape.classes, h0.stride(1));
@@ -1076,7 +1076,7 @@ ForwardResult forward_impl(Launcher& launcher, at::TensorList heads_in, const at
     }
     launcher.template forward<T>(mapping, grid, fp);
   });
-  return {out.loss, out.head_losses, out.head_correct, out.count, out.denom, out.saved};
+  return out.result(heads_in, grad_mode);
 }
 
 template <typename Launcher>
@@ -1105,7 +1105,7 @@ at::Tensor backward_impl(Launcher& launcher, const at::Tensor& grad_loss, at::Te
   TORCH_CHECK(grad_loss.device() == h0.device(), "auxfuse: grad_loss is on ", grad_loss.device());
 
   at::Tensor grads = auxfuse::allocate_head_grads(heads);
-  if (shape.rows() == 0) return grads;
+  if (shape.rows() == 0) return auxfuse::grads_in_head_shape(grads, heads_in);
 
   const at::Tensor lse_c = lse.contiguous();
   const at::Tensor denom_f = denom.to(at::kFloat);
@@ -1133,7 +1133,7 @@ at::Tensor backward_impl(Launcher& launcher, const at::Tensor& grad_loss, at::Te
     using T = decltype(tag);
     launcher.template backward<T>(mapping, grid, bp);
   });
-  return grads;
+  return auxfuse::grads_in_head_shape(grads, heads_in);
 }
 
 // grads *= grad_loss (a one-element tensor), in place, unless it is 1; read on the device.
