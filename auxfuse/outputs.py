@@ -35,6 +35,7 @@ class Heads:
     tensors: list[torch.Tensor]
     weights: list[float]
     main: int  # index of the main head in names / tensors
+    positions: tuple[int, ...]  # index of each head among the output's values (None values are no heads)
 
 
 def _is_namedtuple(obj: Any) -> bool:
@@ -158,6 +159,7 @@ def collect_heads(
         tensors=[values[i] for i in kept],
         weights=head_weights,
         main=kept.index(main_index),
+        positions=tuple(kept),
     )
 
 

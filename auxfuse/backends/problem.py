@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
@@ -24,8 +25,8 @@ class Problem:
 
     inputs: the heads as the model gave them, batched: (N, C, d1, ..., dk) (k >= 0), one shape, dtype and device.
     input_target: int64 class indices (N, d1, ..., dk), or probabilities (N, C, d1, ..., dk) of the heads' dtype.
-    heads / target: the same as (N, C, S) and (N, S) / (N, C, S) views, made on first use: classifier heads
-    (N, C) reach the fused op as they are, since each view of a head that requires grad is an autograd node.
+    heads / target: the same as (N, C, S) and (N, S) / (N, C, S) views, made on first use: the fused ops take
+    the inputs as they are, since each view of a head that requires grad is an autograd node.
     class_weight, when given, is a contiguous (C,) tensor of the accumulation dtype.
     """
 
@@ -45,6 +46,14 @@ class Problem:
     _heads: Optional[list[torch.Tensor]] = field(default=None, repr=False)
     _target: Optional[torch.Tensor] = field(default=None, repr=False)
 
+    def with_tensors(
+        self, inputs: list[torch.Tensor], input_target: Optional[torch.Tensor], class_weight: Optional[torch.Tensor]
+    ) -> "Problem":
+        """The same problem for other tensors of the same shapes, dtypes and devices (the front end's plans)."""
+        return dataclasses.replace(
+            self, inputs=inputs, input_target=input_target, class_weight=class_weight, _heads=None, _target=None
+        )
+
     @property
     def heads(self) -> list[torch.Tensor]:
         if self._heads is None:
@@ -60,11 +69,6 @@ class Problem:
             else:
                 self._target = t if t.dim() == 2 else t.reshape(t.shape[0], math.prod(t.shape[1:]))
         return self._target
-
-    @property
-    def is_classifier(self) -> bool:
-        """(N, C) heads: the form the fused op takes without views."""
-        return self.inputs[0].dim() == 2
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,206 @@
+"""The front end's plans (auxfuse/functional.py): a call whose signature was seen before skips collect_heads,
+build_problem and the backend choice. Every test here makes the second call hit a plan (or checks that it
+must not) and compares it with the oracle, so that a signature missing one of the facts the front end
+decides from would show up as a wrong loss or a missing error."""
+
+import collections
+import gc
+import weakref
+
+import pytest
+import torch
+
+import auxfuse
+from auxfuse import functional
+from oracle import naive_loss
+
+GoogLeNetOutputs = collections.namedtuple("GoogLeNetOutputs", "logits aux_logits2 aux_logits1")
+
+
+@pytest.fixture(autouse=True)
+def no_plans():
+    functional._PLANS.clear()
+    yield
+    functional._PLANS.clear()
+
+
+def _heads(shape=(5, 7), n=3, seed=0, **kwargs):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, **kwargs).requires_grad_(True) for _ in range(n)]
+
+
+def _target(shape=(5,), C=7, seed=1):
+    return torch.randint(0, C, shape, generator=torch.Generator().manual_seed(seed))
+
+
+OUTPUT_TYPES = {
+    # name: (make the output from three heads, the heads that count and their weights, the call's weights)
+    "tensor": (lambda h: h[0], lambda h: ([h[0]], [1.0]), None),
+    "namedtuple": (lambda h: GoogLeNetOutputs(*h), lambda h: (h, [1.0, 0.3, 0.3]), None),
+    "namedtuple-none": (lambda h: GoogLeNetOutputs(h[0], None, h[2]), lambda h: ([h[0], h[2]], [1.0, 0.3]), None),
+    "dict": (lambda h: {"out": h[0], "aux": h[1]}, lambda h: (h[:2], [1.0, 0.5]), None),
+    "tuple": (lambda h: tuple(h), lambda h: (h, [1.0, 0.2, 0.1]), (1.0, 0.2, 0.1)),
+    "list": (lambda h: list(h), lambda h: (h, [1.0, 0.3, 0.3]), None),
+    "dict-named-weights": (lambda h: {"a": h[0], "b": h[1]}, lambda h: (h[:2], [0.7, 0.4]), {"a": 0.7, "b": 0.4}),
+}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("output_type", list(OUTPUT_TYPES))
+@pytest.mark.parametrize("options", [{}, {"reduction": "sum", "label_smoothing": 0.1}, {"reduction": "none"},
+                                     {"ignore_index": 2, "weight": True}], ids=["mean", "sum-smooth", "none", "ignore-weight"])
+def test_second_call_uses_the_plan_and_matches_the_oracle(backend, output_type, options):
+    make_output, counted, weights = OUTPUT_TYPES[output_type]
+    options = dict(options)
+    if options.pop("weight", False):
+        options["weight"] = torch.rand(7) + 0.5
+    for call in range(3):  # the first call makes the plan, the others use it: new values every time
+        heads, target = _heads(seed=call), _target(seed=10 + call)
+        out = auxfuse.multi_head_cross_entropy(make_output(heads), target, weights, backend=backend,
+                                               return_details=True, **options)
+        assert len(functional._PLANS) == 1
+        used, used_weights = counted(heads)
+        ref_heads = [h.detach().clone().requires_grad_(True) for h in used]
+        ref = naive_loss(ref_heads, target, used_weights, **options)
+        torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+        grad_loss = torch.rand_like(out.loss) + 0.5
+        ours = torch.autograd.grad(out.loss, used, grad_loss)
+        theirs = torch.autograd.grad(ref, ref_heads, grad_loss)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert int(out.count) == int((target != options.get("ignore_index", -100)).sum())
+
+
+def test_weights_changed_in_place_are_seen():
+    heads, target = _heads(), _target()
+    weights = {"logits": 1.0, "aux_logits1": 0.3, "aux_logits2": 0.3}
+    criterion = auxfuse.MultiHeadLoss(weights)
+    first = criterion(GoogLeNetOutputs(*heads), target)
+    criterion.weights["aux_logits1"] = 0.9  # the criterion's own dict, changed in place
+    second = criterion(GoogLeNetOutputs(*heads), target)
+    torch.testing.assert_close(second, naive_loss(heads, target, [1.0, 0.3, 0.9]))
+    assert not torch.equal(first, second)
+    sequence = [1.0, 0.5, 0.5]
+    a = auxfuse.multi_head_cross_entropy(tuple(heads), target, sequence)
+    sequence[2] = 0.0
+    b = auxfuse.multi_head_cross_entropy(tuple(heads), target, sequence)
+    torch.testing.assert_close(b, naive_loss(heads, target, [1.0, 0.5, 0.0]))
+    assert not torch.equal(a, b)
+
+
+def test_a_class_weight_changed_in_place_is_seen():
+    heads, target = _heads(), _target()
+    weight = torch.ones(7)
+    criterion = auxfuse.MultiHeadLoss(weight=weight)
+    criterion(tuple(heads), target)
+    criterion.weight[3] = 5.0
+    torch.testing.assert_close(criterion(tuple(heads), target),
+                               naive_loss(heads, target, [1.0, 0.3, 0.3], weight=criterion.weight))
+
+
+def test_every_fact_of_the_signature_makes_a_new_plan():
+    """Calls that differ in one fact each: a plan apiece, each loss right."""
+    base_heads, target = _heads(), _target()
+    variants = {
+        "base": (tuple(base_heads), target, {}),
+        "no-grad heads": (tuple(h.detach() for h in base_heads), target, {}),
+        "float64": (tuple(h.detach().double().requires_grad_(True) for h in base_heads), target, {}),
+        "int32 target": (tuple(base_heads), target.int(), {}),
+        "two heads": (tuple(base_heads[:2]), target, {}),
+        "batch 4": (tuple(h[:4] for h in base_heads), target[:4], {}),
+        "main": (tuple(base_heads), target, {"main": 1}),
+        "aux_weight": (tuple(base_heads), target, {"aux_weight": 0.7}),
+        "details": (tuple(base_heads), target, {"return_details": True}),
+    }
+    for name, (outputs, tgt, options) in variants.items():
+        out = auxfuse.multi_head_cross_entropy(outputs, tgt, **options)
+        loss = out.loss if isinstance(out, auxfuse.MultiHeadLossOutput) else out
+        heads = list(outputs)
+        main = options.get("main", 0)
+        weights = [1.0 if i == main else options.get("aux_weight", 0.3) for i in range(len(heads))]
+        ref = naive_loss([h.detach().double() for h in heads], tgt.long(), weights)
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6, msg=name)
+    assert len(functional._PLANS) == len(variants)
+    with torch.no_grad():
+        loss = auxfuse.multi_head_cross_entropy(tuple(base_heads), target)
+    assert loss.grad_fn is None and len(functional._PLANS) == len(variants) + 1
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_strides_are_decided_per_call(backend):
+    """Strides are not part of a signature: heads of other strides (one transposed, one a slice) use the
+    plan made for contiguous ones."""
+    for call in range(3):
+        heads = _heads(seed=call)
+        if call == 1:
+            heads[1] = torch.randn(7, 5).t().requires_grad_(True)
+        if call == 2:
+            heads = [torch.randn(5, 9)[:, 1:8].requires_grad_(True) for _ in range(3)]
+        target = _target(seed=call)
+        loss = auxfuse.multi_head_cross_entropy(tuple(heads), target, backend=backend)
+        ref_heads = [h.detach().clone().requires_grad_(True) for h in heads]
+        ref = naive_loss(ref_heads, target, [1.0, 0.3, 0.3])
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+        for a, b in zip(torch.autograd.grad(loss, heads), torch.autograd.grad(ref, ref_heads)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert len(functional._PLANS) == 1
+
+
+def test_errors_are_raised_on_every_call():
+    """Value checks are not part of a plan: an invalid class index after valid calls of the same signature
+    still raises; so does a call whose signature differs by a mistake."""
+    heads = _heads()
+    for backend in ("cpu", "torch"):
+        for _ in range(2):
+            auxfuse.multi_head_cross_entropy(tuple(heads), _target(), backend=backend)
+        bad = _target()
+        bad[2] = 7
+        with pytest.raises(ValueError, match="target value 7"):
+            auxfuse.multi_head_cross_entropy(tuple(heads), bad, backend=backend)
+    with pytest.raises(ValueError, match="head '1' has shape"):
+        auxfuse.multi_head_cross_entropy((heads[0], heads[1][:, :6]), _target())
+    with pytest.raises(ValueError, match="main=True"):
+        for _ in range(2):
+            auxfuse.multi_head_cross_entropy(tuple(heads), _target(), main=True)
+
+
+def test_the_class_weight_is_part_of_the_signature():
+    """A class weight of another shape still gets the front end's error after valid calls; one that requires
+    grad does not use the plan made for one that does not."""
+    heads, target = _heads(), _target()
+    for _ in range(2):
+        auxfuse.multi_head_cross_entropy(tuple(heads), target, weight=torch.rand(7))
+    with pytest.raises(ValueError, match=r"weight must be a Tensor of shape \(7,\)"):
+        auxfuse.multi_head_cross_entropy(tuple(heads), target, weight=torch.rand(6))
+    # A weight that requires grad goes to the torch backend, which does what F.cross_entropy does with class
+    # indices: refuse (the plan's cpu kernel would silently give no gradient).
+    weight = torch.rand(7, requires_grad=True)
+    assert auxfuse.explain_backend(tuple(heads), target, weight=weight)["chosen"] == "torch"
+    with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'weight'"):
+        auxfuse.multi_head_cross_entropy(tuple(heads), target, weight=weight)
+
+
+def test_arguments_that_are_not_plain_take_the_full_path():
+    heads, target = _heads(), _target()
+    auxfuse.multi_head_cross_entropy(tuple(heads), target, (1.0, torch.tensor(0.3), 0.3))  # a tensor weight
+    auxfuse.multi_head_cross_entropy(tuple(heads), target, label_smoothing=torch.tensor(0.1))
+    auxfuse.multi_head_cross_entropy(tuple(torch.nn.Parameter(h.detach()) for h in heads), target)
+    assert len(functional._PLANS) == 0
+
+
+def test_plans_hold_no_tensors():
+    """A plan must not keep the first call's heads (and with them the model's graph) alive."""
+    heads, target = _heads(), _target()
+    weight = torch.rand(7)
+    auxfuse.MultiHeadLoss(weight=weight)(GoogLeNetOutputs(*heads), target).backward()
+    refs = [weakref.ref(t) for t in [*heads, target, weight]]
+    del heads, target, weight
+    gc.collect()
+    assert len(functional._PLANS) == 1 and all(ref() is None for ref in refs)
+
+
+def test_the_plans_are_bounded():
+    target = _target()
+    for batch in range(1, functional._MAX_PLANS + 10):
+        auxfuse.multi_head_cross_entropy(torch.randn(batch, 7), target[:1].expand(batch))
+    assert len(functional._PLANS) <= functional._MAX_PLANS
