@@ -129,11 +129,14 @@ def _with_tensors(
     """`template` (a validated Problem without tensors) for these tensors, normalized as the backends expect:
     one sample made a batch of one, class indices int64, probabilities and class weights in their dtypes."""
     dtype = heads[0].dtype
-    target = target.to(dtype) if template.prob_target else target.long()
+    target_dtype = dtype if template.prob_target else torch.int64
+    if target.dtype != target_dtype:
+        target = target.to(target_dtype)
     if not batched:  # one sample: a batch of one
         heads, target = [x.unsqueeze(0) for x in heads], target.unsqueeze(0)
-    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    class_weight = None if weight is None else weight.to(acc_dtype).contiguous()
+    class_weight = None
+    if weight is not None:
+        class_weight = weight.to(torch.float64 if dtype == torch.float64 else torch.float32).contiguous()
     return template.with_tensors(heads, target, class_weight)
 
 

@@ -167,9 +167,11 @@ class NativeBackend:
     def compute(self, problem: Problem) -> BackendResult:
         # The heads go as they are: the op views them as (N, C, S) below autograd.
         heads, target = problem.inputs, problem.input_target
-        if any(h.stride() != heads[0].stride() for h in heads[1:]):
-            # The kernels walk every head with head 0's strides.
-            heads = [h.contiguous() for h in heads]
+        if len(heads) > 1:
+            stride = heads[0].stride()
+            if any(h.stride() != stride for h in heads[1:]):
+                # The kernels walk every head with head 0's strides.
+                heads = [h.contiguous() for h in heads]
         if not problem.needs_grad:
             grad_mode = NO_GRAD
         else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
@@ -49,9 +48,20 @@ class Problem:
     def with_tensors(
         self, inputs: list[torch.Tensor], input_target: Optional[torch.Tensor], class_weight: Optional[torch.Tensor]
     ) -> "Problem":
-        """The same problem for other tensors of the same shapes, dtypes and devices (the front end's plans)."""
-        return dataclasses.replace(
-            self, inputs=inputs, input_target=input_target, class_weight=class_weight, _heads=None, _target=None
+        """The same problem for other tensors of the same shapes, dtypes and devices (the front end's plans).
+        Spelled out rather than dataclasses.replace, which costs 4x as much: this runs on every call."""
+        return Problem(
+            inputs=inputs,
+            names=self.names,
+            head_weights=self.head_weights,
+            input_target=input_target,
+            prob_target=self.prob_target,
+            class_weight=class_weight,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            reduction=self.reduction,
+            needs_grad=self.needs_grad,
+            want_details=self.want_details,
         )
 
     @property
