@@ -9,7 +9,7 @@
 # A failing step is reported and the later steps still run (a failed build leaves the tests and the
 # benchmark to say which backends could not run); the exit status is that of the first failing step.
 # Expected time on an H200: build ~1-2 min, GPU tests ~2-3 min, benchmark ~3-4 min (no new measurement starts
-# after AUXFUSE_BENCH_BUDGET_S, default 240 s; torch.compile warm-ups dominate).
+# after AUXFUSE_BENCH_BUDGET_S, default 130 s; torch.compile warm-ups dominate), host overhead ~30 s.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 
@@ -115,6 +115,12 @@ JSON=()
 if [[ -n "$OUT_DIR" ]]; then JSON=(--json "$OUT_DIR/gpu_results.json"); fi
 timeout "$BENCH_TIMEOUT_S" "$PY" benchmarks/gpu_bench.py "${BENCH_ARGS[@]}" "${JSON[@]}" 2>&1 | log_to gpu_bench.log \
   || note_failure bench $?
+
+section "host overhead: benchmarks/test_bench_host.py"
+HOST_JSON=()
+if [[ -n "$OUT_DIR" ]]; then HOST_JSON=(--benchmark-json "$OUT_DIR/host_overhead.json"); fi
+timeout "${AUXFUSE_HOST_TIMEOUT_S:-45}" "$PY" -m pytest benchmarks/test_bench_host.py --benchmark-only -q \
+  -p no:cacheprovider "${HOST_JSON[@]}" 2>&1 | log_to host_overhead.log 8 || note_failure host-overhead $?
 
 section "done: status $STATUS"
 exit "$STATUS"
