@@ -116,7 +116,7 @@ from typing import Optional
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from .problem import BackendResult, Problem
+from .problem import BackendResult, Problem, as_rows
 
 name = "triton"
 checks_targets = False  # the caller checks class indices on CPU (or when asked)
@@ -258,7 +258,7 @@ def compute(problem: Problem) -> BackendResult:
             loss, head_losses, head_correct, count = out[:4]
         else:
             loss, head_losses, head_correct, count = _EagerFunction.apply(
-                (*options, problem.want_details, mode), problem.target, problem.class_weight, *problem.heads
+                (*options, problem.want_details, mode), problem.target, problem.class_weight, *problem.inputs
             )
     return BackendResult(loss, head_losses, head_correct if problem.want_details else None, count)
 
@@ -994,7 +994,10 @@ if _IMPORT_ERROR is None:
         no register_autograd layer, no wrap_triton)."""
 
         @staticmethod
-        def forward(ctx, options, target, class_weight, *heads):
+        def forward(ctx, options, target, class_weight, *inputs):
+            # The heads come as the model gave them, (N, C, d1, ..., dk): their (N, C, S) views are made here,
+            # where autograd does not record them (outside, each would be a node in forward and in backward).
+            heads = [as_rows(x) for x in inputs]
             head_weights, ignore_index, label_smoothing, reduction, want_hits, mode = options
             loss, head_losses, head_correct, count, denom, lse, coef, buffer = _forward_impl(
                 heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction, want_hits,
@@ -1002,14 +1005,14 @@ if _IMPORT_ERROR is None:
             ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs below
             ctx.mark_non_differentiable(head_losses, head_correct, count)
             ctx.mode = mode
-            ctx.num_heads = len(heads)
+            ctx.num_heads, ctx.head_shape = len(inputs), inputs[0].shape
             if mode == GRAD_IN_FORWARD:
                 ctx.save_for_backward(buffer)
             else:
                 ctx.options = (head_weights, ignore_index, label_smoothing, reduction)
                 ctx.has_class_weight = class_weight is not None
                 extra = [class_weight] if class_weight is not None else []
-                ctx.save_for_backward(lse, coef, denom, target, *extra, *heads)
+                ctx.save_for_backward(lse, coef, denom, target, *extra, *inputs)
             return loss, head_losses, head_correct, count
 
         @staticmethod
@@ -1023,13 +1026,15 @@ if _IMPORT_ERROR is None:
                 # In place only where this backward is the buffer's last reader and values are real.
                 in_place = not torch._C._autograd._get_current_graph_task_keep_graph() and not (
                     _is_traced(grad_loss) or _is_traced(buffer))
-                return none + tuple(scale_gradients(buffer, grad_loss, in_place).unbind(0))
-            lse, coef, denom, target, *rest = ctx.saved_tensors
-            class_weight = rest[0] if ctx.has_class_weight else None
-            heads = rest[1:] if ctx.has_class_weight else rest
-            grads = _backward_impl(grad_loss, heads, target, class_weight, *ctx.options, lse, coef, denom,
-                                   traced=_is_traced(grad_loss), one_buffer=True)
-            return none + tuple(grads)
+                grads = scale_gradients(buffer, grad_loss, in_place).unbind(0)
+            else:
+                lse, coef, denom, target, *rest = ctx.saved_tensors
+                class_weight = rest[0] if ctx.has_class_weight else None
+                heads = [as_rows(x) for x in (rest[1:] if ctx.has_class_weight else rest)]
+                grads = _backward_impl(grad_loss, heads, target, class_weight, *ctx.options, lse, coef, denom,
+                                       traced=_is_traced(grad_loss), one_buffer=True)
+            shape = ctx.head_shape
+            return none + tuple(g if g.shape == shape else g.view(shape) for g in grads)
 
     @torch.library.triton_op("auxfuse::triton_multihead_ce_forward", mutates_args=())
     def _forward_op(

@@ -482,6 +482,25 @@ def test_eager_call_fills_nothing(monkeypatch):
         assert "auxfuse::triton_multihead_ce_forward" not in names  # the eager path skips the op
 
 
+@pytest.mark.parametrize("shape, layout", [((4, 11), "contiguous"), ((2, 11, 3, 2), "contiguous"),
+                                           ((2, 11, 3, 2), "channels_last"), ((2, 11, 5), "contiguous")],
+                         ids=["classifier", "nchw", "channels_last", "spatial-1d"])
+def test_eager_graph_has_no_view_nodes(forced_grad, shape, layout):
+    """Eager calls hand the heads to the autograd Function as they are: its inputs are the heads themselves (no
+    reshape node per head in forward and in backward), and each gradient comes back in its head's shape."""
+    heads = [h.requires_grad_() for h in _heads(2, shape, torch.float32, layout=layout)]
+    target = _index_target((shape[0], *shape[2:]), shape[1])
+    loss = auxfuse.multi_head_cross_entropy(tuple(heads), target, (1.0, 0.4), backend="triton")
+    inputs = [fn for fn, _ in loss.grad_fn.next_functions if fn is not None]
+    assert [type(fn).__name__ for fn in inputs] == ["AccumulateGrad"] * 2
+    assert [fn.variable for fn in inputs] == heads
+    ref_heads = [h.detach().clone().requires_grad_() for h in heads]
+    ref = naive_loss(ref_heads, target, (1.0, 0.4))
+    for a, b in zip(torch.autograd.grad(loss, heads), torch.autograd.grad(ref, ref_heads)):
+        assert a.shape == shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_traced_forward_goes_through_the_op():
     """Under make_fx (a dispatch mode: values unknown) the backend calls the triton_op (lse mode), not the eager
     autograd.Function, so the graph holds one op node."""
