@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
@@ -249,7 +250,7 @@ def _signature(outputs: Any, target: Any, weights: Weights, weight: Any, options
     kind = type(outputs)
     if kind is torch.Tensor:
         values, layout = (outputs,), kind
-    elif kind is dict:
+    elif kind is dict or kind is collections.OrderedDict:  # torchvision segmentation returns an OrderedDict
         values, layout = tuple(outputs.values()), (kind, tuple(outputs))
     elif kind is tuple or kind is list:
         values, layout = tuple(outputs), (kind, len(outputs))

@@ -39,6 +39,7 @@ OUTPUT_TYPES = {
     "namedtuple": (lambda h: GoogLeNetOutputs(*h), lambda h: (h, [1.0, 0.3, 0.3]), None),
     "namedtuple-none": (lambda h: GoogLeNetOutputs(h[0], None, h[2]), lambda h: ([h[0], h[2]], [1.0, 0.3]), None),
     "dict": (lambda h: {"out": h[0], "aux": h[1]}, lambda h: (h[:2], [1.0, 0.5]), None),
+    "ordered-dict": (lambda h: collections.OrderedDict(out=h[0], aux=h[1]), lambda h: (h[:2], [1.0, 0.5]), None),
     "tuple": (lambda h: tuple(h), lambda h: (h, [1.0, 0.2, 0.1]), (1.0, 0.2, 0.1)),
     "list": (lambda h: list(h), lambda h: (h, [1.0, 0.3, 0.3]), None),
     "dict-named-weights": (lambda h: {"a": h[0], "b": h[1]}, lambda h: (h[:2], [0.7, 0.4]), {"a": 0.7, "b": 0.4}),
@@ -58,7 +59,7 @@ def test_second_call_uses_the_plan_and_matches_the_oracle(backend, output_type, 
         heads, target = _heads(seed=call), _target(seed=10 + call)
         out = auxfuse.multi_head_cross_entropy(make_output(heads), target, weights, backend=backend,
                                                return_details=True, **options)
-        assert len(functional._PLANS) == 1
+        assert len(functional._PLANS) == 1  # every output type here has a plan
         used, used_weights = counted(heads)
         ref_heads = [h.detach().clone().requires_grad_(True) for h in used]
         ref = naive_loss(ref_heads, target, used_weights, **options)
@@ -204,3 +205,24 @@ def test_the_plans_are_bounded():
     for batch in range(1, functional._MAX_PLANS + 10):
         auxfuse.multi_head_cross_entropy(torch.randn(batch, 7), target[:1].expand(batch))
     assert len(functional._PLANS) <= functional._MAX_PLANS
+
+
+def test_torchvision_segmentation_output_uses_a_plan():
+    """torchvision's segmentation models return an OrderedDict: it gets a plan like a dict."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=5,
+                                                        aux_loss=True).train()
+    criterion = auxfuse.MultiHeadLoss(ignore_index=255)
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        outputs = model(torch.randn(2, 3, 32, 32, generator=g))
+        masks = torch.randint(0, 5, (2, 32, 32), generator=g)
+        masks[0, :4] = 255
+        loss = criterion(outputs, masks)
+        assert type(outputs) is collections.OrderedDict and len(functional._PLANS) == 1
+        ref = naive_loss([outputs["out"], outputs["aux"]], masks, [1.0, 0.5], ignore_index=255)
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+        ours = torch.autograd.grad(loss, [outputs["out"], outputs["aux"]], retain_graph=True)
+        theirs = torch.autograd.grad(ref, [outputs["out"], outputs["aux"]])
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
