@@ -8,8 +8,8 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 
 from .backends import AUTO_ORDER, BACKENDS, select_backend
-from .backends.problem import REDUCTIONS, Problem
-from .outputs import DEFAULT_AUX_WEIGHT, Heads, Weights, collect_heads
+from .backends.problem import REDUCTIONS, Problem, acc_dtype_of
+from .outputs import DEFAULT_AUX_WEIGHT, Heads, Weights, collect_heads, is_namedtuple
 
 
 class MultiHeadLossOutput(NamedTuple):
@@ -137,7 +137,7 @@ def _with_tensors(
         heads, target = [x.unsqueeze(0) for x in heads], target.unsqueeze(0)
     class_weight = None
     if weight is not None:
-        class_weight = weight.to(torch.float64 if dtype == torch.float64 else torch.float32).contiguous()
+        class_weight = weight.to(acc_dtype_of(dtype)).contiguous()
     return template.with_tensors(heads, target, class_weight)
 
 
@@ -254,7 +254,7 @@ def _signature(outputs: Any, target: Any, weights: Weights, weight: Any, options
         values, layout = tuple(outputs.values()), (kind, tuple(outputs))
     elif kind is tuple or kind is list:
         values, layout = tuple(outputs), (kind, len(outputs))
-    elif issubclass(kind, tuple) and hasattr(kind, "_fields"):  # a namedtuple: its type names the fields
+    elif is_namedtuple(outputs):  # its type names the fields
         values, layout = outputs, kind
     else:
         return None

@@ -38,7 +38,7 @@ class Heads:
     positions: tuple[int, ...]  # index of each head among the output's values (None values are no heads)
 
 
-def _is_namedtuple(obj: Any) -> bool:
+def is_namedtuple(obj: Any) -> bool:
     return isinstance(obj, tuple) and hasattr(obj, "_fields")
 
 
@@ -46,7 +46,7 @@ def _named_entries(outputs: Any) -> tuple[list[str], list[Any], bool]:
     """(names, values, by_name) for every accepted output type; values may hold None."""
     if isinstance(outputs, torch.Tensor):
         return ["output"], [outputs], False
-    if _is_namedtuple(outputs):
+    if is_namedtuple(outputs):
         return list(outputs._fields), list(outputs), True
     if isinstance(outputs, Mapping):
         return [str(k) for k in outputs.keys()], list(outputs.values()), True

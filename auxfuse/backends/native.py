@@ -22,13 +22,12 @@ torch.compile and meta tensors) and chooses the grad_mode per call:
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
 import torch
 
-from .problem import BackendResult, Problem
+from .problem import BackendResult, Problem, acc_dtype_of, as_rows
 
 try:
     from auxfuse import _C  # noqa: F401  (loading it registers the ops and kernels)
@@ -73,19 +72,10 @@ def _has_kernel(dispatch_key: str) -> bool:
     return found
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _rows(h0):
-    """A head as the kernels see it, (N, C, S): the reshape of as_row_views in csrc/ops_common.h."""
-    return h0 if h0.dim() == 3 else h0.reshape(h0.shape[0], h0.shape[1], math.prod(h0.shape[2:]))
-
-
 def _allocate_head_grads(heads):
     """Mirror of allocate_head_grads and grads_in_head_shape in csrc/ops_common.h: gradients laid out like the
-    heads' (N, C, S) views, returned in the heads' shape."""
-    rows = _rows(heads[0])
+    heads' (N, C, S) views (as_rows: the reshape of as_row_views there), returned in the heads' shape."""
+    rows = as_rows(heads[0])
     H, (N, C, S) = len(heads), rows.shape
     if S > 1 and rows.stride(1) == 1:
         grads = rows.new_empty((H, N, S, C)).permute(0, 1, 3, 2)
@@ -99,8 +89,8 @@ if _LOAD_ERROR is None:
     @torch.library.register_fake("auxfuse::multihead_ce_forward")
     def _forward_fake(heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction, grad_mode):
         h0 = heads[0]
-        N, C, S = _rows(h0).shape
-        acc = _acc_dtype(h0.dtype)
+        N, C, S = as_rows(h0).shape
+        acc = acc_dtype_of(h0.dtype)
         loss = h0.new_empty((N, S) if reduction == 0 else (), dtype=acc)
         if grad_mode == GRAD_IN_FORWARD:
             saved = _allocate_head_grads(heads)

@@ -18,6 +18,11 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
 
 
+def acc_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of logits of `dtype`: fp32 for fp16 / bf16 / fp32, fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @dataclass
 class Problem:
     """The heads and the options of cross_entropy, validated.
@@ -91,7 +96,7 @@ class Problem:
     @property
     def acc_dtype(self) -> torch.dtype:
         """fp32 accumulation for fp16 / bf16 / fp32 logits; fp64 for fp64."""
-        return torch.float64 if self.dtype == torch.float64 else torch.float32
+        return acc_dtype_of(self.dtype)
 
     @property
     def num_classes(self) -> int:
