@@ -24,9 +24,9 @@ def no_plans():
     functional._PLANS.clear()
 
 
-def _heads(shape=(5, 7), n=3, seed=0, **kwargs):
+def _heads(shape=(5, 7), n=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g, **kwargs).requires_grad_(True) for _ in range(n)]
+    return [torch.randn(shape, generator=g).requires_grad_(True) for _ in range(n)]
 
 
 def _target(shape=(5,), C=7, seed=1):
