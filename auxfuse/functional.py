@@ -21,12 +21,41 @@ class MultiHeadLossOutput(NamedTuple):
     head_correct: (H,) int64, each head's top-1 hits among the counted targets (for probability targets:
         rows whose argmax matches the target's argmax).
     count: () int64, the number of counted targets (not ``ignore_index``).
+    invalid_targets: () int64, on the heads' device: how many of those class indices are outside [0, C). The
+        loss is NaN when it is not 0. Only the CUDA and Triton paths without ``check_targets=True`` can report
+        more than 0: everywhere else an invalid index raises a ValueError before anything is computed. Counted
+        on the device in the same pass, so reading it is the only sync; ``raise_if_invalid_targets()`` does.
+
+    Example (an out-of-range index on a GPU, found without a sync per step):
+        >>> out = criterion(outputs, target, return_details=True)    # doctest: +SKIP
+        >>> out.loss.backward()                                      # doctest: +SKIP
+        >>> if step % 100 == 0:                                      # doctest: +SKIP
+        ...     out.raise_if_invalid_targets()  # ValueError: ... 3 class indices outside [0, C) ...
     """
 
     loss: torch.Tensor
     head_losses: torch.Tensor
     head_correct: torch.Tensor
     count: torch.Tensor
+    invalid_targets: torch.Tensor
+
+    def raise_if_invalid_targets(self) -> None:
+        """Raise a ValueError if any class index of this call was outside [0, C) and not ``ignore_index``
+        (one host sync: it reads ``invalid_targets``). ``check_targets=True`` finds the first such index and
+        its value, at the cost of a sync on every call.
+
+        Example:
+            >>> import torch, auxfuse
+            >>> out = auxfuse.multi_head_cross_entropy(torch.randn(4, 3), torch.tensor([0, 1, 2, 1]),
+            ...                                        return_details=True)
+            >>> out.raise_if_invalid_targets()  # nothing to report
+        """
+        invalid = int(self.invalid_targets)
+        if invalid:
+            raise ValueError(
+                f"auxfuse: {invalid} class {'index was' if invalid == 1 else 'indices were'} outside [0, C) and "
+                f"not ignore_index, so the loss is NaN; pass check_targets=True to find the first one"
+            )
 
 
 def _check_heads(heads: Heads) -> None:
@@ -173,8 +202,10 @@ def multi_head_cross_entropy(
         weight, ignore_index, label_smoothing, reduction: as in ``torch.nn.functional.cross_entropy``.
         backend: ``auto``, ``cuda``, ``triton``, ``cpu`` or ``torch``; see ``auxfuse.available_backends()``.
         check_targets: on CUDA, check every class index now (one host sync) and raise a ValueError for one
-            outside [0, C); without it an invalid index makes the loss NaN. CPU always checks.
-        return_details: return a ``MultiHeadLossOutput`` (loss, head_losses, head_correct, count).
+            outside [0, C); without it an invalid index makes the loss NaN and is counted, on the device, in
+            ``invalid_targets`` of ``return_details``. CPU always checks.
+        return_details: return a ``MultiHeadLossOutput`` (loss, head_losses, head_correct, count,
+            invalid_targets).
 
     The loss is float32 (float64 for float64 logits); gradients have the logits' dtype.
 
@@ -216,7 +247,7 @@ def multi_head_cross_entropy(
     loss = result.loss.reshape(plan.index_shape) if reduction == "none" else result.loss
     if not return_details:
         return loss
-    return MultiHeadLossOutput(loss, result.head_losses.detach(), result.head_correct, result.count)
+    return MultiHeadLossOutput(loss, result.head_losses.detach(), result.head_correct, result.count, result.invalid)
 
 
 class _Plan(NamedTuple):

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "multihead_ce.h"
+#include "ops_common.h"
 
 namespace auxfuse {
 namespace {
@@ -34,7 +35,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using ForwardSignature = ForwardResult(at::TensorList, const at::Tensor&, const std::optional<at::Tensor>&,
                                         at::ArrayRef<double>, int64_t, double, int64_t, int64_t);
 using BackwardSignature = at::Tensor(const at::Tensor&, at::TensorList, const at::Tensor&,
@@ -60,15 +60,15 @@ class MultiheadCrossEntropy : public torch::autograd::Function<MultiheadCrossEnt
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("auxfuse::multihead_ce_forward", "")
                                .typed<ForwardSignature>();
-    at::Tensor loss, head_losses, head_correct, count, denom, saved;
+    at::Tensor loss, head_losses, head_correct, count, denom, saved, invalid;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(loss, head_losses, head_correct, count, denom, saved) =
+      std::tie(loss, head_losses, head_correct, count, denom, saved, invalid) =
           op.call(heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction, grad_mode);
     }
-    // Only the loss carries a gradient; without this autograd would zero-fill the other five on every backward.
+    // Only the loss carries a gradient; without this autograd would zero-fill the other six on every backward.
     ctx->set_materialize_grads(false);
-    ctx->mark_non_differentiable({head_losses, head_correct, count, denom, saved});
+    ctx->mark_non_differentiable({head_losses, head_correct, count, denom, saved, invalid});
     ctx->saved_data["num_heads"] = static_cast<int64_t>(heads.size());
     ctx->saved_data["grad_mode"] = grad_mode;
     ctx->saved_data["reduction"] = reduction;
@@ -82,7 +82,7 @@ class MultiheadCrossEntropy : public torch::autograd::Function<MultiheadCrossEnt
       to_save.insert(to_save.end(), heads.begin(), heads.end());
       ctx->save_for_backward(std::move(to_save));
     }
-    return {loss, head_losses, head_correct, count, denom, saved};
+    return {loss, head_losses, head_correct, count, denom, saved, invalid};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -144,7 +144,7 @@ ForwardResult forward_autograd(at::TensorList heads, const at::Tensor& target,
                                 int64_t ignore_index, double label_smoothing, int64_t reduction, int64_t grad_mode) {
   const variable_list out = MultiheadCrossEntropy::apply(heads, target, class_weight, head_weights, ignore_index,
                                                          label_smoothing, reduction, grad_mode);
-  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6]};
 }
 
 }  // namespace

@@ -26,8 +26,10 @@
 //                without weights; N * S for probability targets.
 //   saved        grad_mode 0: empty (0,). 1: gradients (H, *heads' shape) in the heads' dtype, laid out
 //                like the heads (see allocate_head_grads). 2: log-sum-exp (H, N, S), acc dtype.
+//   invalid      int64 (): counted rows whose class index is outside [0, C) (0 for probability targets).
 // A target outside [0, C) that is not ignore_index raises ValueError on CPU before anything is written;
-// on CUDA it is never read out of bounds and makes the loss NaN.
+// on CUDA it is never read out of bounds: that row's loss and gradient are NaN (so the loss is NaN) and
+// `invalid` counts it, on the device, for the caller to read when it wants to know (no host sync here).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -43,7 +45,8 @@ TORCH_LIBRARY(auxfuse, m) {
   m.def(
       "multihead_ce_forward(Tensor[] heads, Tensor target, Tensor? class_weight, float[] head_weights, "
       "int ignore_index, float label_smoothing, int reduction, int grad_mode) -> "
-      "(Tensor loss, Tensor head_losses, Tensor head_correct, Tensor count, Tensor denom, Tensor saved)");
+      "(Tensor loss, Tensor head_losses, Tensor head_correct, Tensor count, Tensor denom, Tensor saved, "
+      "Tensor invalid)");
   // Gradient of every head from the saved log-sum-exp (grad_mode 2): grad_loss is () for mean / sum and
   // (N, S) for none, read on the device. Returns (H, *heads' shape) in the heads' dtype, laid out like the heads.
   m.def(

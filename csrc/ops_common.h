@@ -113,14 +113,16 @@ inline at::Tensor grads_in_head_shape(const at::Tensor& grads, at::TensorList he
   return grads.view(sizes);
 }
 
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
 struct ForwardOutputs {
-  at::Tensor loss, head_losses, head_correct, count, denom, saved;
+  at::Tensor loss, head_losses, head_correct, count, denom, saved, invalid;
 
   // The op's outputs; `saved` in the heads' shape when it holds gradients (grad_mode 1).
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> result(at::TensorList heads_in,
-                                                                                            int64_t grad_mode) const {
-    return {loss, head_losses, head_correct, count, denom,
-            grad_mode == kGradInForward ? grads_in_head_shape(saved, heads_in) : saved};
+  ForwardResult result(at::TensorList heads_in, int64_t grad_mode) const {
+    return {loss,  head_losses, head_correct,
+            count, denom,       grad_mode == kGradInForward ? grads_in_head_shape(saved, heads_in) : saved,
+            invalid};
   }
 };
 
@@ -135,6 +137,7 @@ inline ForwardOutputs allocate_forward_outputs(at::TensorList heads, const Probl
   out.head_correct = at::empty({shape.heads}, h0.options().dtype(at::kLong));
   out.count = at::empty({}, h0.options().dtype(at::kLong));
   out.denom = at::empty({}, acc_options);
+  out.invalid = at::empty({}, h0.options().dtype(at::kLong));
   if (grad_mode == kGradInForward) {
     out.saved = allocate_head_grads(heads);
   } else if (grad_mode == kSaveLse) {

@@ -187,6 +187,7 @@ def main(argv=None):
             scaler.update()
             scheduler.step()
             if i % args.print_freq == 0 or i == steps - 1:
+                details.raise_if_invalid_targets()  # e.g. a mask label >= num_classes (the loss would be NaN)
                 out_loss, aux_loss = details.head_losses.tolist()
                 log(args, f"Epoch: [{epoch}][{i + 1}/{steps}]  loss {details.loss.item():.4f}  out {out_loss:.4f}  "
                           f"aux {aux_loss:.4f}  lr {optimizer.param_groups[0]['lr']:.5f}  {time.time() - start:.1f} s")

@@ -73,4 +73,7 @@ def check_backend(
         target.numel() // heads[0].shape[1 if heads[0].dim() > 1 else 0] if target.is_floating_point()
         else int((target != options.get("ignore_index", -100)).sum())
     )
+    # Every class index passed here is valid (the invalid ones have tests of their own).
+    assert out.invalid_targets.dtype == torch.int64 and out.invalid_targets.device == out.loss.device
+    assert out.invalid_targets.shape == () and int(out.invalid_targets) == 0
     return out

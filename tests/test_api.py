@@ -140,7 +140,19 @@ def test_return_details():
     valid = t != -100
     assert out.head_correct.tolist() == [int(((x.argmax(1) == t) & valid).sum()) for x in (a, b)]
     assert int(out.count) == 5
+    assert int(out.invalid_targets) == 0 and out.invalid_targets.dtype == torch.int64
+    out.raise_if_invalid_targets()  # nothing to report
     assert not out.head_losses.requires_grad
+
+
+def test_raise_if_invalid_targets_reads_the_count():
+    """What a CUDA / Triton call with an out-of-range class index returns (CPU calls raise before that)."""
+    nan = torch.tensor(float("nan"))
+    for invalid, words in ((1, r"1 class index was outside \[0, C\)"), (3, r"3 class indices were outside")):
+        out = auxfuse.MultiHeadLossOutput(nan, nan.expand(2), torch.zeros(2, dtype=torch.long), torch.tensor(4),
+                                          torch.tensor(invalid))
+        with pytest.raises(ValueError, match=words + r".*the loss is NaN; pass check_targets=True"):
+            out.raise_if_invalid_targets()
 
 
 def test_module_moves_class_weight_and_has_repr():

@@ -329,7 +329,7 @@ def test_opcheck_backward(case):
     heads, target, cw = _op_args(**case)
     heads = [h.detach() for h in heads]
     for reduction in (0, 1, 2):
-        _, _, _, _, denom, lse = OPS.multihead_ce_forward(heads, target, cw, [1.0, 0.3], -100, 0.1, reduction, 2)
+        _, _, _, _, denom, lse, _ = OPS.multihead_ce_forward(heads, target, cw, [1.0, 0.3], -100, 0.1, reduction, 2)
         N, _, S = heads[0].shape
         grad_loss = torch.rand(N, S) + 0.5 if reduction == 0 else torch.tensor(0.7)
         torch.library.opcheck(OPS.multihead_ce_backward.default,
@@ -346,8 +346,8 @@ def test_backward_op_equals_gradient_in_forward(case):
     tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
     for reduction in (0, 1, 2):
         args = (target, cw, [1.0, 0.3], -100, 0.1, reduction)
-        _, _, _, _, denom, grads = OPS.multihead_ce_forward(heads, *args, 1)
-        _, _, _, _, denom2, lse = OPS.multihead_ce_forward(heads, *args, 2)
+        _, _, _, _, denom, grads, _ = OPS.multihead_ce_forward(heads, *args, 1)
+        _, _, _, _, denom2, lse, _ = OPS.multihead_ce_forward(heads, *args, 2)
         N, C, S = heads[0].shape
         grad_loss = torch.rand(N, S) + 0.5 if reduction == 0 else torch.tensor(0.7)
         from_lse = OPS.multihead_ce_backward(grad_loss, heads, *args, lse, denom2)

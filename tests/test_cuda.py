@@ -228,6 +228,11 @@ def test_invalid_target_gives_nan_without_crashing(shape, bad_value):
     torch.cuda.synchronize()  # a device-side fault would surface here
     assert torch.isnan(loss).item()
     assert all(g.shape == h.shape for g, h in zip(grads, heads))
+    # the device-side count, read when asked
+    out = mhce(heads, target, [1.0, 0.3], return_details=True)
+    assert int(out.invalid_targets) == 1 and out.invalid_targets.device == loss.device
+    with pytest.raises(ValueError, match=r"1 class index was outside \[0, C\)"):
+        out.raise_if_invalid_targets()
     # reduction none: only the bad row is NaN
     rows = mhce(heads, target, [1.0, 0.3], reduction="none")
     torch.cuda.synchronize()
@@ -259,7 +264,7 @@ def test_empty_batch_op(reduction, C):
     """N = 0 at the op: no launch, PyTorch's values (mean NaN, sum 0), empty gradients."""
     heads = [torch.randn(0, C, 1, device=DEV) for _ in range(2)]
     target = torch.zeros(0, 1, dtype=torch.long, device=DEV)
-    loss, head_losses, head_correct, count, denom, lse = torch.ops.auxfuse.multihead_ce_forward(
+    loss, head_losses, head_correct, count, denom, lse, _ = torch.ops.auxfuse.multihead_ce_forward(
         heads, target, None, [1.0, 0.3], -100, 0.0, reduction, 2)
     torch.cuda.synchronize()
     assert lse.shape == (2, 0, 1) and int(count) == 0 and int(head_correct.sum()) == 0
@@ -448,7 +453,7 @@ def test_opcheck(shape, kind):
     for reduction in (0, 1, 2):
         fwd_args = (rows, tgt, weight, [1.0, 0.3], -100, 0.1, reduction, 2)
         torch.library.opcheck(torch.ops.auxfuse.multihead_ce_forward.default, fwd_args)
-        _, _, _, _, denom, lse = torch.ops.auxfuse.multihead_ce_forward(*fwd_args)
+        _, _, _, _, denom, lse, _ = torch.ops.auxfuse.multihead_ce_forward(*fwd_args)
         grad_loss = torch.rand((N, rows[0].shape[2]) if reduction == 0 else (), device=DEV)
         detached = [r.detach() for r in rows]
         bwd_args = (grad_loss, detached, tgt, weight, [1.0, 0.3], -100, 0.1, reduction, lse, denom)

@@ -78,7 +78,7 @@ def run_emulated(emu, heads, target, weights, *, weight=None, ignore_index=-100,
     t = target.reshape(N, C, -1) if prob else target.reshape(N, -1)
     cw = None if weight is None else weight.float().contiguous()
     red = REDUCTION[reduction]
-    loss, head_losses, head_correct, count, denom, saved = emu.multihead_ce_forward(
+    loss, head_losses, head_correct, count, denom, saved, _ = emu.multihead_ce_forward(
         rows, t, cw, list(weights), ignore_index, label_smoothing, red, grad_mode)
     if grad_output is None:
         grad_output = torch.ones_like(loss)
@@ -278,6 +278,32 @@ def test_invalid_targets(emu, shape, grad_mode):
     assert torch.isfinite(flat[3:]).all() and torch.isfinite(flat[:1]).all()
 
 
+@pytest.mark.parametrize("shape,num_heads", [((8, 100), 2), ((8, 100), 16), ((4, 3000), 2), ((2, 7, 3, 3), 2)],
+                         ids=["warp", "warp-16-heads", "block", "thread"])
+@pytest.mark.parametrize("grad_mode", [0, GRAD_IN_FORWARD, SAVE_LSE], ids=["nograd", "gif", "lse"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_invalid_count(emu, shape, num_heads, grad_mode, reduction):
+    """The `invalid` output counts the rows whose class index is outside [0, C) (not ignore_index), summed over
+    the blocks like `count` (the bad rows sit in different blocks of the warp and block mappings), with the
+    pre-pass of grad_mode 1 + mean too; 0 for valid and probability targets."""
+    N, C = shape[:2]
+    rows = [h.reshape(N, C, -1) for h in make(shape, num_heads, torch.float32)]
+    weights = W16[:num_heads]
+
+    def forward(target):
+        out = emu.multihead_ce_forward(rows, target, None, weights, -100, 0.1, REDUCTION[reduction], grad_mode)
+        return int(out[3]), int(out[6])
+
+    target = make_target(shape, "ignore").reshape(N, -1)
+    counted = int((target != -100).sum())
+    assert forward(target) == (counted, 0)
+    flat = target.view(-1)
+    flat[0], flat[1], flat[2], flat[-1] = -100, C, -3, 10**12  # one ignored, three invalid
+    counted = int((target != -100).sum())
+    assert forward(target) == (counted, 3)
+    assert forward(make_target(shape, "prob").reshape(N, C, -1)) == (N * target.shape[1], 0)
+
+
 @pytest.mark.parametrize("shape", [(8, 100), (4, 3000), (2, 7, 3, 3)], ids=["warp", "block", "thread"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("grad_mode", [GRAD_IN_FORWARD, SAVE_LSE], ids=["gif", "lse"])
@@ -331,7 +357,7 @@ def test_repeatable(emu, shape, grad_mode):
 def test_empty_and_no_grad_mode(emu):
     heads = [torch.randn(0, 10, 1)]
     target = torch.zeros(0, 1, dtype=torch.long)
-    loss, head_losses, head_correct, count, denom, lse = emu.multihead_ce_forward(heads, target, None, [1.0], -100,
+    loss, head_losses, head_correct, count, denom, lse, _ = emu.multihead_ce_forward(heads, target, None, [1.0], -100,
                                                                                   0.0, 1, 2)
     assert torch.isnan(loss) and int(count) == 0 and lse.shape == (1, 0, 1)
     heads = make((5, 50), 2, torch.float32)

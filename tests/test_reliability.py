@@ -106,6 +106,27 @@ def test_invalid_target_raises_before_anything_is_computed(backend):
     assert all(h.grad is None for h in heads)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reference_counts_invalid_targets(reduction):
+    """The oracle of the CUDA / Triton `invalid` output: the torch backend, called past the front end's check
+    (as a CUDA call without check_targets is), counts the out-of-range rows and makes only their losses NaN."""
+    from auxfuse.backends import reference
+    from auxfuse.functional import build_problem
+    from auxfuse.outputs import collect_heads
+
+    heads = [randn(3, 5, 2).requires_grad_(), randn(3, 5, 2, seed=1).requires_grad_()]
+    good = torch.tensor([[0, 1], [2, 3], [4, 0]])
+    problem, _ = build_problem(collect_heads(heads, [1.0, 0.3]), good, weight=None, ignore_index=-100,
+                               label_smoothing=0.1, reduction=reduction, want_details=True)
+    problem.input_target = torch.tensor([[0, 5], [-100, 3], [-2, 0]])  # two invalid, one ignored
+    result = reference.compute(problem)
+    assert int(result.invalid) == 2 and int(result.count) == 5
+    if reduction == "none":
+        assert result.loss.isnan().tolist() == [[False, True], [False, False], [True, False]]
+    else:
+        assert torch.isnan(result.loss)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Edge inputs that must give exactly PyTorch's answer: (id, heads, target, options).
 def _fp16_near_max():

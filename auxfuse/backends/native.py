@@ -105,6 +105,7 @@ if _LOAD_ERROR is None:
             h0.new_empty((), dtype=torch.int64),
             h0.new_empty((), dtype=acc),
             saved,
+            h0.new_empty((), dtype=torch.int64),
         )
 
     @torch.library.register_fake("auxfuse::multihead_ce_backward")
@@ -166,7 +167,7 @@ class NativeBackend:
             grad_mode = NO_GRAD
         else:
             grad_mode = GRAD_IN_FORWARD if self.device_type == "cpu" else cuda_grad_mode(problem)
-        loss, head_losses, head_correct, count, _, _ = torch.ops.auxfuse.multihead_ce_forward(
+        loss, head_losses, head_correct, count, _, _, invalid = torch.ops.auxfuse.multihead_ce_forward(
             heads,
             target,
             problem.class_weight,
@@ -176,7 +177,7 @@ class NativeBackend:
             problem.reduction_code,
             grad_mode,
         )
-        return BackendResult(loss, head_losses, head_correct, count)
+        return BackendResult(loss, head_losses, head_correct, count, invalid)
 
 
 cpu = NativeBackend("cpu")

@@ -112,3 +112,4 @@ class BackendResult(NamedTuple):
     head_losses: torch.Tensor  # (H,) unweighted, reduced like the loss (mean for none)
     head_correct: Optional[torch.Tensor]  # (H,) int64 top-1 hits among counted rows, or None if not computed
     count: torch.Tensor  # () int64 counted rows
+    invalid: torch.Tensor  # () int64 counted rows whose class index is outside [0, C) (their loss is NaN)

@@ -56,6 +56,7 @@ class _RowTerms:
             rows = t.shape[0] * t.shape[2]
             self.valid = None
             self.count = target.new_full((), rows, dtype=torch.int64)  # no host-to-device copy (CUDA graphs)
+            self.invalid = target.new_zeros((), dtype=torch.int64)
             self.denom = target.new_full((), float(rows), dtype=acc)
             return
         valid = target != problem.ignore_index
@@ -68,6 +69,7 @@ class _RowTerms:
         self.target_coef = (1.0 - eps) * w_y
         self.lse_coef = torch.where(valid, self.target_coef + self.smooth_coef * self.weight_sum, 0.0)
         self.count = valid.sum()
+        self.invalid = self.bad_rows.sum()
         self.denom = w_y.sum()
 
     def head_loss_rows(self, logp: torch.Tensor) -> torch.Tensor:
@@ -147,8 +149,8 @@ class _MultiHeadCrossEntropy(torch.autograd.Function):
         ctx.problem, ctx.terms = problem, terms
         ctx.save_for_backward(*heads)
         head_correct = torch.stack(hits) if hits else None
-        ctx.mark_non_differentiable(head_losses, terms.count)
-        return loss, head_losses, head_correct, terms.count
+        ctx.mark_non_differentiable(head_losses, terms.count, terms.invalid)
+        return loss, head_losses, head_correct, terms.count, terms.invalid
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
@@ -182,7 +184,8 @@ def _naive(problem: Problem) -> BackendResult:
         else:
             head_losses = torch.stack(losses)
         hits = [terms.hits(x, problem) for x in problem.heads] if problem.want_details else None
-    return BackendResult(loss, head_losses.detach(), torch.stack(hits) if hits else None, terms.count)
+    return BackendResult(loss, head_losses.detach(), torch.stack(hits) if hits else None, terms.count,
+                         terms.invalid)
 
 
 def compute(problem: Problem) -> BackendResult:
@@ -202,5 +205,4 @@ def compute(problem: Problem) -> BackendResult:
     # The (N, C, S) / (N, S) views are made here, before the autograd.Function: made inside it (on first use),
     # torch.compile could not carry them out of its forward.
     heads, _ = problem.heads, problem.target
-    loss, head_losses, head_correct, count = _MultiHeadCrossEntropy.apply(problem, *heads)
-    return BackendResult(loss, head_losses, head_correct, count)
+    return BackendResult(*_MultiHeadCrossEntropy.apply(problem, *heads))

@@ -91,11 +91,11 @@ rows s, a [BLOCK_R, BLOCK_C] tile, and loops over the classes in BLOCK_C chunks 
 Every program handles all heads of its rows, so the target and class weights are read once for all heads.
 
 Reductions are deterministic: each program writes one row of partial sums (count, denominator, each head's
-loss sum, each head's hits) and the finalize kernel, one program, sums them in a fixed order and writes
-loss, head_losses, head_correct, count and denom (in grad-in-forward mode the denominator is the pre-pass's,
-the same value the gradients were divided by). reduction="none" writes the weighted per-row loss from the
-main kernel. No host syncs anywhere: grad_output and the mean's divisor are read on the device, so a call is
-capturable in a CUDA graph.
+loss sum, each head's hits, rows with an invalid class index) and the finalize kernel, one program, sums them
+in a fixed order and writes loss, head_losses, head_correct, count, invalid and denom (in grad-in-forward mode
+the denominator is the pre-pass's, the same value the gradients were divided by). reduction="none" writes the
+weighted per-row loss from the main kernel. No host syncs anywhere: grad_output and the mean's divisor are read
+on the device, so a call is capturable in a CUDA graph.
 
 Masked lanes (past the last class, past the last row) compute on safe values only (a 0 or -inf that reaches
 no arithmetic that could overflow or give NaN), and 0 / 0 is formed with tl.where, so the interpreter's
@@ -246,21 +246,21 @@ def compute(problem: Problem) -> BackendResult:
     """
     options = (problem.head_weights, problem.ignore_index, problem.label_smoothing, problem.reduction_code)
     if _tracing():
-        loss, head_losses, head_correct, count, _denom, _lse, _coef = torch.ops.auxfuse.triton_multihead_ce_forward(
+        loss, head_losses, head_correct, count, invalid = torch.ops.auxfuse.triton_multihead_ce_forward(
             problem.heads, problem.target, problem.class_weight, *options, problem.want_details,
             problem.needs_grad,
-        )
+        )[:5]
     else:
         mode = grad_mode(problem)
         if mode == NO_GRAD:
             out = _forward_impl(problem.heads, problem.target, problem.class_weight, *options,
                                 problem.want_details, NO_GRAD, traced=False)
-            loss, head_losses, head_correct, count = out[:4]
+            loss, head_losses, head_correct, count, invalid = out[:5]
         else:
-            loss, head_losses, head_correct, count = _EagerFunction.apply(
+            loss, head_losses, head_correct, count, invalid = _EagerFunction.apply(
                 (*options, problem.want_details, mode), problem.target, problem.class_weight, *problem.inputs
             )
-    return BackendResult(loss, head_losses, head_correct if problem.want_details else None, count)
+    return BackendResult(loss, head_losses, head_correct if problem.want_details else None, count, invalid)
 
 
 if _IMPORT_ERROR is None:
@@ -546,6 +546,10 @@ if _IMPORT_ERROR is None:
                 tl.store(PART + (pid * KP + 2 + H + h), tl.sum(hit.to(tl.float32), 0))
         tl.store(PART + pid * KP, tl.sum(counted.to(tl.float32), 0))
         tl.store(PART + (pid * KP + 1), tl.sum(w_y, 0))
+        if PROB:
+            tl.store(PART + (pid * KP + 2 + 2 * H), 0.0)
+        else:
+            tl.store(PART + (pid * KP + 2 + 2 * H), tl.sum(bad.to(tl.float32), 0))
         if RED == 0:
             tl.store(LOSS_ROWS + r, weighted_rows, mask=row_mask)
         if SAVE:
@@ -554,18 +558,18 @@ if _IMPORT_ERROR is None:
     @triton.jit
     def _finalize_kernel(
         PART, P, W0, W1, W2, W3, W4, W5, W6, W7, DPART, DP,
-        LOSS, HEAD_LOSSES, HEAD_CORRECT, COUNT, DENOM,
+        LOSS, HEAD_LOSSES, HEAD_CORRECT, COUNT, INVALID, DENOM,
         H: tl.constexpr, KP: tl.constexpr, RED: tl.constexpr, HITS: tl.constexpr, USE_DPART: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
         """One program: the partial sums of every main-kernel program, added in a fixed order."""
         cols = tl.arange(0, KP)
         is_hits = (cols >= 2 + H) & (cols < 2 + 2 * H)
-        is_int = (cols == 0) | is_hits
+        is_int = (cols == 0) | is_hits | (cols == 2 + 2 * H)
         if HITS:
-            used = cols < 2 + 2 * H
+            used = cols <= 2 + 2 * H
         else:
-            used = cols < 2 + H  # the hits columns (and the padding to KP) are never written
+            used = (cols < 2 + H) | (cols == 2 + 2 * H)  # the hits columns (and the padding) are never written
         f_acc = tl.zeros([KP], tl.float32)
         i_acc = tl.zeros([KP], tl.int64)
         for p0 in range(0, P, BLOCK_P):
@@ -575,6 +579,7 @@ if _IMPORT_ERROR is None:
             f_acc += tl.sum(v, 0)
             i_acc += tl.sum(tl.where(is_int[None, :], v, 0.0).to(tl.int64), 0)
         count = tl.sum(tl.where(cols == 0, i_acc, 0), 0)
+        invalid = tl.sum(tl.where(cols == 2 + 2 * H, i_acc, 0), 0)
         if USE_DPART:  # the divisor the gradients were computed with (grad-in-forward)
             d_offs = tl.arange(0, BLOCK_D)
             denom = tl.sum(tl.load(DPART + d_offs, mask=d_offs < DP, other=0.0), 0)
@@ -596,6 +601,7 @@ if _IMPORT_ERROR is None:
         if HITS:
             tl.store(HEAD_CORRECT + (cols - 2 - H), i_acc, mask=is_hits)
         tl.store(COUNT, count)
+        tl.store(INVALID, invalid)
         tl.store(DENOM, denom)
 
     @triton.jit
@@ -864,7 +870,7 @@ if _IMPORT_ERROR is None:
         prob = target.dim() == 3
         save = mode == SAVE_LSE
         grad = mode == GRAD_IN_FORWARD
-        kp = _next_pow2(2 + 2 * H)
+        kp = _next_pow2(3 + 2 * H)  # count, divisor, H loss sums, H hits, invalid rows
         use_dpart = grad and reduction == MEAN and not prob
         dp, rows = _denom_plan(layout.R) if use_dpart else (0, 0)
         block_d = max(16, _next_pow2(dp))
@@ -897,8 +903,9 @@ if _IMPORT_ERROR is None:
     def _forward_impl(heads, target, class_weight, head_weights, ignore_index: int, label_smoothing: float,
                       reduction: int, want_hits: bool, mode: int, traced: bool):
         """The forward launches of both paths. Returns loss, head_losses, head_correct ((0,) unless
-        want_hits), count, denom, lse (H, N, S) and coef (N, S) (SAVE_LSE, else (0,)), and the heads'
-        gradients as one (H, N, C, S) buffer (GRAD_IN_FORWARD, else None)."""
+        want_hits), count, invalid (rows with a class index outside [0, C)), denom, lse (H, N, S) and coef (N, S)
+        (SAVE_LSE, else (0,)), and the heads' gradients as one (H, N, C, S) buffer (GRAD_IN_FORWARD, else
+        None)."""
         options = (head_weights, ignore_index, label_smoothing, reduction, want_hits, mode, traced)
         plan = _cached_plan(
             lambda: _forward_plan(heads, target, class_weight, *options),
@@ -910,6 +917,7 @@ if _IMPORT_ERROR is None:
         head_losses = torch.empty((H,), **f32)
         head_correct = torch.empty((H if want_hits else 0,), dtype=torch.int64, device=device)
         count = torch.empty((), dtype=torch.int64, device=device)
+        invalid = torch.empty((), dtype=torch.int64, device=device)
         denom = torch.empty((), **f32)
         lse = torch.empty((H, layout.N, layout.S) if plan["save"] else (0,), **f32)
         coef = torch.empty((layout.N, layout.S) if plan["save"] else (0,), **f32)
@@ -929,9 +937,9 @@ if _IMPORT_ERROR is None:
         _run(plan["kernel"], plan["grid"], args, traced, plan["key"])
         _run(_finalize_kernel, (1,), dict(
             plan["finalize"], PART=part, DPART=dpart, LOSS=loss, HEAD_LOSSES=head_losses, HEAD_CORRECT=head_correct,
-            COUNT=count, DENOM=denom,
+            COUNT=count, INVALID=invalid, DENOM=denom,
         ), traced)
-        return loss, head_losses, head_correct, count, denom, lse, coef, buffer
+        return loss, head_losses, head_correct, count, invalid, denom, lse, coef, buffer
 
     def _backward_plan(heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction,
                        traced) -> dict:
@@ -999,11 +1007,11 @@ if _IMPORT_ERROR is None:
             # where autograd does not record them (outside, each would be a node in forward and in backward).
             heads = [as_rows(x) for x in inputs]
             head_weights, ignore_index, label_smoothing, reduction, want_hits, mode = options
-            loss, head_losses, head_correct, count, denom, lse, coef, buffer = _forward_impl(
+            loss, head_losses, head_correct, count, invalid, denom, lse, coef, buffer = _forward_impl(
                 heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction, want_hits,
                 mode, traced=False)
             ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs below
-            ctx.mark_non_differentiable(head_losses, head_correct, count)
+            ctx.mark_non_differentiable(head_losses, head_correct, count, invalid)
             ctx.mode = mode
             ctx.num_heads, ctx.head_shape = len(inputs), inputs[0].shape
             if mode == GRAD_IN_FORWARD:
@@ -1013,7 +1021,7 @@ if _IMPORT_ERROR is None:
                 ctx.has_class_weight = class_weight is not None
                 extra = [class_weight] if class_weight is not None else []
                 ctx.save_for_backward(lse, coef, denom, target, *extra, *inputs)
-            return loss, head_losses, head_correct, count
+            return loss, head_losses, head_correct, count, invalid
 
         @staticmethod
         @torch.autograd.function.once_differentiable
@@ -1047,13 +1055,15 @@ if _IMPORT_ERROR is None:
         reduction: int,
         want_hits: bool,
         save_lse: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """loss, head_losses, head_correct ((0,) unless want_hits), count, denom, lse (H, N, S), coef (N, S).
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+               torch.Tensor]:
+        """loss, head_losses, head_correct ((0,) unless want_hits), count, invalid, denom, lse (H, N, S),
+        coef (N, S).
 
         The traced path (torch.compile, make_fx): lse mode, the same launch code as the eager path."""
         out = _forward_impl(heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction,
                             want_hits, SAVE_LSE if save_lse else NO_GRAD, traced=True)
-        return out[:7]
+        return out[:8]
 
     @torch.library.triton_op("auxfuse::triton_multihead_ce_backward", mutates_args=())
     def _backward_op(
@@ -1075,13 +1085,13 @@ if _IMPORT_ERROR is None:
 
     def _setup_context(ctx, inputs, output):
         heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction, _, save_lse = inputs
-        ctx.set_materialize_grads(False)  # without it autograd zero-fills six unused output gradients
+        ctx.set_materialize_grads(False)  # without it autograd zero-fills seven unused output gradients
         ctx.mark_non_differentiable(*output[1:])
         ctx.options = (head_weights, ignore_index, label_smoothing, reduction)
         ctx.num_heads = len(heads)
         ctx.has_class_weight = class_weight is not None
         ctx.saved_lse = save_lse
-        denom, lse, coef = output[4], output[5], output[6]
+        denom, lse, coef = output[5], output[6], output[7]
         extra = [class_weight] if class_weight is not None else []
         ctx.save_for_backward(lse, coef, denom, target, *extra, *heads)
 

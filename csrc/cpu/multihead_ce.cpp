@@ -816,7 +816,7 @@ void forward_tiles(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<sca
 // ---------------------------------------------------------------------------------------------------------
 // Forward op.
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+ForwardResult forward_cpu(
     at::TensorList heads_in, const at::Tensor& target_in, const c10::optional<at::Tensor>& class_weight,
     at::ArrayRef<double> head_weights, int64_t ignore_index, double label_smoothing, int64_t reduction,
     int64_t grad_mode) {
@@ -898,6 +898,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
     *outs.count.data_ptr<int64_t>() = stats.count;
     *outs.denom.data_ptr<acc_t>() = denom;
+    *outs.invalid.data_ptr<int64_t>() = 0;  // scan_targets raised for any
   });
   return outs.result(heads_in, grad_mode);
 }

@@ -35,7 +35,8 @@
 // else scales the gradient in place (one more read and write: a GradScaler's scale costs a pass).
 //
 // Never a host sync. Invalid class indices (outside [0, C), not ignore_index) are never used as an
-// address: the row reads class 0 instead, its loss is NaN (so the loss is NaN) and its gradient row NaN.
+// address: the row reads class 0 instead, its loss is NaN (so the loss is NaN) and its gradient row NaN;
+// the forward counts such rows into the `invalid` output, on the device, in the same reduction as `count`.
 //
 // AUXFUSE_KERNELS_ONLY: compile the kernels alone (no ATen / torch headers), for quick register checks:
 //   nvcc -DAUXFUSE_KERNELS_ONLY -Xptxas=-v -I csrc -I <torch>/include -c csrc/cuda/multihead_ce.cu
@@ -562,9 +563,10 @@ struct ForwardParams {
   float* head_losses;  // (H,)
   int64_t* head_correct;
   int64_t* count;
+  int64_t* invalid;
   float* denom;
   float* part_f;       // [(H + 1) x grid]: per-head loss sums, then denom
-  long long* part_i;   // [(H + 1) x grid]: per-head hits, then count
+  long long* part_i;   // [(H + 2) x grid]: per-head hits, then count, then invalid rows
   unsigned int* ticket;
 };
 
@@ -641,9 +643,9 @@ __global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>()) multihea
   constexpr int kWarps = BLOCK / 32;
   __shared__ ReduceScratch scratch;
   __shared__ float red_f[kMaxHeads + 1][kWarps];
-  __shared__ long long red_i[kMaxHeads + 1][kWarps];
+  __shared__ long long red_i[kMaxHeads + 2][kWarps];
   __shared__ double fin_f[kMaxHeads + 1];
-  __shared__ long long fin_i[kMaxHeads + 1];
+  __shared__ long long fin_i[kMaxHeads + 2];
   __shared__ bool is_last;
 
   const CommonParams& p = fp.p;
@@ -674,6 +676,7 @@ __global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>()) multihea
   }
   float acc_denom = 0.f;
   int acc_count = 0;
+  int acc_invalid = 0;
 
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kGroups;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kGroups + group; r < p.R; r += stride) {
@@ -739,32 +742,36 @@ __global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>()) multihea
         acc_count += 1;
         acc_denom += rt.w_y;
       }
+      acc_invalid += rt.bad ? 1 : 0;
       if (fp.loss_rows != nullptr) fp.loss_rows[r] = weighted_row_loss;
     }
   }
 
-  // Block partials: per warp (butterfly), then warps in order.
+  // Block partials: per warp (butterfly), then warps in order. Slots q <= H hold floats and integers,
+  // slot H + 1 (invalid rows) an integer only.
   const int warp = tid / 32, wl = tid % 32;
-  for (int q = 0; q <= p.H; ++q) {
-    const float vf = warp_allreduce(q < p.H ? acc_loss[q] : acc_denom, AddOp{});
-    const long long vi = warp_allreduce(static_cast<long long>(q < p.H ? acc_hits[q] : acc_count), AddOp{});
-    if (wl == 0) {
-      red_f[q][warp] = vf;
-      red_i[q][warp] = vi;
+  for (int q = 0; q <= p.H + 1; ++q) {
+    const long long mine = q < p.H ? acc_hits[q] : (q == p.H ? acc_count : acc_invalid);
+    const long long vi = warp_allreduce(mine, AddOp{});
+    if (wl == 0) red_i[q][warp] = vi;
+    if (q <= p.H) {
+      const float vf = warp_allreduce(q < p.H ? acc_loss[q] : acc_denom, AddOp{});
+      if (wl == 0) red_f[q][warp] = vf;
     }
   }
   __syncthreads();
   const int grid = gridDim.x;
-  if (tid <= p.H) {
-    float sf = 0.f;
+  if (tid <= p.H + 1) {
     long long si = 0;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      sf += red_f[tid][w];
-      si += red_i[tid][w];
-    }
-    fp.part_f[static_cast<int64_t>(tid) * grid + blockIdx.x] = sf;
+    for (int w = 0; w < kWarps; ++w) si += red_i[tid][w];
     fp.part_i[static_cast<int64_t>(tid) * grid + blockIdx.x] = si;
+  }
+  if (tid <= p.H) {
+    float sf = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sf += red_f[tid][w];
+    fp.part_f[static_cast<int64_t>(tid) * grid + blockIdx.x] = sf;
   }
   __threadfence();
   __syncthreads();
@@ -774,17 +781,17 @@ __global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>()) multihea
   __threadfence();
 
   // The last block: every quantity summed over the blocks in block order.
-  for (int q = warp; q <= p.H; q += kWarps) {
+  for (int q = warp; q <= p.H + 1; q += kWarps) {
     double sf = 0.0;
     long long si = 0;
     for (int b = wl; b < grid; b += 32) {
-      sf += static_cast<double>(__ldcg(fp.part_f + static_cast<int64_t>(q) * grid + b));
+      if (q <= p.H) sf += static_cast<double>(__ldcg(fp.part_f + static_cast<int64_t>(q) * grid + b));
       si += __ldcg(fp.part_i + static_cast<int64_t>(q) * grid + b);
     }
     sf = warp_allreduce(sf, AddOp{});
     si = warp_allreduce(si, AddOp{});
     if (wl == 0) {
-      fin_f[q] = sf;
+      if (q <= p.H) fin_f[q] = sf;
       fin_i[q] = si;
     }
   }
@@ -794,6 +801,7 @@ __global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>()) multihea
     const float denom = fp.denom_in != nullptr ? *fp.denom_in : static_cast<float>(fin_f[p.H]);
     *fp.denom = denom;
     *fp.count = static_cast<int64_t>(fin_i[p.H]);
+    *fp.invalid = static_cast<int64_t>(fin_i[p.H + 1]);
     float total = 0.f;
     for (int h = 0; h < p.H; ++h) {
       const float head_sum = static_cast<float>(fin_f[h]);
@@ -997,7 +1005,7 @@ void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
-using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using auxfuse::ForwardResult;
 
 // Launcher: unsigned int* ticket(const at::TensorOptions&, at::Tensor& holder) (a zeroed counter);
 // template <typename T> void forward(Mapping, int grid, const ForwardParams&); likewise backward.
@@ -1020,6 +1028,7 @@ ForwardResult forward_impl(Launcher& launcher, at::TensorList heads_in, const at
     out.head_losses.fill_(empty);
     out.head_correct.zero_();
     out.count.zero_();
+    out.invalid.zero_();
     out.denom.zero_();
     return out.result(heads_in, grad_mode);
   }
@@ -1035,11 +1044,13 @@ ForwardResult forward_impl(Launcher& launcher, at::TensorList heads_in, const at
   // denominator the gradient is divided by, before the gradient is written.
   const bool pre_pass = grad_mode == auxfuse::kGradInForward && reduction == auxfuse::kReductionMean;
   const int pre_grid = pre_pass ? grid_for(shape.rows(), Mapping::kThread, kMaxForwardBlocks) : 0;
-  const int64_t slots = (shape.heads + 1) * static_cast<int64_t>(std::max(grid, pre_grid));
+  const int64_t blocks = std::max(grid, pre_grid);
+  const int64_t int_slots = (shape.heads + 2) * blocks, float_slots = (shape.heads + 1) * blocks;
   // One allocation for the partials of both launches (stream-ordered), never zeroed (every block writes its
   // own): int64 first, then float.
-  at::Tensor workspace = at::empty({slots * static_cast<int64_t>(sizeof(long long) + sizeof(float))},
-                                   h0.options().dtype(at::kByte));
+  at::Tensor workspace =
+      at::empty({int_slots * static_cast<int64_t>(sizeof(long long)) + float_slots * static_cast<int64_t>(sizeof(float))},
+                h0.options().dtype(at::kByte));
   at::Tensor ticket_holder;
 
   ForwardParams fp{};
@@ -1057,9 +1068,10 @@ ForwardResult forward_impl(Launcher& launcher, at::TensorList heads_in, const at
   fp.head_losses = out.head_losses.data_ptr<float>();
   fp.head_correct = out.head_correct.data_ptr<int64_t>();
   fp.count = out.count.data_ptr<int64_t>();
+  fp.invalid = out.invalid.data_ptr<int64_t>();
   fp.denom = out.denom.data_ptr<float>();
   fp.part_i = reinterpret_cast<long long*>(workspace.data_ptr());
-  fp.part_f = reinterpret_cast<float*>(fp.part_i + slots);
+  fp.part_f = reinterpret_cast<float*>(fp.part_i + int_slots);
   fp.ticket = launcher.ticket(h0.options(), ticket_holder);  // both launches: each leaves it at 0
 
   dispatch_dtype(h0.scalar_type(), [&](auto tag) {

@@ -107,7 +107,8 @@ TORCH_LIBRARY(auxfuse_emu, m) {
   m.def(
       "multihead_ce_forward(Tensor[] heads, Tensor target, Tensor? class_weight, float[] head_weights, "
       "int ignore_index, float label_smoothing, int reduction, int grad_mode) -> "
-      "(Tensor loss, Tensor head_losses, Tensor head_correct, Tensor count, Tensor denom, Tensor saved)");
+      "(Tensor loss, Tensor head_losses, Tensor head_correct, Tensor count, Tensor denom, Tensor saved, "
+      "Tensor invalid)");
   m.def(
       "multihead_ce_backward(Tensor grad_loss, Tensor[] heads, Tensor target, Tensor? class_weight, "
       "float[] head_weights, int ignore_index, float label_smoothing, int reduction, Tensor lse, "

@@ -253,6 +253,7 @@ def test_invalid_target_gives_nan_not_out_of_bounds(C):
         problem = _problem(heads, good, [1.0, 0.3], reduction="none")
         problem.input_target = target
         result = tb.compute(problem)
+        assert int(result.invalid) == 1 and int(result.count) == 4
         rows = result.loss.reshape(4)
         assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3]]).all()
         assert torch.isnan(result.head_losses).all()
@@ -262,7 +263,38 @@ def test_invalid_target_gives_nan_not_out_of_bounds(C):
         for reduction in ("mean", "sum"):
             problem = _problem(heads, good, [1.0, 0.3], reduction=reduction)
             problem.input_target = target
-            assert torch.isnan(tb.compute(problem).loss)
+            result = tb.compute(problem)
+            assert torch.isnan(result.loss) and int(result.invalid) == 1
+
+
+@pytest.mark.parametrize("C", [NARROW_C, WIDE_C], ids=["narrow", "wide"])
+@pytest.mark.parametrize("mode", ["nograd", "forward", "lse", "op"])
+@pytest.mark.parametrize("want_details", [False, True], ids=["no-hits", "hits"])
+def test_invalid_count(C, mode, want_details, monkeypatch):
+    """`invalid` counts the rows whose class index is outside [0, C) and not ignore_index, summed over the
+    programs by the finalize kernel (bad rows in different programs), in every grad mode and through the op,
+    with and without the hits columns; probability targets count none."""
+    monkeypatch.setattr(tb, "FORCED_GRAD", None if mode in ("nograd", "op") else mode)
+    heads = [h.requires_grad_(mode != "nograd") for h in _heads(2, (3, C, 4), torch.float32)]
+
+    def counts(target):
+        problem = _problem(heads, target if target.is_floating_point() else _index_target((3, 4), C), [1.0, 0.3],
+                           reduction="sum")
+        problem.input_target = target
+        problem.want_details = want_details
+        if mode == "op":
+            out = torch.ops.auxfuse.triton_multihead_ce_forward(problem.heads, problem.target, None, [1.0, 0.3],
+                                                                -100, 0.0, 2, want_details, True)
+            return int(out[3]), int(out[4])
+        result = tb.compute(problem)
+        return int(result.count), int(result.invalid)
+
+    target = _index_target((3, 4), C)
+    assert counts(target) == (12, 0)
+    flat = target.view(-1)
+    flat[0], flat[5], flat[6], flat[11] = -100, C, -1, 10**12  # one ignored, three invalid
+    assert counts(target) == (11, 3)
+    assert counts(_prob_target((3, C, 4), torch.float32)) == (12, 0)
 
 
 @pytest.mark.parametrize("C", [NARROW_C, WIDE_C], ids=["narrow", "wide"])
@@ -285,12 +317,12 @@ def test_empty_batch(reduction):
     red = REDUCTIONS.index(reduction)
     heads = [torch.zeros(0, 5, 1, device=DEVICE).requires_grad_() for _ in range(2)]
     target = torch.zeros((0, 1), dtype=torch.long, device=DEVICE)
-    loss, head_losses, correct, count, denom, lse, coef = torch.ops.auxfuse.triton_multihead_ce_forward(
+    loss, head_losses, correct, count, invalid, denom, lse, coef = torch.ops.auxfuse.triton_multihead_ce_forward(
         heads, target, None, [1.0, 0.3], -100, 0.1, red, True, True)
     ref = sum(w * torch.nn.functional.cross_entropy(h[..., 0], target[:, 0], reduction=reduction)
               for w, h in zip([1.0, 0.3], heads))
     torch.testing.assert_close(loss.reshape(ref.shape), ref.detach().float(), equal_nan=True)
-    assert int(count) == 0 and correct.tolist() == [0, 0] and lse.shape == (2, 0, 1)
+    assert int(count) == 0 and int(invalid) == 0 and correct.tolist() == [0, 0] and lse.shape == (2, 0, 1)
     grads = torch.autograd.grad(loss.sum(), heads)
     assert all(g.shape == (0, 5, 1) for g in grads)
 
@@ -682,16 +714,16 @@ def compile_sm90() -> list[str]:
             out = torch.ops.auxfuse.triton_multihead_ce_forward(*args)
             heads, target, cw, hw, ii, eps, red = args[:7]
             grad = torch.ones_like(out[0])
-            torch.ops.auxfuse.triton_multihead_ce_backward(grad, heads, target, cw, hw, ii, eps, red, out[5], out[6],
-                                                           out[4])
+            torch.ops.auxfuse.triton_multihead_ce_backward(grad, heads, target, cw, hw, ii, eps, red, out[6], out[7],
+                                                           out[5])
             # The eager path's launches (None in the unused head slots), both grad modes.
             out = tb._forward_impl(*args[:8], tb.SAVE_LSE, traced=False)
-            tb._backward_impl(grad, heads, target, cw, hw, ii, eps, red, out[5], out[6], out[4], traced=False,
+            tb._backward_impl(grad, heads, target, cw, hw, ii, eps, red, out[6], out[7], out[5], traced=False,
                               one_buffer=True)
             if red != 0:  # grad-in-forward: divisor pre-pass (mean), forward with GRAD, scale kernel both ways
                 out = tb._forward_impl(*args[:8], tb.GRAD_IN_FORWARD, traced=False)
                 for in_place in (True, False):
-                    tb.scale_gradients(out[7], torch.ones(()), in_place)
+                    tb.scale_gradients(out[8], torch.ones(()), in_place)
     finally:
         tb._run = original
     lines = []
