@@ -134,6 +134,7 @@ def test_compile_fullgraph_training_step_matches_eager(backend):
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.head_losses, want.head_losses, rtol=1e-5, atol=1e-6)
     assert got.head_correct.tolist() == want.head_correct.tolist() and int(got.count) == int(want.count) == 5
+    assert int(got.invalid_targets) == int(want.invalid_targets) == 0
     _assert_grads_close(got_grads, want_grads)
     # And eager itself is the naive sum.
     torch.testing.assert_close(want.loss, naive_criterion(model(images), target, label_smoothing=0.1))

@@ -660,6 +660,19 @@ def test_torch_compile_fullgraph():
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
 
+    # An out-of-range class index through the traced op: no check while tracing (no graph break), a NaN loss,
+    # and the device-side count in the details.
+    def invalid(a, b, c, t):
+        out = auxfuse.multi_head_cross_entropy((a, b, c), t, (1.0, 0.3, 0.3), backend="triton", return_details=True)
+        return out.loss, out.invalid_targets
+
+    bad = target.clone()
+    bad[[1, 4]] = torch.tensor([12, -7])
+    torch._dynamo.reset()
+    with config:
+        loss, count = torch.compile(invalid, fullgraph=True, backend=backend)(*heads, bad)
+    assert torch.isnan(loss) and int(count) == 2
+
 
 # --- Compiling the kernels for a Hopper GPU without one ---------------------------------------------------------
 
