@@ -1,4 +1,5 @@
-// The auxfuse op schema: every op is defined here, once. Kernels register per dispatch key in
+// The auxfuse ops: every op is defined here, once (the schema strings are in op_schemas.h, which the CUDA
+// emulation of the tests defines too). Kernels register per dispatch key in
 // csrc/cpu/multihead_ce.cpp and csrc/cuda/multihead_ce.cu, autograd in csrc/autograd.cpp; fake kernels
 // are registered from Python (auxfuse/backends/native.py).
 //
@@ -33,6 +34,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "op_schemas.h"
+
 extern "C" {
 // `import auxfuse._C` loads this library, whose static initializers register the ops below.
 PyObject* PyInit__C(void) {
@@ -42,18 +45,7 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(auxfuse, m) {
-  m.def(
-      "multihead_ce_forward(Tensor[] heads, Tensor target, Tensor? class_weight, float[] head_weights, "
-      "int ignore_index, float label_smoothing, int reduction, int grad_mode) -> "
-      "(Tensor loss, Tensor head_losses, Tensor head_correct, Tensor count, Tensor denom, Tensor saved, "
-      "Tensor invalid)");
-  // Gradient of every head from the saved log-sum-exp (grad_mode 2): grad_loss is () for mean / sum and
-  // (N, S) for none, read on the device. Returns (H, *heads' shape) in the heads' dtype, laid out like the heads.
-  m.def(
-      "multihead_ce_backward(Tensor grad_loss, Tensor[] heads, Tensor target, Tensor? class_weight, "
-      "float[] head_weights, int ignore_index, float label_smoothing, int reduction, Tensor lse, "
-      "Tensor denom) -> Tensor");
-  // Backward of grad_mode 1 for mean / sum: grads *= grad_loss (one element) in place, unless grad_loss is
-  // exactly 1. CUDA reads grad_loss on the device (no sync; when it is 1 the kernel returns at once).
-  m.def("multihead_ce_scale_grad_(Tensor(a!) grads, Tensor grad_loss) -> ()");
+  m.def(auxfuse::kForwardSchema);
+  m.def(auxfuse::kBackwardSchema);
+  m.def(auxfuse::kScaleGradSchema);
 }

@@ -1,6 +1,6 @@
 // The CUDA kernels of csrc/cuda/multihead_ce.cu, compiled as C++ and run on CPU threads (cuda_shim.h), behind
-// ops of their own: torch.ops.auxfuse_emu.multihead_ce_forward / multihead_ce_backward on CPU tensors, same
-// schema as auxfuse's. The host logic is the CUDA backend's own (forward_impl / backward_impl); only the
+// ops of their own: torch.ops.auxfuse_emu.multihead_ce_forward / multihead_ce_backward on CPU tensors, with
+// auxfuse's schemas (csrc/op_schemas.h). The host logic is the CUDA backend's own (forward_impl / backward_impl); only the
 // launcher differs. The grid caps are lowered so that small problems exercise the grid-stride loops and a
 // last block that sums several partials. Built and used by tests/test_cuda_emulated.py.
 #define AUXFUSE_MAX_FORWARD_BLOCKS 3
@@ -9,6 +9,7 @@
 // clang-format off
 #include "cuda/multihead_ce.cu"
 // clang-format on
+#include "op_schemas.h"
 
 namespace auxfuse_cuda {
 
@@ -104,16 +105,9 @@ int64_t emulated_mapping(int64_t classes, int64_t class_stride) {
 }  // namespace auxfuse_cuda
 
 TORCH_LIBRARY(auxfuse_emu, m) {
-  m.def(
-      "multihead_ce_forward(Tensor[] heads, Tensor target, Tensor? class_weight, float[] head_weights, "
-      "int ignore_index, float label_smoothing, int reduction, int grad_mode) -> "
-      "(Tensor loss, Tensor head_losses, Tensor head_correct, Tensor count, Tensor denom, Tensor saved, "
-      "Tensor invalid)");
-  m.def(
-      "multihead_ce_backward(Tensor grad_loss, Tensor[] heads, Tensor target, Tensor? class_weight, "
-      "float[] head_weights, int ignore_index, float label_smoothing, int reduction, Tensor lse, "
-      "Tensor denom) -> Tensor");
-  m.def("multihead_ce_scale_grad_(Tensor(a!) grads, Tensor grad_loss) -> ()");
+  m.def(auxfuse::kForwardSchema);
+  m.def(auxfuse::kBackwardSchema);
+  m.def(auxfuse::kScaleGradSchema);
   m.def("mapping(int classes, int class_stride) -> int", &auxfuse_cuda::emulated_mapping);
 }
 
