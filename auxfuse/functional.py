@@ -12,8 +12,15 @@ from .backends.problem import REDUCTIONS, Problem, acc_dtype_of
 from .outputs import DEFAULT_AUX_WEIGHT, Heads, Weights, collect_heads, is_namedtuple
 
 
-class MultiHeadLossOutput(NamedTuple):
-    """What ``return_details=True`` returns, all from the same fused pass.
+class _DetailFields(NamedTuple):
+    loss: torch.Tensor
+    head_losses: torch.Tensor
+    head_correct: torch.Tensor
+    count: torch.Tensor
+
+
+class MultiHeadLossOutput(_DetailFields):
+    """What ``return_details=True`` returns, all from the same fused pass: a named tuple of four.
 
     loss: the weighted total (what to call ``backward()`` on).
     head_losses: (H,) each head's unweighted loss, detached, in output order (reduced like ``loss``;
@@ -21,23 +28,28 @@ class MultiHeadLossOutput(NamedTuple):
     head_correct: (H,) int64, each head's top-1 hits among the counted targets (for probability targets:
         rows whose argmax matches the target's argmax).
     count: () int64, the number of counted targets (not ``ignore_index``).
-    invalid_targets: () int64, on the heads' device: how many of those class indices are outside [0, C). The
-        loss is NaN when it is not 0. Only the CUDA and Triton paths without ``check_targets=True`` can report
-        more than 0: everywhere else an invalid index raises a ValueError before anything is computed. Counted
-        on the device in the same pass, so reading it is the only sync; ``raise_if_invalid_targets()`` does.
+
+    And one attribute that is not a tuple field (so ``loss, head_losses, head_correct, count = out`` keeps
+    working; ``_replace`` and pytree rebuilds drop it):
+    invalid_targets: () int64 on the heads' device: how many of the counted class indices are outside
+        [0, C); the loss is NaN when it is not 0. Only the CUDA and Triton paths without
+        ``check_targets=True`` can report more than 0: everywhere else an invalid index raises a ValueError
+        before anything is computed. Counted on the device in the same pass: reading it is the only sync, and
+        ``raise_if_invalid_targets()`` does that.
 
     Example (an out-of-range index on a GPU, found without a sync per step):
         >>> out = criterion(outputs, target, return_details=True)    # doctest: +SKIP
         >>> out.loss.backward()                                      # doctest: +SKIP
         >>> if step % 100 == 0:                                      # doctest: +SKIP
-        ...     out.raise_if_invalid_targets()  # ValueError: ... 3 class indices outside [0, C) ...
+        ...     out.raise_if_invalid_targets()  # ValueError: ... 3 class indices were outside [0, C) ...
     """
 
-    loss: torch.Tensor
-    head_losses: torch.Tensor
-    head_correct: torch.Tensor
-    count: torch.Tensor
-    invalid_targets: torch.Tensor
+    invalid_targets: Optional[torch.Tensor] = None
+
+    def __new__(cls, loss, head_losses, head_correct, count, invalid_targets: Optional[torch.Tensor] = None):
+        self = super().__new__(cls, loss, head_losses, head_correct, count)
+        self.invalid_targets = invalid_targets
+        return self
 
     def raise_if_invalid_targets(self) -> None:
         """Raise a ValueError if any class index of this call was outside [0, C) and not ``ignore_index``
@@ -50,7 +62,7 @@ class MultiHeadLossOutput(NamedTuple):
             ...                                        return_details=True)
             >>> out.raise_if_invalid_targets()  # nothing to report
         """
-        invalid = int(self.invalid_targets)
+        invalid = 0 if self.invalid_targets is None else int(self.invalid_targets)
         if invalid:
             raise ValueError(
                 f"auxfuse: {invalid} class {'index was' if invalid == 1 else 'indices were'} outside [0, C) and "
@@ -204,8 +216,8 @@ def multi_head_cross_entropy(
         check_targets: on CUDA, check every class index now (one host sync) and raise a ValueError for one
             outside [0, C); without it an invalid index makes the loss NaN and is counted, on the device, in
             ``invalid_targets`` of ``return_details``. CPU always checks.
-        return_details: return a ``MultiHeadLossOutput`` (loss, head_losses, head_correct, count,
-            invalid_targets).
+        return_details: return a ``MultiHeadLossOutput`` (loss, head_losses, head_correct, count; and the
+            ``invalid_targets`` attribute).
 
     The loss is float32 (float64 for float64 logits); gradients have the logits' dtype.
 

@@ -2,6 +2,7 @@
 
 import collections
 import os
+import pickle
 import subprocess
 import sys
 
@@ -143,6 +144,11 @@ def test_return_details():
     assert int(out.invalid_targets) == 0 and out.invalid_targets.dtype == torch.int64
     out.raise_if_invalid_targets()  # nothing to report
     assert not out.head_losses.requires_grad
+    # a tuple of the four fields design.md promises; invalid_targets is an attribute, kept by pickle
+    loss, head_losses, head_correct, count = out
+    assert len(out) == 4 and out._fields == ("loss", "head_losses", "head_correct", "count")
+    again = pickle.loads(pickle.dumps(out))
+    assert type(again) is auxfuse.MultiHeadLossOutput and int(again.invalid_targets) == 0
 
 
 def test_raise_if_invalid_targets_reads_the_count():
@@ -150,7 +156,7 @@ def test_raise_if_invalid_targets_reads_the_count():
     nan = torch.tensor(float("nan"))
     for invalid, words in ((1, r"1 class index was outside \[0, C\)"), (3, r"3 class indices were outside")):
         out = auxfuse.MultiHeadLossOutput(nan, nan.expand(2), torch.zeros(2, dtype=torch.long), torch.tensor(4),
-                                          torch.tensor(invalid))
+                                          invalid_targets=torch.tensor(invalid))
         with pytest.raises(ValueError, match=words + r".*the loss is NaN; pass check_targets=True"):
             out.raise_if_invalid_targets()
 
