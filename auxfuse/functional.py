@@ -104,8 +104,13 @@ def _check_target_range(problem: Problem, backend, check_targets: bool) -> None:
         raise ValueError(
             f"auxfuse: target value {value} is outside [0, {num_classes}) and is not ignore_index "
             f"({ignore_index}) (flattened position {position}); every class index must name one of the "
-            f"{num_classes} classes"
+            f"{num_classes} classes" + (_VOID_HINT if value == 255 else "")
         )
+
+
+# Pascal VOC / Cityscapes-style masks: the most common invalid index is the void label of a mask read with the
+# default ignore_index (csrc/cpu/multihead_ce.cpp gives the same hint).
+_VOID_HINT = "; segmentation masks often mark void pixels 255: pass ignore_index=255"
 
 
 def build_problem(

@@ -33,6 +33,9 @@ ERRORS = [
     ("target >= C", randn(2, 3), torch.tensor([0, 3]), {}, ValueError,
      r"target value 3 is outside \[0, 3\) and is not ignore_index \(-100\)"),
     ("negative target", randn(2, 3), torch.tensor([-1, 0]), {}, ValueError, r"target value -1 is outside \[0, 3\)"),
+    ("void label, default ignore_index", randn(2, 3, 2, 2), torch.tensor([[[0, 1], [255, 2]]] * 2), {}, ValueError,
+     r"target value 255 is outside \[0, 3\) .* 3 classes; segmentation masks often mark void pixels 255: "
+     r"pass ignore_index=255$"),
     ("negative target, other ignore_index", randn(2, 3), torch.tensor([-100, 0]), {"ignore_index": 255},
      ValueError, r"target value -100 is outside \[0, 3\) and is not ignore_index \(255\)"),
     ("float class indices", randn(2, 3), torch.tensor([0.0, 1.0]), {}, ValueError,

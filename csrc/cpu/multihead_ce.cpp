@@ -228,6 +228,9 @@ struct TargetStats {
   double denom = 0;
 };
 
+// The void label of Pascal VOC-style masks: an invalid index that gets a hint (ignore_index=255).
+constexpr int64_t kVoidLabel = 255;
+
 template <typename scalar_t>
 TargetStats scan_targets(const Args<scalar_t>& a) {
   const int64_t rows = a.N * a.S;
@@ -269,7 +272,9 @@ TargetStats scan_targets(const Args<scalar_t>& a) {
       // The same words as the Python check in auxfuse/functional.py.
       TORCH_CHECK_VALUE(false, "auxfuse: target value ", y, " is outside [0, ", a.C, ") and is not ignore_index (",
                         a.ignore_index, ") (flattened position ", r, "); every class index must name one of the ",
-                        a.C, " classes");
+                        a.C, " classes",
+                        y == kVoidLabel ? "; segmentation masks often mark void pixels 255: pass ignore_index=255"
+                                        : "");
     }
     stats.count += counts[b];
     stats.denom += denoms[b];
