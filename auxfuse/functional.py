@@ -37,11 +37,13 @@ class MultiHeadLossOutput(_DetailFields):
         before anything is computed. Counted on the device in the same pass: reading it is the only sync, and
         ``raise_if_invalid_targets()`` does that.
 
-    Example (an out-of-range index on a GPU, found without a sync per step):
+    Example (out-of-range indices on a GPU, counted every step, read at logging steps only):
         >>> out = criterion(outputs, target, return_details=True)    # doctest: +SKIP
         >>> out.loss.backward()                                      # doctest: +SKIP
-        >>> if step % 100 == 0:                                      # doctest: +SKIP
-        ...     out.raise_if_invalid_targets()  # ValueError: ... 3 class indices were outside [0, C) ...
+        >>> invalid_seen = invalid_seen + out.invalid_targets        # doctest: +SKIP
+        >>> if step % 100 == 0 and int(invalid_seen):                # doctest: +SKIP
+        ...     raise ValueError(f"{int(invalid_seen)} class indices outside [0, C) so far")
+        >>> out.raise_if_invalid_targets()  # this call's batch only  # doctest: +SKIP
     """
 
     invalid_targets: Optional[torch.Tensor] = None
