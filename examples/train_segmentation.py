@@ -170,6 +170,7 @@ def main(argv=None):
     log(args, f"=> {args.model}, aux head weight {args.aux_weight}, {args.num_classes} classes, "
               f"{len(train_set)} training images of {crop}x{crop}, {world_size} process(es) on {device}")
     start = time.time()
+    invalid_seen = 0  # mask labels outside [0, num_classes), counted on the device by the loss
     for epoch in range(args.epochs):
         if train_sampler is not None:
             train_sampler.set_epoch(epoch)
@@ -186,8 +187,10 @@ def main(argv=None):
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            invalid_seen = invalid_seen + details.invalid_targets  # no sync
             if i % args.print_freq == 0 or i == steps - 1:
-                details.raise_if_invalid_targets()  # e.g. a mask label >= num_classes (the loss would be NaN)
+                if int(invalid_seen):  # e.g. a label >= num_classes: the loss went NaN (CPU raises at once)
+                    raise ValueError(f"{int(invalid_seen)} mask labels outside [0, {args.num_classes}) so far")
                 out_loss, aux_loss = details.head_losses.tolist()
                 log(args, f"Epoch: [{epoch}][{i + 1}/{steps}]  loss {details.loss.item():.4f}  out {out_loss:.4f}  "
                           f"aux {aux_loss:.4f}  lr {optimizer.param_groups[0]['lr']:.5f}  {time.time() - start:.1f} s")
