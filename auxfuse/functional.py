@@ -90,6 +90,11 @@ def _check_heads(heads: Heads) -> None:
         raise ValueError(f"auxfuse: head {first_name!r} is a scalar; logits need a class dimension (N, C, ...)")
 
 
+# Pascal VOC / Cityscapes-style masks: the most common invalid index is the void label of a mask read with the
+# default ignore_index (csrc/cpu/multihead_ce.cpp gives the same hint).
+_VOID_HINT = "; segmentation masks often mark void pixels 255: pass ignore_index=255"
+
+
 def _check_target_range(problem: Problem, backend, check_targets: bool) -> None:
     """Raise a ValueError for a class index outside [0, C) that is not ignore_index, unless the chosen backend
     checks itself (the cpu kernel, before it writes anything). CPU inputs are always checked (free: no device
@@ -108,11 +113,6 @@ def _check_target_range(problem: Problem, backend, check_targets: bool) -> None:
             f"({ignore_index}) (flattened position {position}); every class index must name one of the "
             f"{num_classes} classes" + (_VOID_HINT if value == 255 else "")
         )
-
-
-# Pascal VOC / Cityscapes-style masks: the most common invalid index is the void label of a mask read with the
-# default ignore_index (csrc/cpu/multihead_ce.cpp gives the same hint).
-_VOID_HINT = "; segmentation masks often mark void pixels 255: pass ignore_index=255"
 
 
 def build_problem(

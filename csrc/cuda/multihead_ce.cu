@@ -1048,9 +1048,9 @@ ForwardResult forward_impl(Launcher& launcher, at::TensorList heads_in, const at
   const int64_t int_slots = (shape.heads + 2) * blocks, float_slots = (shape.heads + 1) * blocks;
   // One allocation for the partials of both launches (stream-ordered), never zeroed (every block writes its
   // own): int64 first, then float.
-  at::Tensor workspace =
-      at::empty({int_slots * static_cast<int64_t>(sizeof(long long)) + float_slots * static_cast<int64_t>(sizeof(float))},
-                h0.options().dtype(at::kByte));
+  const int64_t workspace_bytes = int_slots * static_cast<int64_t>(sizeof(long long)) +
+                                  float_slots * static_cast<int64_t>(sizeof(float));
+  at::Tensor workspace = at::empty({workspace_bytes}, h0.options().dtype(at::kByte));
   at::Tensor ticket_holder;
 
   ForwardParams fp{};
