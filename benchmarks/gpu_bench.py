@@ -3,6 +3,7 @@
     python3 benchmarks/gpu_bench.py [--json PATH] [--only SHAPE_ID ...] [--budget-s 240]
     python3 benchmarks/gpu_bench.py --dry-run     # the plan: shapes, providers, bytes; no GPU needed
     python3 benchmarks/gpu_bench.py --smoke       # tiny shapes on whatever device is here (code-path check)
+    python3 benchmarks/gpu_bench.py --verdict benchmarks/results/h200_2026-11-29.json   # targets of a saved run
 
 Providers: naive eager sum of F.cross_entropy; torch.compile of that sum; auxfuse backends torch, cuda and
 triton (triton only when auxfuse.available_backends()["triton"] is None); auxfuse-cuda-op-lse and
@@ -20,10 +21,12 @@ smaller than 256 MB), the median over repeats. Per row: median ms, speed-up vs n
 achieved GB/s on the floor's bytes (2 x element size x logits for fwd+bwd, 1 x for fwd) and as a fraction of
 the device-to-device copy bandwidth measured in the same run, peak memory above the inputs
 (torch.cuda.max_memory_allocated delta), and device operations (kernels, memsets, copies) per fwd+bwd
-counted with torch.profiler. For the cuda provider the kernel's own bytes (3 x element size x logits + the
-targets twice + the saved log-sum-exp for fwd+bwd) are reported too. A failing provider prints its error
-in the table and the run goes on. The Markdown table is printed last; with --json (or $OUT set) the full
-results go to JSON.
+counted with torch.profiler. For the cuda providers the kernels' own bytes in the grad_mode each runs
+(Shape.cuda_own_bytes: 3 x element size x logits + the saved log-sum-exp for fwd+bwd in grad_mode 2, 2 x in
+grad_mode 1; the targets) are reported too. A failing provider prints its error
+in the table and the run goes on. The Markdown table is printed, then the verdict on the numbers issues #4
+and #5 ask for (TARGETS: speed-ups, % of the copy bandwidth, device ops, memory; met, missed or not
+measured); with --json (or $OUT set) the full results and the verdicts go to JSON.
 """
 
 from __future__ import annotations
@@ -74,25 +77,42 @@ class Shape:
     def floor_bytes(self, mode: str) -> int:
         return (2 if mode == "fwd+bwd" else 1) * self.elem * self.numel
 
-    def cuda_own_bytes(self, mode: str) -> int:
-        """What the cuda backend moves: logits read once per pass, the gradient written once, the int64
-        targets read per pass, the fp32 log-sum-exp written in forward and read in backward."""
+    def cuda_own_bytes(self, mode: str, grad_mode: int) -> int:
+        """What the cuda kernels move: the logits read once per pass over them and the int64 targets per
+        launch that reads them; grad_mode 2 (saved log-sum-exp) adds the fp32 log-sum-exp (written, read
+        back) and, with a backward, a second read of the logits and the gradient's write; grad_mode 1
+        (gradient in the forward, backward a no-op for grad_output 1) writes the gradient in the forward
+        (heads that require grad, so in both modes) and reads the targets in its pre-pass too."""
+        if grad_mode == 1:
+            return 2 * self.elem * self.numel + 2 * 8 * self.rows
         if mode == "fwd+bwd":
             return 3 * self.elem * self.numel + 2 * 8 * self.rows + 2 * 4 * self.heads * self.rows
         return self.elem * self.numel + 8 * self.rows + 4 * self.heads * self.rows
+
+    def cuda_grad_mode(self, provider: str) -> int:
+        """The grad_mode the cuda provider runs this shape in: auxfuse's own rule, asked about meta heads."""
+        if provider in CUDA_OP_GRAD_MODES:
+            return CUDA_OP_GRAD_MODES[provider]
+        from types import SimpleNamespace
+
+        from auxfuse.backends.native import cuda_grad_mode
+
+        heads = [torch.empty(self.logits, dtype=self.dtype, device="meta")] * self.heads
+        return cuda_grad_mode(SimpleNamespace(inputs=heads, reduction="mean"))
 
     def describe(self) -> str:
         dims = "x".join(map(str, self.logits))
         return f"{self.heads}x{dims} {str(self.dtype).replace('torch.', '')}"
 
 
+# The shapes with targets (TARGETS below) first, so that a run cut short by its time budget loses the others.
 SHAPES = [
     Shape("googlenet-fp32", 3, (256, 1000), torch.float32, (1.0, 0.3, 0.3)),
     Shape("googlenet-bf16", 3, (256, 1000), torch.bfloat16, (1.0, 0.3, 0.3)),
-    Shape("inception-fp32", 2, (256, 1000), torch.float32, (1.0, 0.4)),
     Shape("lm2-bf16", 2, (8192, 128256), torch.bfloat16, (1.0, 0.3)),
     Shape("seg-fp16", 2, (8, 21, 512, 512), torch.float16, (1.0, 0.5)),
     Shape("lm4-bf16", 4, (8192, 128256), torch.bfloat16, (1.0, 0.3, 0.3, 0.3)),
+    Shape("inception-fp32", 2, (256, 1000), torch.float32, (1.0, 0.4)),
 ]
 SMOKE_SHAPES = [
     Shape("smoke-cls", 3, (8, 37), torch.float32, (1.0, 0.3, 0.3)),
@@ -354,7 +374,8 @@ def run_shape(shape: Shape, device, providers, modes, deadline: float, repeats: 
                 row.ms, row.samples = time_step(step, sets, device, target_ms, repeats)
                 row.floor_gbps = shape.floor_bytes(mode) / (row.ms * 1e-3) / 1e9
                 if provider.startswith("auxfuse-cuda"):
-                    row.own_gbps = shape.cuda_own_bytes(mode) / (row.ms * 1e-3) / 1e9
+                    own_bytes = shape.cuda_own_bytes(mode, shape.cuda_grad_mode(provider))
+                    row.own_gbps = own_bytes / (row.ms * 1e-3) / 1e9
                 peak = peak_memory_delta(step, sets[0], device)
                 row.peak_mb = None if peak is None else peak / 2**20
                 if mode == "fwd+bwd":
@@ -417,6 +438,112 @@ def markdown_table(shapes, rows, copy_gbps) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The numbers issues #4 (cuda) and #5 (triton) ask of an H200 run, read off a run's fwd+bwd rows
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    issue: int
+    shape: str
+    provider: str
+    measure: str  # a key of MEASURES
+    goal: float
+
+
+# measure -> (what it means, True when higher is better)
+MEASURES = {
+    "x naive": ("speed-up over the naive eager sum", True),
+    "x compile": ("speed-up over torch.compile of the naive sum", True),
+    "x liger": ("speed-up over Liger-Kernel's cross-entropy looped over the heads", True),
+    "% copy": ("floor bytes / time as a % of the device-to-device copy bandwidth", True),
+    "device ops": ("kernels + memsets + copies in one forward + backward", False),
+    "MB over grads": ("peak memory above the inputs, less the gradients (MB); allowed: 64 B per row and head "
+                      "+ 2 MB of allocator rounding", False),
+}
+
+
+def _targets() -> list:
+    lm = ("lm2-bf16", "lm4-bf16")
+    googlenet = ("googlenet-fp32", "googlenet-bf16")
+    shapes = {s.id: s for s in SHAPES}
+    out = []
+    for shape in googlenet:
+        out += [Target(4, shape, "auxfuse-cuda", "device ops", 2), Target(4, shape, "auxfuse-cuda", "x naive", 5),
+                Target(4, shape, "auxfuse-cuda", "x compile", 2), Target(5, shape, "auxfuse-triton", "x naive", 3)]
+    for shape in lm:
+        rows = shapes[shape].rows * shapes[shape].heads
+        out += [Target(4, shape, "auxfuse-cuda", "% copy", 85), Target(4, shape, "auxfuse-cuda", "x liger", 1.5),
+                Target(4, shape, "auxfuse-cuda", "MB over grads", 64 * rows / 2**20 + 2)]
+    out += [Target(4, "seg-fp16", "auxfuse-cuda", "% copy", 80), Target(5, "lm2-bf16", "auxfuse-triton", "% copy", 80)]
+    return out
+
+
+TARGETS = _targets()
+
+
+def _measure(target: Target, rows: dict, copy_gbps: Optional[float]) -> tuple[Optional[float], str]:
+    """(value, why it is missing). rows: {(shape, provider): row dict} of the fwd+bwd mode."""
+    row = rows.get((target.shape, target.provider))
+    if row is None:
+        return None, "not in this run"
+    if row.get("error") or row.get("ms") is None:
+        return None, row.get("error") or "no time"
+    if target.measure == "x naive":
+        return row.get("vs_naive"), "no naive time"
+    if target.measure == "x compile":
+        return row.get("vs_compile"), "no compile time"
+    if target.measure == "x liger":
+        liger = rows.get((target.shape, "liger")) or {}
+        return (liger["ms"] / row["ms"] if liger.get("ms") else None), "no Liger time"
+    if target.measure == "% copy":
+        ok = row.get("floor_gbps") is not None and copy_gbps
+        return (100 * row["floor_gbps"] / copy_gbps if ok else None), "no copy bandwidth"
+    if target.measure == "device ops":
+        return (row["ops"]["total"] if row.get("ops") else None), "not profiled"
+    if target.measure == "MB over grads":
+        shape = {s.id: s for s in SHAPES}[target.shape]
+        peak = row.get("peak_mb")
+        return (None if peak is None else peak - shape.elem * shape.numel / 2**20), "no peak memory"
+    raise ValueError(target.measure)
+
+
+def verdict_bandwidth(*copy_gbps: Optional[float]) -> Optional[float]:
+    """The copy bandwidth the % targets are judged against: the higher of the run's measurements."""
+    return max((g for g in copy_gbps if g), default=None)
+
+
+def target_verdicts(rows: list, copy_gbps: Optional[float]) -> list:
+    """Each target of TARGETS with the run's value: dicts of issue, shape, provider, measure, goal, value, met
+    (None when the run has no value, with the reason in `note`). rows: Row.__dict__s, as in the JSON."""
+    by_key = {(r["shape"], r["provider"]): r for r in rows if r["mode"] == "fwd+bwd"}
+    verdicts = []
+    for t in TARGETS:
+        value, missing = _measure(t, by_key, copy_gbps)
+        higher_is_better = MEASURES[t.measure][1]
+        met = None if value is None else (value >= t.goal if higher_is_better else value <= t.goal)
+        verdicts.append(dict(issue=t.issue, shape=t.shape, provider=t.provider, measure=t.measure, goal=t.goal,
+                             value=value, met=met, note="" if value is not None else missing))
+    return verdicts
+
+
+def verdict_table(verdicts: list, copy_gbps: Optional[float]) -> str:
+    met = sum(v["met"] is True for v in verdicts)
+    missed = sum(v["met"] is False for v in verdicts)
+    lines = [f"targets of issues #4 and #5 (fwd+bwd; copy bandwidth {fmt(copy_gbps, '.0f')} GB/s, the higher of "
+             f"the run's two measurements): {met} met, "
+             f"{missed} missed, {len(verdicts) - met - missed} not measured",
+             "",
+             "| issue | shape | provider | measure | goal | measured | verdict |",
+             "|---|---|---|---|---:|---:|---|"]
+    for v in verdicts:
+        bound = ">=" if MEASURES[v["measure"]][1] else "<="
+        verdict = {True: "met", False: "MISSED", None: f"not measured ({v['note']})"}[v["met"]]
+        lines.append(f"| #{v['issue']} | {v['shape']} | {v['provider']} | {v['measure']} | {bound} {v['goal']:.4g} | "
+                     f"{fmt(v['value'], '.3g')} | {verdict.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
 def environment(device) -> dict:
     info = {"python": sys.version.split()[0], "torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "platform": platform.platform(), "device": str(device)}
@@ -444,7 +571,7 @@ def plan(shapes, providers, modes) -> str:
         lines.append(
             f"  {s.id:15s} {s.describe():32s} logits {s.elem * s.numel / 2**20:10.1f} MB, input sets "
             f"{num_input_sets(s):2d}, floor fwd+bwd {s.floor_bytes('fwd+bwd') / 1e9:7.3f} GB, cuda own "
-            f"{s.cuda_own_bytes('fwd+bwd') / 1e9:7.3f} GB"
+            f"{s.cuda_own_bytes('fwd+bwd', s.cuda_grad_mode('auxfuse-cuda')) / 1e9:7.3f} GB"
         )
     lines.append(f"  providers: {', '.join(providers)}")
     lines.append(f"  modes: {', '.join(modes)}")
@@ -461,7 +588,14 @@ def main(argv=None) -> int:
     parser.add_argument("--target-ms", type=float, default=60.0, help="time per repeat")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the local device")
+    parser.add_argument("--verdict", metavar="JSON", help="print the targets table of a saved run and exit")
     args = parser.parse_args(argv)
+    if args.verdict:
+        with open(args.verdict) as f:
+            saved = json.load(f)
+        copy_gbps = verdict_bandwidth(saved.get("copy_gbps"), saved.get("copy_gbps_after"))
+        print(verdict_table(target_verdicts(saved["rows"], copy_gbps), copy_gbps))
+        return 0
 
     start = time.monotonic()
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
@@ -492,6 +626,8 @@ def main(argv=None) -> int:
     copy_after = copy_bandwidth(device)
     log(f"copy bandwidth after the run {fmt(copy_after, '.0f')} GB/s; total {time.monotonic() - start:.0f} s")
 
+    verdict_gbps = verdict_bandwidth(copy_gbps, copy_after)
+    verdicts = target_verdicts([r.__dict__ for r in rows], verdict_gbps) if not args.smoke else []
     out_path = args.json or (os.path.join(os.environ["OUT"], "gpu_results.json") if os.environ.get("OUT") else None)
     if out_path:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -502,14 +638,20 @@ def main(argv=None) -> int:
             "elapsed_s": time.monotonic() - start,
             "shapes": [dict(id=s.id, heads=s.heads, logits=s.logits, dtype=str(s.dtype), weights=s.weights,
                             floor_bytes={m: s.floor_bytes(m) for m in modes},
-                            cuda_own_bytes={m: s.cuda_own_bytes(m) for m in modes}) for s in shapes],
+                            cuda_grad_mode=s.cuda_grad_mode("auxfuse-cuda"),
+                            cuda_own_bytes={m: s.cuda_own_bytes(m, s.cuda_grad_mode("auxfuse-cuda")) for m in modes})
+                       for s in shapes],
             "rows": [r.__dict__ for r in rows],
+            "targets": verdicts,
         }
         with open(out_path, "w") as f:
             json.dump(payload, f, indent=1, default=str)
         log(f"results: {out_path}")
     print()
     print(markdown_table(shapes, rows, copy_gbps), flush=True)
+    if verdicts:
+        print()
+        print(verdict_table(verdicts, verdict_gbps), flush=True)
     return 0
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one script to run on a bare GPU machine (repository copied there, no internet):
-#   versions -> build the extension in place (CUDA kernels for sm_90) -> GPU tests -> benchmark.
+#   versions -> build the extension in place (CUDA kernels for sm_90) -> GPU tests -> benchmark -> host
+#   overhead -> last, the table of issues #4 and #5's targets, met or missed (gpu_bench.py --verdict).
 #
 #   bash benchmarks/gpu_check.sh                 # logs, junit and gpu_results.json go to $OUT when set
 #   PYTHON=/path/to/python3 bash benchmarks/gpu_check.sh
@@ -121,16 +122,22 @@ AUXFUSE_TRITON_AUTOTUNE=0 timeout "$TRITON_TIMEOUT_S" "$PY" -m pytest tests/trit
 echo "triton tests took $((SECONDS - TEST_START)) s"
 
 section "benchmark"
-JSON=()
-if [[ -n "$OUT_DIR" ]]; then JSON=(--json "$OUT_DIR/gpu_results.json"); fi
-timeout "$BENCH_TIMEOUT_S" "$PY" benchmarks/gpu_bench.py "${BENCH_ARGS[@]}" "${JSON[@]}" 2>&1 | log_to gpu_bench.log \
-  || note_failure bench $?
+RESULTS_JSON="${OUT_DIR:-${TMPDIR:-/tmp}}/gpu_results.json"
+timeout "$BENCH_TIMEOUT_S" "$PY" benchmarks/gpu_bench.py "${BENCH_ARGS[@]}" --json "$RESULTS_JSON" 2>&1 \
+  | log_to gpu_bench.log || note_failure bench $?
 
 section "host overhead: benchmarks/test_bench_host.py"
 HOST_JSON=()
 if [[ -n "$OUT_DIR" ]]; then HOST_JSON=(--benchmark-json "$OUT_DIR/host_overhead.json"); fi
 timeout "${AUXFUSE_HOST_TIMEOUT_S:-45}" "$PY" -m pytest benchmarks/test_bench_host.py --benchmark-only -q \
   -p no:cacheprovider "${HOST_JSON[@]}" 2>&1 | log_to host_overhead.log 8 || note_failure host-overhead $?
+
+section "the targets of issues #4 and #5, from $RESULTS_JSON"
+if [[ -f "$RESULTS_JSON" ]]; then
+  "$PY" benchmarks/gpu_bench.py --verdict "$RESULTS_JSON" || note_failure verdict $?
+else
+  echo "no benchmark results"
+fi
 
 section "done: status $STATUS"
 exit "$STATUS"
