@@ -5,8 +5,9 @@ time) this overhead is the whole loss, so it is what auxfuse has to beat the nai
     pytest benchmarks/test_bench_host.py --benchmark-only
 
 Providers: the naive sum of F.cross_entropy, `MultiHeadLoss` on a GoogLeNetOutputs (the whole front end:
-output parsing, validation or its cached plan, the backend's call), and the fused op called directly with its
-C++ autograd (no Python front end). Modes: forward alone (heads requiring grad), and forward + backward
+output parsing, validation or its cached plan, the backend's call), the fused op called directly with its
+C++ autograd (no Python front end), and on CUDA `MultiHeadLoss(backend="triton")` (Triton's launcher included,
+which the interpreter-based --host-overhead of benchmarks/triton_bench.py leaves out). Modes: forward alone (heads requiring grad), and forward + backward
 (torch.autograd.grad of the loss w.r.t. the heads, as benchmarks/gpu_bench.py does). Each round times
 CALLS calls back to back, without a device sync between them; the summary table is microseconds per call.
 """
@@ -31,10 +32,15 @@ def _naive(heads, target):
 
 
 _criterion = auxfuse.MultiHeadLoss()
+_triton_criterion = auxfuse.MultiHeadLoss(backend="triton")
 
 
 def _multi_head_loss(heads, target):
     return _criterion(GoogLeNetOutputs(*heads), target)
+
+
+def _multi_head_loss_triton(heads, target):
+    return _triton_criterion(GoogLeNetOutputs(*heads), target)
 
 
 def _fused_op(heads, target):
@@ -42,7 +48,8 @@ def _fused_op(heads, target):
     return torch.ops.auxfuse.multihead_ce_forward(heads, target, None, WEIGHTS, -100, 0.0, 1, grad_mode)[0]
 
 
-PROVIDERS = {"naive": _naive, "MultiHeadLoss": _multi_head_loss, "fused op": _fused_op}
+PROVIDERS = {"naive": _naive, "MultiHeadLoss": _multi_head_loss, "fused op": _fused_op,
+             "MultiHeadLoss triton": _multi_head_loss_triton}
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
@@ -50,6 +57,8 @@ PROVIDERS = {"naive": _naive, "MultiHeadLoss": _multi_head_loss, "fused op": _fu
 def test_host_overhead(benchmark, bench_results, provider, mode):
     if provider == "fused op" and auxfuse.available_backends().get(DEVICE) is not None:
         pytest.skip(f"the fused op does not run on {DEVICE} here")
+    if provider == "MultiHeadLoss triton" and (DEVICE != "cuda" or auxfuse.available_backends().get("triton")):
+        pytest.skip("the triton backend runs on CUDA tensors (on CPU only in Triton's interpreter)")
     loss_fn = PROVIDERS[provider]
     g = torch.Generator().manual_seed(0)
     heads = [torch.randn(N, C, generator=g).to(DEVICE).requires_grad_(True) for _ in range(HEADS)]
