@@ -123,6 +123,7 @@ echo "triton tests took $((SECONDS - TEST_START)) s"
 
 section "benchmark"
 RESULTS_JSON="${OUT_DIR:-${TMPDIR:-/tmp}}/gpu_results.json"
+rm -f "$RESULTS_JSON"  # the verdict below must never read an older run's results
 timeout "$BENCH_TIMEOUT_S" "$PY" benchmarks/gpu_bench.py "${BENCH_ARGS[@]}" --json "$RESULTS_JSON" 2>&1 \
   | log_to gpu_bench.log || note_failure bench $?
 
