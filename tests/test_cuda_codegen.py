@@ -1,0 +1,155 @@
+"""What nvcc makes of the CUDA kernels (csrc/cuda/multihead_ce.cu), read from their sm_90 machine code: no GPU
+needed. The CPU emulation (test_cuda_emulated.py) checks what the kernels compute; this checks the properties
+their speed rests on, which the emulation cannot see and which a small source change can silently undo:
+
+- contiguous classes (a warp or a block per row) stream the logits with 16-byte loads, 4 in flight per
+  thread, and write gradients with 16-byte streaming (evict-first) stores;
+- a thread per row (class-strided segmentation logits) keeps at least 24 loads in flight per thread in the
+  forward and 16 in the gradient writer;
+- no register spill reaches a loop that streams global memory (at most one local-memory access per
+  iteration, e.g. a pointer reloaded once per 4 vectors): the spills ptxas reports sit in per-row code.
+
+"Loop" below is an innermost loop of the machine code (a backward branch whose body holds no other).
+Marked slow: nvcc compiles the kernels (about 15 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = {"f": "float", "N3c104HalfE": "half", "N3c108BFloat16E": "bfloat16"}
+KERNEL = re.compile(r"multihead_ce_(forward|backward)_kernelI(f|N3c104HalfE|N3c108BFloat16E)Li(\d+)ELi(\d+)E(?:Lb([01])E)?")
+INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def _tool(name: str):
+    """nvcc / cuobjdump: from CUDA_HOME, torch's CUDA_HOME, the PATH, or (cuobjdump) the one Triton ships."""
+    from torch.utils import cpp_extension
+
+    for base in (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda"):
+        if base and os.access(os.path.join(base, "bin", name), os.X_OK):
+            return os.path.join(base, "bin", name)
+    if shutil.which(name):
+        return shutil.which(name)
+    try:
+        import triton
+
+        found = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name))
+        return found[0] if found else None
+    except ImportError:
+        return None
+
+
+@dataclass
+class Loop:
+    instructions: list
+
+    def count(self, pattern: str) -> int:
+        return sum(bool(re.search(pattern, op)) for op in self.instructions)
+
+    @property
+    def global_loads(self) -> int:
+        return self.count(r"^(@!?U?P\w+ )?LDG\b")
+
+    @property
+    def global_stores(self) -> int:
+        return self.count(r"^(@!?U?P\w+ )?STG\b")
+
+    @property
+    def local_accesses(self) -> int:
+        return self.count(r"^(@!?U?P\w+ )?(LDL|STL)\b")
+
+
+@dataclass
+class Kernel:
+    direction: str  # forward / backward
+    dtype: str
+    group: int  # threads per row: 1, 32 or a block
+    grad: bool  # forward that also writes the gradient (grad_mode 1)
+    loops: list
+
+    @property
+    def name(self) -> str:
+        return f"{self.direction} {self.dtype} G={self.group}" + (" grad" if self.grad else "")
+
+    def streaming_loops(self) -> list:
+        return [loop for loop in self.loops if loop.global_loads or loop.global_stores]
+
+
+def _innermost_loops(instructions: list) -> list:
+    spans = []
+    for address, op in instructions:
+        branch = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", op)
+        if branch and int(branch.group(1), 16) < address:
+            spans.append((int(branch.group(1), 16), address))
+    innermost = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+    return [Loop([op for address, op in instructions if lo <= address <= hi]) for lo, hi in innermost]
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    nvcc, cuobjdump = _tool("nvcc"), _tool("cuobjdump")
+    if nvcc is None or cuobjdump is None:
+        pytest.skip(f"needs nvcc and cuobjdump (found {nvcc}, {cuobjdump})")
+    cubin = str(tmp_path_factory.mktemp("sass") / "multihead_ce.cubin")
+    include = os.path.join(os.path.dirname(torch.__file__), "include")
+    subprocess.run([nvcc, "-DAUXFUSE_KERNELS_ONLY", "-I", os.path.join(ROOT, "csrc"), "-I", include, "-std=c++17",
+                    "-gencode", "arch=compute_90,code=sm_90", "-cubin", "-o", cubin,
+                    os.path.join(ROOT, "csrc", "cuda", "multihead_ce.cu")], check=True, capture_output=True)
+    sass = subprocess.run([cuobjdump, "-sass", cubin], check=True, capture_output=True, text=True).stdout
+    found = []
+    for function in sass.split("Function : ")[1:]:
+        match = KERNEL.search(function.split("\n", 1)[0])
+        if match is None:
+            continue
+        direction, dtype, group, _block, grad = match.groups()
+        instructions = [(int(m.group(1), 16), m.group(2)) for m in INSTRUCTION.finditer(function)]
+        found.append(Kernel(direction, DTYPES[dtype], int(group), grad == "1", _innermost_loops(instructions)))
+    return found
+
+
+def test_every_kernel_variant_is_there(kernels):
+    """3 dtypes x 3 mappings: a backward kernel and a forward kernel with and without the gradient."""
+    assert len(kernels) == 27
+    assert {(k.dtype, k.group) for k in kernels} == {(d, g) for d in DTYPES.values() for g in (1, 32, 512)}
+
+
+def test_contiguous_classes_stream_with_16_byte_vectors(kernels):
+    for k in kernels:
+        if k.group == 1:
+            continue
+        vector_loads = max(loop.count(r"LDG\.E\.128") for loop in k.loops)
+        assert vector_loads >= 4, f"{k.name}: no loop with 4 16-byte loads in flight"
+        if k.grad or k.direction == "backward":
+            assert any(loop.count(r"STG\.E\.EF\.128") >= 4 for loop in k.loops), (
+                f"{k.name}: the gradient is not written with 16-byte streaming stores")
+
+
+def test_thread_per_row_keeps_loads_in_flight(kernels):
+    for k in kernels:
+        if k.group != 1:
+            continue
+        most_loads = max(loop.global_loads for loop in k.streaming_loops())
+        assert most_loads >= (24 if k.direction == "forward" else 16), f"{k.name}: {most_loads} loads per loop"
+        if k.grad or k.direction == "backward":
+            most_stores = max(loop.global_stores for loop in k.streaming_loops())
+            assert most_stores >= 16, f"{k.name}: {most_stores} gradient stores per loop"
+
+
+def test_no_spills_in_streaming_loops(kernels):
+    for k in kernels:
+        for loop in k.streaming_loops():
+            assert loop.local_accesses <= 1, (
+                f"{k.name}: {loop.local_accesses} local-memory accesses in a loop with {loop.global_loads} "
+                f"global loads and {loop.global_stores} stores")
