@@ -9,66 +9,27 @@ their speed rests on, which the emulation cannot see and which a small source ch
 - no register spill reaches a loop that streams global memory (at most one local-memory access per
   iteration, e.g. a pointer reloaded once per 4 vectors): the spills ptxas reports sit in per-row code.
 
-"Loop" below is an innermost loop of the machine code (a backward branch whose body holds no other).
-Marked slow: nvcc compiles the kernels (about 15 s on 2 cores).
+"Loop" below is an innermost loop of the machine code (tests/sass.py). Marked slow: nvcc compiles the kernels
+(about 15 s on 2 cores).
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import re
-import shutil
 import subprocess
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+import sass
+
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"f": "float", "N3c104HalfE": "half", "N3c108BFloat16E": "bfloat16"}
 KERNEL = re.compile(r"multihead_ce_(forward|backward)_kernelI(f|N3c104HalfE|N3c108BFloat16E)Li(\d+)ELi(\d+)E(?:Lb([01])E)?")
-INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-
-
-def _tool(name: str):
-    """nvcc / cuobjdump: from CUDA_HOME, torch's CUDA_HOME, the PATH, or (cuobjdump) the one Triton ships."""
-    from torch.utils import cpp_extension
-
-    for base in (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda"):
-        if base and os.access(os.path.join(base, "bin", name), os.X_OK):
-            return os.path.join(base, "bin", name)
-    if shutil.which(name):
-        return shutil.which(name)
-    try:
-        import triton
-
-        found = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name))
-        return found[0] if found else None
-    except ImportError:
-        return None
-
-
-@dataclass
-class Loop:
-    instructions: list
-
-    def count(self, pattern: str) -> int:
-        return sum(bool(re.search(pattern, op)) for op in self.instructions)
-
-    @property
-    def global_loads(self) -> int:
-        return self.count(r"^(@!?U?P\w+ )?LDG\b")
-
-    @property
-    def global_stores(self) -> int:
-        return self.count(r"^(@!?U?P\w+ )?STG\b")
-
-    @property
-    def local_accesses(self) -> int:
-        return self.count(r"^(@!?U?P\w+ )?(LDL|STL)\b")
 
 
 @dataclass
@@ -77,29 +38,19 @@ class Kernel:
     dtype: str
     group: int  # threads per row: 1, 32 or a block
     grad: bool  # forward that also writes the gradient (grad_mode 1)
-    loops: list
+    loops: list  # sass.Loop: the innermost loops
 
     @property
     def name(self) -> str:
         return f"{self.direction} {self.dtype} G={self.group}" + (" grad" if self.grad else "")
 
     def streaming_loops(self) -> list:
-        return [loop for loop in self.loops if loop.global_loads or loop.global_stores]
-
-
-def _innermost_loops(instructions: list) -> list:
-    spans = []
-    for address, op in instructions:
-        branch = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", op)
-        if branch and int(branch.group(1), 16) < address:
-            spans.append((int(branch.group(1), 16), address))
-    innermost = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
-    return [Loop([op for address, op in instructions if lo <= address <= hi]) for lo, hi in innermost]
+        return [loop for loop in self.loops if loop.streams]
 
 
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory):
-    nvcc, cuobjdump = _tool("nvcc"), _tool("cuobjdump")
+    nvcc, cuobjdump = sass.find_tool("nvcc"), sass.find_tool("cuobjdump")
     if nvcc is None or cuobjdump is None:
         pytest.skip(f"needs nvcc and cuobjdump (found {nvcc}, {cuobjdump})")
     cubin = str(tmp_path_factory.mktemp("sass") / "multihead_ce.cubin")
@@ -107,15 +58,12 @@ def kernels(tmp_path_factory):
     subprocess.run([nvcc, "-DAUXFUSE_KERNELS_ONLY", "-I", os.path.join(ROOT, "csrc"), "-I", include, "-std=c++17",
                     "-gencode", "arch=compute_90,code=sm_90", "-cubin", "-o", cubin,
                     os.path.join(ROOT, "csrc", "cuda", "multihead_ce.cu")], check=True, capture_output=True)
-    sass = subprocess.run([cuobjdump, "-sass", cubin], check=True, capture_output=True, text=True).stdout
     found = []
-    for function in sass.split("Function : ")[1:]:
-        match = KERNEL.search(function.split("\n", 1)[0])
-        if match is None:
-            continue
-        direction, dtype, group, _block, grad = match.groups()
-        instructions = [(int(m.group(1), 16), m.group(2)) for m in INSTRUCTION.finditer(function)]
-        found.append(Kernel(direction, DTYPES[dtype], int(group), grad == "1", _innermost_loops(instructions)))
+    for name, loops in sass.functions(cubin, cuobjdump).items():
+        match = KERNEL.search(name)
+        if match is not None:
+            direction, dtype, group, _block, grad = match.groups()
+            found.append(Kernel(direction, DTYPES[dtype], int(group), grad == "1", loops))
     return found
 
 

@@ -13,6 +13,7 @@ Block sizes differ between the two (auxfuse.backends.triton picks small ones und
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -679,13 +680,19 @@ def test_torch_compile_fullgraph():
 _TRITON_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64"}
 
 
-def compile_sm90() -> list[str]:
-    """Compile every kernel launch of a few representative calls, with every autotune config, to sm_90 cubin.
+def compile_sm90() -> list[dict]:
+    """Compile every kernel launch of a few representative calls, with every autotune config, to sm_90 cubin,
+    and read the machine code.
 
     Runs the host code of both grad modes on CPU tensors with the backend's launcher (tb._run) recording the
-    launches instead of running them, then compiles each recorded launch as Triton would (ints equal to 1
-    specialized to constexprs). Needs TRITON_INTERPRET unset (the interpreter does not compile). Returns one
-    line per compiled kernel."""
+    launches instead of running them, then compiles each recorded launch as Triton's JIT would: ints equal to
+    1 specialized to constexprs, and 16-byte aligned pointers and ints divisible by 16 marked so (the facts
+    the compiler needs to vectorize). Needs TRITON_INTERPRET unset (the interpreter does not compile).
+    Returns one record per compiled kernel: its name, case, num_warps and constexprs, and what its streaming
+    loops hold (tests/sass.py; empty when cuobjdump is missing)."""
+    import tempfile
+
+    import sass
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -693,37 +700,38 @@ def compile_sm90() -> list[str]:
 
     assert not tb.INTERPRET
     launches = []
+    case = None
 
     def record(kernel, grid, args, traced, key=None):
-        launches.append((kernel, (), dict(args)))
+        launches.append((case, kernel, (), dict(args)))
 
     def lm(dtype=torch.bfloat16, H=2, N=2, C=128256, **kw):
         heads = [torch.zeros(N, C, 1, dtype=dtype) for _ in range(H)]
         return heads, torch.zeros(N, 1, dtype=torch.long), None, [1.0] * H, -100, 0.0, 1, False, True
 
-    cases = [
-        lm(),  # LM vocabulary: the wide path, every BLOCK_C config
-        (  # GoogLeNet: 3 heads, C=1000, fp32, class weights, smoothing, details
+    cases = {
+        "lm": lm(),  # LM vocabulary: the wide path, every BLOCK_C config
+        "googlenet": (  # 3 heads, C=1000, fp32, class weights, smoothing, details
             [torch.zeros(256, 1000, 1) for _ in range(3)], torch.zeros(256, 1, dtype=torch.long),
             torch.ones(1000), [1.0, 0.3, 0.3], -100, 0.1, 1, True, True,
         ),
-        (  # segmentation NCHW, fp16, probability targets, reduction none
+        "seg-prob-none": (  # segmentation NCHW, fp16, probability targets, reduction none
             [torch.zeros(2, 21, 4096, dtype=torch.float16) for _ in range(2)],
             torch.zeros(2, 21, 4096, dtype=torch.float16), torch.ones(21), [1.0, 0.5], 255, 0.1, 0, True, True,
         ),
-        (  # segmentation NCHW, bf16, probability targets, mean (grad-in-forward divides by N x S)
+        "seg-prob-mean": (  # NCHW, bf16, probability targets, mean (grad-in-forward divides by N x S)
             [torch.zeros(2, 21, 4096, dtype=torch.bfloat16) for _ in range(2)],
             torch.zeros(2, 21, 4096, dtype=torch.bfloat16), None, [1.0, 0.5], -100, 0.0, 1, False, True,
         ),
-        (  # channels_last bf16, eight heads, sum
+        "channels-last": (  # bf16, eight heads, sum
             [torch.zeros(2, 4096, 21, dtype=torch.bfloat16).permute(0, 2, 1) for _ in range(tb.MAX_HEADS)],
             torch.zeros(2, 4096, dtype=torch.long), None, [1.0] * tb.MAX_HEADS, 255, 0.0, 2, False, True,
         ),
-    ]
+    }
     original = tb._run
     tb._run = record
     try:
-        for args in cases:
+        for case, args in cases.items():
             out = torch.ops.auxfuse.triton_multihead_ce_forward(*args)
             heads, target, cw, hw, ii, eps, red = args[:7]
             grad = torch.ones_like(out[0])
@@ -739,49 +747,101 @@ def compile_sm90() -> list[str]:
                     tb.scale_gradients(out[8], torch.ones(()), in_place)
     finally:
         tb._run = original
-    lines = []
-    for kernel, args, kwargs in launches:
+    records = []
+    cuobjdump = sass.find_tool("cuobjdump")
+    cubin = os.path.join(tempfile.mkdtemp(prefix="auxfuse-sm90-"), "kernel.cubin")
+    for case, kernel, args, kwargs in launches:
         fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
         configs = kernel.configs if isinstance(kernel, Autotuner) else [triton.Config({}, num_warps=4)]
         for config in configs:
             values = {**dict(zip(fn.arg_names, args)), **kwargs, **config.kwargs}
-            signature, constexprs = {}, {}
-            for param in fn.params:
+            signature, constexprs, attrs = {}, {}, {}
+            for index, param in enumerate(fn.params):
                 value = values[param.name]
                 if param.is_constexpr or value is None or (
                         isinstance(value, int) and not isinstance(value, bool) and value == 1):
                     signature[param.name], constexprs[param.name] = "constexpr", value
                 elif isinstance(value, torch.Tensor):
                     signature[param.name] = _TRITON_TYPES[value.dtype]
+                    if value.data_ptr() % 16 == 0:  # what the JIT tells the compiler: 16-byte aligned
+                        attrs[(index,)] = [["tt.divisibility", 16]]
                 elif isinstance(value, int):
                     signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+                    if value % 16 == 0:  # divisible by 16, as the JIT specializes it
+                        attrs[(index,)] = [["tt.divisibility", 16]]
                 elif isinstance(value, float):
                     signature[param.name] = "fp32"
                 else:
                     raise TypeError(f"{fn.__name__}: argument {param.name} = {value!r}")
             compiled = triton.compile(
-                ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                 target=GPUTarget("cuda", 90, 32),
                 options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
             )
             assert compiled.asm["cubin"]
-            lines.append(f"{fn.__name__} {config.kwargs} num_warps={config.num_warps} "
-                         f"{ {k: v for k, v in constexprs.items() if k in ('H', 'BLOCK_R', 'BLOCK_C')} }")
-    return lines
+            record = dict(kernel=fn.__name__, case=case, num_warps=config.num_warps, loops=[],
+                          constexprs={k: v for k, v in constexprs.items() if isinstance(v, (bool, int, float))})
+            if cuobjdump is not None:
+                with open(cubin, "wb") as f:
+                    f.write(compiled.asm["cubin"])
+                (loops,) = sass.functions(cubin, cuobjdump).values()
+                record["loops"] = [dict(loads=loop.global_loads, stores=loop.global_stores,
+                                        local=loop.local_accesses, loads128=loop.count(r"LDG\.E(\.E[LF])?\.128"),
+                                        evict_last128=loop.count(r"LDG\.E\.EL\.128"),
+                                        evict_first128=loop.count(r"LDG\.E\.EF\.128"),
+                                        stores128=loop.count(r"STG\.E\.128")) for loop in loops if loop.streams]
+            records.append(record)
+    return records
 
 
-def test_kernels_compile_for_sm90():
-    """The interpreter runs Python, not the compiler: compile every kernel variant for Hopper (no GPU needed;
-    Triton ships ptxas) in a process without TRITON_INTERPRET."""
+@pytest.fixture(scope="module")
+def sm90_kernels():
+    """compile_sm90's records, from a process without TRITON_INTERPRET (the interpreter does not compile)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["AUXFUSE_TRITON_REGISTER"] = "1"  # define the ops even without a GPU
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(os.path.dirname(here))
     env["PYTHONPATH"] = os.pathsep.join([root, here, os.path.dirname(here), env.get("PYTHONPATH", "")])
-    code = "import test_triton_interpret as t; print('\\n'.join(t.compile_sm90()))"
+    code = "import json, test_triton_interpret as t; print(json.dumps(t.compile_sm90()))"
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_kernels_compile_for_sm90(sm90_kernels):
+    """The interpreter runs Python, not the compiler: every kernel variant compiles for Hopper (no GPU needed;
+    Triton ships ptxas)."""
+    names = [r["kernel"] for r in sm90_kernels]
     for kernel in ("_forward_kernel", "_backward_kernel", "_finalize_kernel", "_denom_kernel", "_scale_kernel"):
-        assert kernel in result.stdout, result.stdout
-    assert result.stdout.count("_forward_kernel") >= 8  # both grad modes, every wide config
+        assert kernel in names
+    assert names.count("_forward_kernel") >= 8  # both grad modes, every wide config
+
+
+def test_kernels_machine_code(sm90_kernels):
+    """What the compiled kernels' speed rests on (tests/sass.py reads their sm_90 machine code):
+    - LM rows (the wide path, C divisible by 16) stream with 16-byte loads; in grad-in-forward mode the
+      first pass loads with evict-last and the second with evict-first, so the row stays in L2 between them,
+      and the gradient goes out in 16-byte stores; the lse backward and the scale kernel likewise;
+    - no register spill in any loop that streams memory (at most one local access per iteration)."""
+    if not any(r["loops"] for r in sm90_kernels):
+        pytest.skip("no cuobjdump (CUDA_HOME/bin or Triton's copy) to read the machine code with")
+
+    def most(record, fact):
+        return max((loop[fact] for loop in record["loops"]), default=0)
+
+    lm = [r for r in sm90_kernels if r["case"] == "lm"]
+    assert lm
+    for r in lm:
+        what = f"{r['kernel']} {r['constexprs']} num_warps={r['num_warps']}"
+        if r["kernel"] == "_forward_kernel" and r["constexprs"].get("GRAD"):
+            assert most(r, "evict_last128") >= 2 and most(r, "evict_first128") >= 2, what
+            assert most(r, "stores128") >= 2, what
+        elif r["kernel"] == "_forward_kernel":
+            assert most(r, "loads128") >= 2, what
+        elif r["kernel"] == "_backward_kernel":
+            assert most(r, "loads128") >= 2 and most(r, "stores128") >= 2, what
+    for r in sm90_kernels:
+        if r["kernel"] == "_scale_kernel":
+            assert most(r, "loads128") >= 1 and most(r, "stores128") >= 1, r
+        assert most(r, "local") <= 1, f"{r['kernel']} ({r['case']}, {r['constexprs']}): spills in {r['loops']}"
