@@ -23,10 +23,10 @@ the device-to-device copy bandwidth measured in the same run, peak memory above 
 (torch.cuda.max_memory_allocated delta), and device operations (kernels, memsets, copies) per fwd+bwd
 counted with torch.profiler. For the cuda providers the kernels' own bytes in the grad_mode each runs
 (Shape.cuda_own_bytes: 3 x element size x logits + the saved log-sum-exp for fwd+bwd in grad_mode 2, 2 x in
-grad_mode 1; the targets) are reported too. A failing provider prints its error
-in the table and the run goes on. The Markdown table is printed, then the verdict on the numbers issues #4
-and #5 ask for (TARGETS: speed-ups, % of the copy bandwidth, device ops, memory; met, missed or not
-measured); with --json (or $OUT set) the full results and the verdicts go to JSON.
+grad_mode 1; the targets) are reported too. A failing provider prints its error in the table and the run
+goes on. The Markdown table is printed, then the verdict on the numbers issues #4 and #5 ask for (TARGETS:
+speed-ups, % of the copy bandwidth, device ops, memory; met, missed or not measured); with --json (or $OUT
+set) the full results and the verdicts go to JSON.
 """
 
 from __future__ import annotations
@@ -541,6 +541,8 @@ def verdict_table(verdicts: list, copy_gbps: Optional[float]) -> str:
         verdict = {True: "met", False: "MISSED", None: f"not measured ({v['note']})"}[v["met"]]
         lines.append(f"| #{v['issue']} | {v['shape']} | {v['provider']} | {v['measure']} | {bound} {v['goal']:.4g} | "
                      f"{fmt(v['value'], '.3g')} | {verdict.replace('|', '/')} |")
+    lines.append("")
+    lines += [f"{measure}: {meaning}" for measure, (meaning, _) in MEASURES.items()]
     return "\n".join(lines)
 
 
