@@ -749,7 +749,8 @@ def compile_sm90() -> list[dict]:
         tb._run = original
     records = []
     cuobjdump = sass.find_tool("cuobjdump")
-    cubin = os.path.join(tempfile.mkdtemp(prefix="auxfuse-sm90-"), "kernel.cubin")
+    scratch = tempfile.TemporaryDirectory(prefix="auxfuse-sm90-")  # removed on cleanup() or when collected
+    cubin = os.path.join(scratch.name, "kernel.cubin")
     for case, kernel, args, kwargs in launches:
         fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
         configs = kernel.configs if isinstance(kernel, Autotuner) else [triton.Config({}, num_warps=4)]
@@ -791,6 +792,7 @@ def compile_sm90() -> list[dict]:
                                         evict_first128=loop.count(r"LDG\.E\.EF\.128"),
                                         stores128=loop.count(r"STG\.E\.128")) for loop in loops if loop.streams]
             records.append(record)
+    scratch.cleanup()
     return records
 
 
