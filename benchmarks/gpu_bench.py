@@ -10,8 +10,10 @@ triton (triton only when auxfuse.available_backends()["triton"] is None); auxfus
 auxfuse-cuda-op-gif, the registered op called directly (the cuda kernels without the Python front end) in
 grad_mode 2 (saved log-sum-exp, backward kernel) and grad_mode 1 (gradient in the forward, backward a scale
 kernel that returns at once for grad_output 1): the measurement behind the cuda grad_mode rule in
-auxfuse/backends/native.py; Liger-Kernel's
-LigerCrossEntropyLoss looped over the heads when liger_kernel imports (2-D logits only).
+auxfuse/backends/native.py; Liger-Kernel's LigerCrossEntropyLoss looped over the heads when liger_kernel
+imports (2-D logits only); auxfuse-triton-gif and auxfuse-triton-lse, the triton backend with its grad mode
+forced (the measurement behind its rule, grad_mode in auxfuse/backends/triton.py). After the targets, a table
+says per shape and backend which grad mode the rule picks and which one was faster.
 Modes: fwd (the training forward: inputs require grad, no backward) and fwd+bwd (forward, then
 torch.autograd.grad of the loss w.r.t. every head).
 
@@ -21,12 +23,12 @@ smaller than 256 MB), the median over repeats. Per row: median ms, speed-up vs n
 achieved GB/s on the floor's bytes (2 x element size x logits for fwd+bwd, 1 x for fwd) and as a fraction of
 the device-to-device copy bandwidth measured in the same run, peak memory above the inputs
 (torch.cuda.max_memory_allocated delta), and device operations (kernels, memsets, copies) per fwd+bwd
-counted with torch.profiler. For the cuda providers the kernels' own bytes in the grad_mode each runs
-(Shape.cuda_own_bytes: 3 x element size x logits + the saved log-sum-exp for fwd+bwd in grad_mode 2, 2 x in
-grad_mode 1; the targets) are reported too. A failing provider prints its error in the table and the run
-goes on. The Markdown table is printed, then the verdict on the numbers issues #4 and #5 ask for (TARGETS:
-speed-ups, % of the copy bandwidth, device ops, memory; met, missed or not measured); with --json (or $OUT
-set) the full results and the verdicts go to JSON.
+counted with torch.profiler (logits under 64 MiB). For the cuda providers the kernels' own bytes in the
+grad_mode each runs (Shape.cuda_own_bytes: 3 x element size x logits + the saved log-sum-exp for fwd+bwd in
+grad_mode 2, 2 x in grad_mode 1; the targets) are reported too. A failing provider prints its error in the
+table and the run goes on. The Markdown table is printed, then the verdict on the numbers issues #4 and #5
+ask for (TARGETS: speed-ups, % of the copy bandwidth, device ops, memory; met, missed or not measured); with
+--json (or $OUT set) the full results and the verdicts go to JSON.
 """
 
 from __future__ import annotations
@@ -100,6 +102,16 @@ class Shape:
         heads = [torch.empty(self.logits, dtype=self.dtype, device="meta")] * self.heads
         return cuda_grad_mode(SimpleNamespace(inputs=heads, reduction="mean"))
 
+    def triton_grad_mode(self) -> int:
+        """The grad mode the triton backend's rule picks for a mean loss of this shape (same numbering)."""
+        from types import SimpleNamespace
+
+        from auxfuse.backends.triton import grad_mode
+
+        N, C, S = self.logits[0], self.logits[1], math.prod(self.logits[2:])
+        heads = [torch.empty((N, C, S), dtype=self.dtype, device="meta")] * self.heads
+        return grad_mode(SimpleNamespace(needs_grad=True, reduction="mean", heads=heads))
+
     def describe(self) -> str:
         dims = "x".join(map(str, self.logits))
         return f"{self.heads}x{dims} {str(self.dtype).replace('torch.', '')}"
@@ -120,8 +132,13 @@ SMOKE_SHAPES = [
 ]
 MODES = ("fwd+bwd", "fwd")
 PROVIDERS = ("naive", "compile", "auxfuse-torch", "auxfuse-cuda", "auxfuse-cuda-op-lse", "auxfuse-cuda-op-gif",
-             "auxfuse-triton", "liger")
+             "auxfuse-triton", "liger", "auxfuse-triton-gif", "auxfuse-triton-lse")
 CUDA_OP_GRAD_MODES = {"auxfuse-cuda-op-gif": 1, "auxfuse-cuda-op-lse": 2}
+TRITON_FORCED_GRAD = {"auxfuse-triton-gif": "forward", "auxfuse-triton-lse": "lse"}  # tb.FORCED_GRAD values
+# Within one run's time budget: the grad-mode providers time fwd+bwd only (what their comparison is about), and
+# device operations are counted where launches are the cost (logits under PROFILE_MAX_MIB).
+FWD_BWD_ONLY = (*CUDA_OP_GRAD_MODES, *TRITON_FORCED_GRAD)
+PROFILE_MAX_MIB = 64
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,6 +184,25 @@ def make_provider(name: str, shape: Shape) -> tuple[Callable, bool]:
             return torch.ops.auxfuse.multihead_ce_forward(list(heads), t, None, w, -100, 0.0, 1, mode)[0]
 
         return op_loss, False
+    if name in TRITON_FORCED_GRAD:
+        # MultiHeadLoss's triton path with its grad mode forced (as AUXFUSE_TRITON_GRAD does): the measurement
+        # behind the triton grad-mode rule (grad_mode in auxfuse/backends/triton.py).
+        import auxfuse
+        from auxfuse.backends import triton as tb
+
+        reason = auxfuse.available_backends().get("triton")
+        if reason is not None:
+            raise RuntimeError(f"skip: {reason}")
+        forced, w = TRITON_FORCED_GRAD[name], list(weights)
+
+        def forced_loss(heads, t):
+            previous, tb.FORCED_GRAD = tb.FORCED_GRAD, forced  # read by the forward only
+            try:
+                return auxfuse.multi_head_cross_entropy(list(heads), t, w, backend="triton")
+            finally:
+                tb.FORCED_GRAD = previous
+
+        return forced_loss, False
     if name.startswith("auxfuse-"):
         import auxfuse
 
@@ -359,6 +395,9 @@ def run_shape(shape: Shape, device, providers, modes, deadline: float, repeats: 
             if time.monotonic() > deadline:
                 row.error = "skipped: time budget"
                 continue
+            if provider in FWD_BWD_ONLY and mode != "fwd+bwd":
+                row.error = "skip: fwd+bwd only (grad-mode comparison)"
+                continue
             try:
                 loss_fn, needs_private = make_provider(provider, shape)
                 if needs_private and private is None:
@@ -378,7 +417,7 @@ def run_shape(shape: Shape, device, providers, modes, deadline: float, repeats: 
                     row.own_gbps = own_bytes / (row.ms * 1e-3) / 1e9
                 peak = peak_memory_delta(step, sets[0], device)
                 row.peak_mb = None if peak is None else peak / 2**20
-                if mode == "fwd+bwd":
+                if mode == "fwd+bwd" and shape.elem * shape.numel <= PROFILE_MAX_MIB * 2**20:
                     row.ops = device_ops(step, sets[0], device)
                 log(f"  {shape.id:15s} {mode:8s} {provider:15s} {row.ms:9.3f} ms  (warm-up {row.warmup_s:.1f} s)")
             except Exception as error:  # noqa: BLE001
@@ -546,6 +585,43 @@ def verdict_table(verdicts: list, copy_gbps: Optional[float]) -> str:
     return "\n".join(lines)
 
 
+GRAD_MODE_PROVIDERS = {"cuda": ("auxfuse-cuda-op-gif", "auxfuse-cuda-op-lse"),
+                       "triton": ("auxfuse-triton-gif", "auxfuse-triton-lse")}
+GRAD_MODE_NAMES = {1: "gif", 2: "lse"}
+
+
+def grad_mode_rules(rows: list) -> list:
+    """Per shape and backend: the grad mode auxfuse's rule picks (gif: gradient in the forward, lse: saved
+    log-sum-exp), the fwd+bwd times with each mode forced, and whether the rule picked the faster one (None
+    when a time is missing). rows: Row.__dict__s, as in the JSON."""
+    by_key = {(r["shape"], r["provider"]): r for r in rows if r["mode"] == "fwd+bwd"}
+    shapes = {s.id: s for s in SHAPES}
+    checks = []
+    for shape_id in dict.fromkeys(r["shape"] for r in rows):
+        shape = shapes.get(shape_id)
+        if shape is None:
+            continue
+        rules = {"cuda": shape.cuda_grad_mode("auxfuse-cuda"), "triton": shape.triton_grad_mode()}
+        for backend, (gif, lse) in GRAD_MODE_PROVIDERS.items():
+            ms = {1: (by_key.get((shape_id, gif)) or {}).get("ms"), 2: (by_key.get((shape_id, lse)) or {}).get("ms")}
+            faster = None if None in ms.values() else min(ms, key=ms.get)
+            checks.append(dict(shape=shape_id, backend=backend, rule=GRAD_MODE_NAMES[rules[backend]],
+                               gif_ms=ms[1], lse_ms=ms[2], faster=GRAD_MODE_NAMES.get(faster),
+                               rule_right=None if faster is None else faster == rules[backend]))
+    return checks
+
+
+def grad_mode_table(checks: list) -> str:
+    lines = ["grad mode per shape (fwd+bwd, each mode forced): does auxfuse's rule pick the faster one?", "",
+             "| shape | backend | rule picks | gif ms | lse ms | faster | rule right |",
+             "|---|---|---|---:|---:|---|---|"]
+    for c in checks:
+        right = {True: "yes", False: "NO", None: "not measured"}[c["rule_right"]]
+        lines.append(f"| {c['shape']} | {c['backend']} | {c['rule']} | {fmt(c['gif_ms'], '.3f')} | "
+                     f"{fmt(c['lse_ms'], '.3f')} | {c['faster'] or '-'} | {right} |")
+    return "\n".join(lines)
+
+
 def environment(device) -> dict:
     info = {"python": sys.version.split()[0], "torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "platform": platform.platform(), "device": str(device)}
@@ -597,6 +673,8 @@ def main(argv=None) -> int:
             saved = json.load(f)
         copy_gbps = verdict_bandwidth(saved.get("copy_gbps"), saved.get("copy_gbps_after"))
         print(verdict_table(target_verdicts(saved["rows"], copy_gbps), copy_gbps))
+        print()
+        print(grad_mode_table(grad_mode_rules(saved["rows"])))
         return 0
 
     start = time.monotonic()
@@ -630,6 +708,7 @@ def main(argv=None) -> int:
 
     verdict_gbps = verdict_bandwidth(copy_gbps, copy_after)
     verdicts = target_verdicts([r.__dict__ for r in rows], verdict_gbps) if not args.smoke else []
+    rules = grad_mode_rules([r.__dict__ for r in rows]) if not args.smoke else []
     out_path = args.json or (os.path.join(os.environ["OUT"], "gpu_results.json") if os.environ.get("OUT") else None)
     if out_path:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -645,6 +724,7 @@ def main(argv=None) -> int:
                        for s in shapes],
             "rows": [r.__dict__ for r in rows],
             "targets": verdicts,
+            "grad_mode_rules": rules,
         }
         with open(out_path, "w") as f:
             json.dump(payload, f, indent=1, default=str)
@@ -654,6 +734,8 @@ def main(argv=None) -> int:
     if verdicts:
         print()
         print(verdict_table(verdicts, verdict_gbps), flush=True)
+        print()
+        print(grad_mode_table(rules), flush=True)
     return 0
 
 

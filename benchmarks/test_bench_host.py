@@ -6,9 +6,10 @@ time) this overhead is the whole loss, so it is what auxfuse has to beat the nai
 
 Providers: the naive sum of F.cross_entropy, `MultiHeadLoss` on a GoogLeNetOutputs (the whole front end:
 output parsing, validation or its cached plan, the backend's call), the fused op called directly with its
-C++ autograd (no Python front end), and on CUDA `MultiHeadLoss(backend="triton")` (Triton's launcher included,
-which the interpreter-based --host-overhead of benchmarks/triton_bench.py leaves out). Modes: forward alone (heads requiring grad), and forward + backward
-(torch.autograd.grad of the loss w.r.t. the heads, as benchmarks/gpu_bench.py does). Each round times
+C++ autograd (no Python front end), and on CUDA `MultiHeadLoss(backend="triton")` (Triton's launcher
+included, which the interpreter-based --host-overhead of benchmarks/triton_bench.py leaves out). Modes:
+forward alone (heads requiring grad), and forward + backward (torch.autograd.grad of the loss w.r.t. the
+heads, as benchmarks/gpu_bench.py does). Each round times
 CALLS calls back to back, without a device sync between them; the summary table is microseconds per call.
 """
 

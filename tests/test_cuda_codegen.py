@@ -29,7 +29,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"f": "float", "N3c104HalfE": "half", "N3c108BFloat16E": "bfloat16"}
-KERNEL = re.compile(r"multihead_ce_(forward|backward)_kernelI(f|N3c104HalfE|N3c108BFloat16E)Li(\d+)ELi(\d+)E(?:Lb([01])E)?")
+KERNEL = re.compile(  # multihead_ce_{forward,backward}_kernel<T, G, BLOCK[, GRAD]>, mangled
+    r"multihead_ce_(forward|backward)_kernelI(f|N3c104HalfE|N3c108BFloat16E)Li(\d+)ELi(\d+)E(?:Lb([01])E)?")
 
 
 @dataclass

@@ -129,3 +129,23 @@ def test_cuda_own_bytes_follow_the_grad_mode_each_provider_runs():
     assert lm.cuda_own_bytes("fwd+bwd", 1) == 2 * logit_bytes + 16 * lm.rows
     assert lm.cuda_own_bytes("fwd+bwd", 2) == 3 * logit_bytes + 16 * lm.rows + 8 * lm.heads * lm.rows
     assert lm.cuda_own_bytes("fwd", 2) == logit_bytes + 8 * lm.rows + 4 * lm.heads * lm.rows
+
+
+def test_grad_mode_rules_table():
+    """The grad-mode table: which mode each backend's rule picks per shape (cuda: the gradient in the forward
+    for segmentation only, so far; triton: for LM and segmentation), and whether that was the faster one."""
+    rows = [_row("seg-fp16", "auxfuse-cuda-op-gif", ms=1.0), _row("seg-fp16", "auxfuse-cuda-op-lse", ms=2.0),
+            _row("lm2-bf16", "auxfuse-cuda-op-gif", ms=3.0), _row("lm2-bf16", "auxfuse-cuda-op-lse", ms=3.5),
+            _row("lm2-bf16", "auxfuse-triton-gif", ms=3.0), _row("lm2-bf16", "auxfuse-triton-lse", ms=None,
+                                                                 error="skip: budget"),
+            _row("googlenet-fp32", "auxfuse-triton-gif", ms=0.2), _row("googlenet-fp32", "auxfuse-triton-lse", ms=0.1)]
+    checks = {(c["shape"], c["backend"]): c for c in gpu_bench.grad_mode_rules(rows)}
+    assert {k: v["rule"] for k, v in checks.items()} == {
+        ("seg-fp16", "cuda"): "gif", ("seg-fp16", "triton"): "gif", ("lm2-bf16", "cuda"): "lse",
+        ("lm2-bf16", "triton"): "gif", ("googlenet-fp32", "cuda"): "lse", ("googlenet-fp32", "triton"): "lse"}
+    assert checks[("seg-fp16", "cuda")]["faster"] == "gif" and checks[("seg-fp16", "cuda")]["rule_right"] is True
+    assert checks[("lm2-bf16", "cuda")]["rule_right"] is False  # gif measured faster, the rule keeps lse
+    assert checks[("lm2-bf16", "triton")]["rule_right"] is None  # one time missing
+    assert checks[("googlenet-fp32", "triton")]["rule_right"] is True
+    table = gpu_bench.grad_mode_table(list(checks.values()))
+    assert "| lm2-bf16 | cuda | lse | 3.000 | 3.500 | gif | NO |" in table

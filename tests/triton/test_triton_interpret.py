@@ -568,6 +568,35 @@ def test_benchmark_script_runs():
         "_denom_kernel", "_forward_kernel", "_finalize_kernel", "_scale_kernel"]
 
 
+@pytest.mark.parametrize("provider, first_launch", [("auxfuse-triton-gif", "_denom_kernel"),
+                                                     ("auxfuse-triton-lse", "_forward_kernel")])
+def test_gpu_bench_forced_grad_providers(provider, first_launch):
+    """benchmarks/gpu_bench.py's providers behind its grad-mode table: the triton path with one grad mode
+    forced (the gradient in the forward starts with the divisor's pre-pass), the same loss and gradient as
+    the naive sum, and the rule's own setting back afterwards."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                    "benchmarks"))
+    import gpu_bench
+
+    if DEVICE != "cpu":
+        pytest.skip("the CPU check of the providers (the GPU run is the benchmark itself)")
+    shape = gpu_bench.SMOKE_SHAPES[0]
+    loss_fn, _ = gpu_bench.make_provider(provider, shape)
+    heads = [h.requires_grad_(True) for h in _heads(shape.heads, shape.logits, torch.float32)]
+    target = _index_target(shape.logits[:1], shape.logits[1])
+    launches, run = [], tb._run
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tb, "_run", lambda kernel, *a, **k: (launches.append(getattr(kernel, "fn", kernel).__name__),
+                                                           run(kernel, *a, **k)))
+        loss = loss_fn(heads, target)
+        grads = torch.autograd.grad(loss, heads)
+    assert launches[0] == first_launch and tb.FORCED_GRAD is None
+    ref_heads = [h.detach().clone().requires_grad_(True) for h in heads]
+    ref = gpu_bench.naive_sum(ref_heads, target, shape.weights)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grads, torch.autograd.grad(ref, ref_heads))
+
+
 def test_no_grad_and_no_details():
     heads = _heads(3, (5, 9), torch.float16)
     target = _index_target((5,), 9)
