@@ -34,6 +34,10 @@
 // scale_grad_kernel: it reads grad_output on the device and returns at once when it is 1 (loss.backward()),
 // else scales the gradient in place (one more read and write: a GradScaler's scale costs a pass).
 //
+// No CUB: the reductions are an online-softmax merge (max, sum, first argmax) and fixed-order partial sums,
+// a few warp shuffles and one shared-memory pass written out here, and that keeps the whole file plain
+// CUDA C++ that the CPU emulation below can compile (CUB's device code cannot run there).
+//
 // Never a host sync. Invalid class indices (outside [0, C), not ignore_index) are never used as an
 // address: the row reads class 0 instead, its loss is NaN (so the loss is NaN) and its gradient row NaN;
 // the forward counts such rows into the `invalid` output, on the device, in the same reduction as `count`.
