@@ -752,6 +752,10 @@ def compile_sm90() -> list[dict]:
             [torch.zeros(2, 21, 4096, dtype=torch.bfloat16) for _ in range(2)],
             torch.zeros(2, 21, 4096, dtype=torch.bfloat16), None, [1.0, 0.5], -100, 0.0, 1, False, True,
         ),
+        "seg": (  # segmentation NCHW as benchmarked: fp16, class indices, mean; 128 rows per program
+            [torch.zeros(1, 21, 264 * 128, dtype=torch.float16) for _ in range(2)],
+            torch.zeros(1, 264 * 128, dtype=torch.long), None, [1.0, 0.5], 255, 0.0, 1, False, True,
+        ),
         "channels-last": (  # bf16, eight heads, sum
             [torch.zeros(2, 4096, 21, dtype=torch.bfloat16).permute(0, 2, 1) for _ in range(tb.MAX_HEADS)],
             torch.zeros(2, 4096, dtype=torch.long), None, [1.0] * tb.MAX_HEADS, 255, 0.0, 2, False, True,
@@ -851,9 +855,10 @@ def test_kernels_compile_for_sm90(sm90_kernels):
 
 def test_kernels_machine_code(sm90_kernels):
     """What the compiled kernels' speed rests on (tests/sass.py reads their sm_90 machine code):
-    - LM rows (the wide path, C divisible by 16) stream with 16-byte loads; in grad-in-forward mode the
-      first pass loads with evict-last and the second with evict-first, so the row stays in L2 between them,
-      and the gradient goes out in 16-byte stores; the lse backward and the scale kernel likewise;
+    - LM rows (the wide path, C divisible by 16) and NCHW segmentation tiles (read along the spatial axis)
+      stream with 16-byte loads; in grad-in-forward mode the first pass loads with evict-last and the second
+      with evict-first, so the data stays in L2 between them, and the gradient goes out in 16-byte stores;
+      the lse backward and the scale kernel likewise;
     - no register spill in any loop that streams memory (at most one local access per iteration)."""
     if not any(r["loops"] for r in sm90_kernels):
         pytest.skip("no cuobjdump (CUDA_HOME/bin or Triton's copy) to read the machine code with")
@@ -861,10 +866,10 @@ def test_kernels_machine_code(sm90_kernels):
     def most(record, fact):
         return max((loop[fact] for loop in record["loops"]), default=0)
 
-    lm = [r for r in sm90_kernels if r["case"] == "lm"]
-    assert lm
-    for r in lm:
-        what = f"{r['kernel']} {r['constexprs']} num_warps={r['num_warps']}"
+    streamed = [r for r in sm90_kernels if r["case"] in ("lm", "seg")]
+    assert {r["case"] for r in streamed} == {"lm", "seg"}
+    for r in streamed:
+        what = f"{r['case']}: {r['kernel']} {r['constexprs']} num_warps={r['num_warps']}"
         if r["kernel"] == "_forward_kernel" and r["constexprs"].get("GRAD"):
             assert most(r, "evict_last128") >= 2 and most(r, "evict_first128") >= 2, what
             assert most(r, "stores128") >= 2, what
