@@ -255,8 +255,8 @@ def multi_head_cross_entropy(
             reduction=reduction,
             want_details=return_details,
         )
-        plan = _Plan(heads.positions, problem.with_tensors([], None, None), heads.tensors[0].dim() >= 2,
-                     select_backend(backend, problem), index_shape)
+        plan = _Plan(heads.positions, problem.with_tensors([], None, None), select_backend(backend, problem),
+                     index_shape)
         if found is not None:
             if len(_PLANS) >= _MAX_PLANS:
                 _PLANS.clear()
@@ -271,13 +271,17 @@ def multi_head_cross_entropy(
 
 class _Plan(NamedTuple):
     """What the front end decided for one call signature: where the heads are among the output's values, the
-    validated Problem without its tensors, and the backend."""
+    validated Problem without its tensors, the backend, and the shape of a 'none' loss."""
 
     positions: tuple[int, ...]
     template: Problem
-    batched: bool
     backend: Any
     index_shape: tuple[int, ...]
+
+    @property
+    def batched(self) -> bool:
+        """Batched heads (N, C, ...) have N in the index shape; one sample's (C,) has ()."""
+        return bool(self.index_shape)
 
 
 # Plans per call signature (_signature): collect_heads, build_problem and select_backend decide from the
