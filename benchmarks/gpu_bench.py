@@ -44,6 +44,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,26 +92,25 @@ class Shape:
             return 3 * self.elem * self.numel + 2 * 8 * self.rows + 2 * 4 * self.heads * self.rows
         return self.elem * self.numel + 8 * self.rows + 4 * self.heads * self.rows
 
+    def meta_heads(self, rows_view: bool = False) -> list:
+        """The heads as meta tensors (no memory), for asking auxfuse's rules about this shape: as the model
+        gives them, or as (N, C, S) row views."""
+        size = (self.logits[0], self.logits[1], math.prod(self.logits[2:])) if rows_view else self.logits
+        return [torch.empty(size, dtype=self.dtype, device="meta")] * self.heads
+
     def cuda_grad_mode(self, provider: str) -> int:
-        """The grad_mode the cuda provider runs this shape in: auxfuse's own rule, asked about meta heads."""
+        """The grad_mode the cuda provider runs this shape in: auxfuse's own rule for a mean loss."""
         if provider in CUDA_OP_GRAD_MODES:
             return CUDA_OP_GRAD_MODES[provider]
-        from types import SimpleNamespace
-
         from auxfuse.backends.native import cuda_grad_mode
 
-        heads = [torch.empty(self.logits, dtype=self.dtype, device="meta")] * self.heads
-        return cuda_grad_mode(SimpleNamespace(inputs=heads, reduction="mean"))
+        return cuda_grad_mode(SimpleNamespace(inputs=self.meta_heads(), reduction="mean"))
 
     def triton_grad_mode(self) -> int:
         """The grad mode the triton backend's rule picks for a mean loss of this shape (same numbering)."""
-        from types import SimpleNamespace
-
         from auxfuse.backends.triton import grad_mode
 
-        N, C, S = self.logits[0], self.logits[1], math.prod(self.logits[2:])
-        heads = [torch.empty((N, C, S), dtype=self.dtype, device="meta")] * self.heads
-        return grad_mode(SimpleNamespace(needs_grad=True, reduction="mean", heads=heads))
+        return grad_mode(SimpleNamespace(needs_grad=True, reduction="mean", heads=self.meta_heads(rows_view=True)))
 
     def describe(self) -> str:
         dims = "x".join(map(str, self.logits))
@@ -126,6 +126,7 @@ SHAPES = [
     Shape("lm4-bf16", 4, (8192, 128256), torch.bfloat16, (1.0, 0.3, 0.3, 0.3)),
     Shape("inception-fp32", 2, (256, 1000), torch.float32, (1.0, 0.4)),
 ]
+SHAPES_BY_ID = {s.id: s for s in SHAPES}
 SMOKE_SHAPES = [
     Shape("smoke-cls", 3, (8, 37), torch.float32, (1.0, 0.3, 0.3)),
     Shape("smoke-seg", 2, (2, 5, 4, 4), torch.float32, (1.0, 0.5)),
@@ -505,13 +506,12 @@ MEASURES = {
 def _targets() -> list:
     lm = ("lm2-bf16", "lm4-bf16")
     googlenet = ("googlenet-fp32", "googlenet-bf16")
-    shapes = {s.id: s for s in SHAPES}
     out = []
     for shape in googlenet:
         out += [Target(4, shape, "auxfuse-cuda", "device ops", 2), Target(4, shape, "auxfuse-cuda", "x naive", 5),
                 Target(4, shape, "auxfuse-cuda", "x compile", 2), Target(5, shape, "auxfuse-triton", "x naive", 3)]
     for shape in lm:
-        rows = shapes[shape].rows * shapes[shape].heads
+        rows = SHAPES_BY_ID[shape].rows * SHAPES_BY_ID[shape].heads
         out += [Target(4, shape, "auxfuse-cuda", "% copy", 85), Target(4, shape, "auxfuse-cuda", "x liger", 1.5),
                 Target(4, shape, "auxfuse-cuda", "MB over grads", 64 * rows / 2**20 + 2)]
     out += [Target(4, "seg-fp16", "auxfuse-cuda", "% copy", 80), Target(5, "lm2-bf16", "auxfuse-triton", "% copy", 80)]
@@ -541,7 +541,7 @@ def _measure(target: Target, rows: dict, copy_gbps: Optional[float]) -> tuple[Op
     if target.measure == "device ops":
         return (row["ops"]["total"] if row.get("ops") else None), "not profiled"
     if target.measure == "MB over grads":
-        shape = {s.id: s for s in SHAPES}[target.shape]
+        shape = SHAPES_BY_ID[target.shape]
         peak = row.get("peak_mb")
         return (None if peak is None else peak - shape.elem * shape.numel / 2**20), "no peak memory"
     raise ValueError(target.measure)
@@ -595,10 +595,9 @@ def grad_mode_rules(rows: list) -> list:
     log-sum-exp), the fwd+bwd times with each mode forced, and whether the rule picked the faster one (None
     when a time is missing). rows: Row.__dict__s, as in the JSON."""
     by_key = {(r["shape"], r["provider"]): r for r in rows if r["mode"] == "fwd+bwd"}
-    shapes = {s.id: s for s in SHAPES}
     checks = []
     for shape_id in dict.fromkeys(r["shape"] for r in rows):
-        shape = shapes.get(shape_id)
+        shape = SHAPES_BY_ID.get(shape_id)
         if shape is None:
             continue
         rules = {"cuda": shape.cuda_grad_mode("auxfuse-cuda"), "triton": shape.triton_grad_mode()}
@@ -622,6 +621,18 @@ def grad_mode_table(checks: list) -> str:
     return "\n".join(lines)
 
 
+def judge(rows: list, *copy_gbps: Optional[float]) -> dict:
+    """A run's verdict on the targets and its grad-mode check. rows: Row.__dict__s, as in the JSON; copy_gbps:
+    the run's copy-bandwidth measurements."""
+    gbps = verdict_bandwidth(*copy_gbps)
+    return {"verdict_gbps": gbps, "targets": target_verdicts(rows, gbps), "grad_mode_rules": grad_mode_rules(rows)}
+
+
+def judgement_tables(judged: dict) -> str:
+    return verdict_table(judged["targets"], judged["verdict_gbps"]) + "\n\n" + grad_mode_table(
+        judged["grad_mode_rules"])
+
+
 def environment(device) -> dict:
     info = {"python": sys.version.split()[0], "torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "platform": platform.platform(), "device": str(device)}
@@ -641,6 +652,13 @@ def environment(device) -> dict:
     except Exception as error:  # noqa: BLE001
         info["auxfuse_backends"] = f"import failed: {error}"
     return info
+
+
+def shape_facts(s: Shape, modes) -> dict:
+    grad_mode = s.cuda_grad_mode("auxfuse-cuda")
+    return dict(id=s.id, heads=s.heads, logits=s.logits, dtype=str(s.dtype), weights=s.weights,
+                floor_bytes={m: s.floor_bytes(m) for m in modes}, cuda_grad_mode=grad_mode,
+                cuda_own_bytes={m: s.cuda_own_bytes(m, grad_mode) for m in modes})
 
 
 def plan(shapes, providers, modes) -> str:
@@ -671,10 +689,7 @@ def main(argv=None) -> int:
     if args.verdict:
         with open(args.verdict) as f:
             saved = json.load(f)
-        copy_gbps = verdict_bandwidth(saved.get("copy_gbps"), saved.get("copy_gbps_after"))
-        print(verdict_table(target_verdicts(saved["rows"], copy_gbps), copy_gbps))
-        print()
-        print(grad_mode_table(grad_mode_rules(saved["rows"])))
+        print(judgement_tables(judge(saved["rows"], saved.get("copy_gbps"), saved.get("copy_gbps_after"))))
         return 0
 
     start = time.monotonic()
@@ -706,9 +721,7 @@ def main(argv=None) -> int:
     copy_after = copy_bandwidth(device)
     log(f"copy bandwidth after the run {fmt(copy_after, '.0f')} GB/s; total {time.monotonic() - start:.0f} s")
 
-    verdict_gbps = verdict_bandwidth(copy_gbps, copy_after)
-    verdicts = target_verdicts([r.__dict__ for r in rows], verdict_gbps) if not args.smoke else []
-    rules = grad_mode_rules([r.__dict__ for r in rows]) if not args.smoke else []
+    judged = None if args.smoke else judge([r.__dict__ for r in rows], copy_gbps, copy_after)
     out_path = args.json or (os.path.join(os.environ["OUT"], "gpu_results.json") if os.environ.get("OUT") else None)
     if out_path:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -717,25 +730,19 @@ def main(argv=None) -> int:
             "copy_gbps": copy_gbps,
             "copy_gbps_after": copy_after,
             "elapsed_s": time.monotonic() - start,
-            "shapes": [dict(id=s.id, heads=s.heads, logits=s.logits, dtype=str(s.dtype), weights=s.weights,
-                            floor_bytes={m: s.floor_bytes(m) for m in modes},
-                            cuda_grad_mode=s.cuda_grad_mode("auxfuse-cuda"),
-                            cuda_own_bytes={m: s.cuda_own_bytes(m, s.cuda_grad_mode("auxfuse-cuda")) for m in modes})
-                       for s in shapes],
+            "shapes": [shape_facts(s, modes) for s in shapes],
             "rows": [r.__dict__ for r in rows],
-            "targets": verdicts,
-            "grad_mode_rules": rules,
+            "targets": judged["targets"] if judged else [],
+            "grad_mode_rules": judged["grad_mode_rules"] if judged else [],
         }
         with open(out_path, "w") as f:
             json.dump(payload, f, indent=1, default=str)
         log(f"results: {out_path}")
     print()
     print(markdown_table(shapes, rows, copy_gbps), flush=True)
-    if verdicts:
+    if judged:
         print()
-        print(verdict_table(verdicts, verdict_gbps), flush=True)
-        print()
-        print(grad_mode_table(rules), flush=True)
+        print(judgement_tables(judged), flush=True)
     return 0
 
 

@@ -61,7 +61,7 @@ def test_verdicts_on_made_up_rows():
     """Every target met by rows built to meet it, each missed by rows just past its goal, and an errored row
     is 'not measured' with its error, never met."""
     copy = 4000.0
-    shapes = {s.id: s for s in gpu_bench.SHAPES}
+    shapes = gpu_bench.SHAPES_BY_ID
 
     def rows(slack):  # slack > 1: every measure better than its goal; < 1: every one worse
         out = []
@@ -121,7 +121,7 @@ def test_smoke_run_on_cpu(tmp_path):
 def test_cuda_own_bytes_follow_the_grad_mode_each_provider_runs():
     """The cuda row's own GB/s counts the bytes of the mode auxfuse picks for the shape (its rule, asked about
     meta heads), or of the mode the op provider forces."""
-    shapes = {s.id: s for s in gpu_bench.SHAPES}
+    shapes = gpu_bench.SHAPES_BY_ID
     seg, lm, cls = shapes["seg-fp16"], shapes["lm2-bf16"], shapes["googlenet-fp32"]
     assert [s.cuda_grad_mode("auxfuse-cuda") for s in (seg, lm, cls)] == [1, 2, 2]
     assert lm.cuda_grad_mode("auxfuse-cuda-op-gif") == 1 and seg.cuda_grad_mode("auxfuse-cuda-op-lse") == 2

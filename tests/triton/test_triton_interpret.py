@@ -13,6 +13,7 @@ Block sizes differ between the two (auxfuse.backends.triton picks small ones und
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import subprocess
@@ -549,11 +550,17 @@ def test_traced_forward_goes_through_the_op():
     assert targets.count("auxfuse.triton_multihead_ce_forward.default") == 1, targets
 
 
+def _benchmark_module(name: str):
+    """A script of benchmarks/ (run on the GPU machine), imported to check it here."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
+
 def test_benchmark_script_runs():
     """benchmarks/triton_bench.py (run on the GPU machine) on tiny CPU shapes, and its host-overhead mode."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                    "benchmarks"))
-    import triton_bench
+    triton_bench = _benchmark_module("triton_bench")
 
     if DEVICE != "cpu":
         pytest.skip("the CPU check of the script (the GPU run is the script itself)")
@@ -574,9 +581,7 @@ def test_gpu_bench_forced_grad_providers(provider, first_launch):
     """benchmarks/gpu_bench.py's providers behind its grad-mode table: the triton path with one grad mode
     forced (the gradient in the forward starts with the divisor's pre-pass), the same loss and gradient as
     the naive sum, and the rule's own setting back afterwards."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                    "benchmarks"))
-    import gpu_bench
+    gpu_bench = _benchmark_module("gpu_bench")
 
     if DEVICE != "cpu":
         pytest.skip("the CPU check of the providers (the GPU run is the benchmark itself)")
