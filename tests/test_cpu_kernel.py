@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import auxfuse
-from oracle import _tolerance, check_backend, naive_loss
+from oracle import assert_matches_reference, check_backend, generator, naive_loss, random_grad_output, to_reference
 
 pytestmark = pytest.mark.skipif(
     auxfuse.available_backends()["cpu"] is not None, reason=f"no CPU kernel: {auxfuse.available_backends()['cpu']}"
@@ -48,25 +48,20 @@ STRIDED = {  # layouts whose views oracle.check_backend's clone() would make con
 def _check_strided_view(layout, dtype, num_heads, g, target_fn, weights, **options):
     """check_backend's loss and gradient comparison for heads that are strided views of leaf tensors."""
     shape, view = STRIDED[layout]
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
     bases = [(torch.randn(shape, generator=g) * 3).to(dtype).requires_grad_(True) for _ in range(num_heads)]
-    ref_bases = [b.detach().to(acc).requires_grad_(True) for b in bases]
+    ref_bases = [to_reference(b).requires_grad_(True) for b in bases]
     heads = [view(b) for b in bases]
     target = target_fn(heads[0])
     out = auxfuse.multi_head_cross_entropy(heads, target, weights, backend="cpu", return_details=True, **options)
-    ref_options = dict(options)
-    if options.get("weight") is not None:
-        ref_options["weight"] = options["weight"].to(acc)
-    ref_target = target.to(acc) if target.is_floating_point() else target
-    ref = naive_loss([view(b) for b in ref_bases], ref_target, weights, **ref_options)
-    tol = _tolerance(dtype)
-    torch.testing.assert_close(out.loss, ref.detach(), equal_nan=True, **tol)
-    grad_output = torch.rand_like(ref) + 0.5
+    ref_options = {k: to_reference(v) for k, v in options.items()}
+    ref = naive_loss([view(b) for b in ref_bases], to_reference(target), weights, **ref_options)
+    assert_matches_reference(out.loss, ref, dtype, msg="loss")
+    grad_output = random_grad_output(ref)
     ours = torch.autograd.grad(out.loss, bases, grad_output.to(out.loss.dtype))
     theirs = torch.autograd.grad(ref, ref_bases, grad_output)
     for a, b in zip(ours, theirs):
         assert a.dtype == dtype
-        torch.testing.assert_close(a.to(acc), b, equal_nan=True, **tol)
+        assert_matches_reference(a, b, dtype, heads[0].shape[1], msg="gradient")
 
 
 def _target(x, prob, g, ignore_index=-100):
@@ -80,7 +75,7 @@ def _target(x, prob, g, ignore_index=-100):
 
 def test_layouts_reach_both_kernel_paths():
     """The layouts above really are what the kernel sees (a view, not a copy, with the intended strides)."""
-    g = torch.Generator().manual_seed(0)
+    g = generator(0)
     expect = {  # (class stride == 1, S > 1)
         "classifier": (True, False), "spatial": (False, True), "channels_last": (True, True),
         "strided_classes": (False, False), "transposed": (False, False), "strided_spatial": (False, True),
@@ -99,7 +94,7 @@ def test_layouts_reach_both_kernel_paths():
 def test_every_option(layout, reduction, prob):
     """dtype x label smoothing x class weight, 1..4 heads, random grad_output, ignore_index -100 and a custom one."""
     for seed, (dtype, smoothing, class_weight) in enumerate(itertools.product(DTYPES, [0.0, 0.2], [False, True])):
-        g = torch.Generator().manual_seed(seed)
+        g = generator(seed)
         num_heads = 1 + seed % 4
         ignore_index = -100 if seed % 2 or prob else 3  # a valid class index can be the ignored one
         C = _logits(layout, dtype, g).shape[1]
@@ -118,7 +113,7 @@ def test_every_option(layout, reduction, prob):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_vector_tails(shape, reduction):
     """Class counts around the vector width and the unrolled loops."""
-    g = torch.Generator().manual_seed(shape[1])
+    g = generator(shape[1])
     heads = [torch.randn(shape, generator=g) * 4 for _ in range(2)]
     target = torch.randint(0, shape[1], shape[:1], generator=g)
     check_backend("cpu", heads, target, [1.0, 0.4], reduction=reduction, label_smoothing=0.1)
@@ -127,7 +122,7 @@ def test_vector_tails(shape, reduction):
 @pytest.mark.parametrize("spatial", [(1, 1), (3, 5), (16, 1), (17, 1), (300, 1), (257, 3), (2049, 1), (45, 91)])
 def test_spatial_tiles(spatial):
     """Spatial sizes around the vector width (16 lanes) and the tile width (up to 2048 positions)."""
-    g = torch.Generator().manual_seed(sum(spatial))
+    g = generator(sum(spatial))
     heads = [torch.randn((2, 21) + spatial, generator=g) for _ in range(2)]
     target = torch.randint(0, 21, (2,) + spatial, generator=g)
     target.view(-1)[::7] = -100
@@ -139,7 +134,7 @@ def test_spatial_many_classes(prob):
     """The spatial path keeps a vector of rows' C logits in a C x 16 buffer: C = 1000 (ImageNet classes per
     pixel) with a spatial tail, every reduction. Against the naive sum in fp64: here PyTorch's own fp32 gradient
     is off by up to 1.2e-5 (reduction none, smoothing), the kernel's by 2.5e-7."""
-    g = torch.Generator().manual_seed(5)
+    g = generator(5)
     heads = [torch.randn(2, 1000, 3, 7, generator=g) * 3 for _ in range(3)]
     target = _target(heads[0], prob, g)
     for reduction in ("mean", "sum", "none"):
@@ -148,16 +143,16 @@ def test_spatial_many_classes(prob):
         options = dict(label_smoothing=0.1, reduction=reduction)
         loss = auxfuse.multi_head_cross_entropy(ours_in, target, [1.0, 0.3, 0.3], backend="cpu", **options)
         ref = naive_loss(ref_in, target.double() if prob else target, [1.0, 0.3, 0.3], **options)
-        torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+        assert_matches_reference(loss, ref, torch.float32, msg=reduction)
         grad_output = torch.rand(ref.shape, generator=g, dtype=torch.float64) + 0.5
         for a, b in zip(torch.autograd.grad(loss, ours_in, grad_output.float()),
                         torch.autograd.grad(ref, ref_in, grad_output)):
-            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+            assert_matches_reference(a, b, torch.float32, 1000, msg=reduction)
 
 
 def test_many_blocks_and_heads():
     """Enough rows for many blocks on every thread; eight heads."""
-    g = torch.Generator().manual_seed(1)
+    g = generator(1)
     heads = [torch.randn(300, 257, generator=g) for _ in range(8)]
     target = torch.randint(0, 257, (300,), generator=g)
     check_backend("cpu", heads, target, [0.1 * (i + 1) for i in range(8)])
@@ -167,7 +162,7 @@ def test_many_blocks_and_heads():
 
 @pytest.mark.parametrize("grad_output", ["1", "random"])
 def test_grad_output(grad_output):
-    g = torch.Generator().manual_seed(2)
+    g = generator(2)
     heads = [torch.randn(6, 33, generator=g) for _ in range(3)]
     for reduction in ("mean", "sum", "none"):
         check_backend("cpu", heads, torch.randint(0, 33, (6,), generator=g), [1.0, 0.3, 0.3],
@@ -178,7 +173,7 @@ def test_grad_output(grad_output):
 def test_confident_bf16_keeps_p_minus_1(layout):
     """A confident prediction: p_y = 1 - 1e-4 rounds to 1.0 in bf16, so a kernel that forms p in bf16 before
     subtracting 1 returns 0 at the true class. The gradient there must be -(1 - p_y) to bf16 precision."""
-    g = torch.Generator().manual_seed(3)
+    g = generator(3)
     C = 1000 if layout == "classifier" else 40
     shape = (8, C) if layout == "classifier" else (2, C, 4, 5)
     margin = 16.0 if layout == "classifier" else 12.5
@@ -188,18 +183,18 @@ def test_confident_bf16_keeps_p_minus_1(layout):
     heads = [x.to(torch.bfloat16).requires_grad_(True)]
     loss = auxfuse.multi_head_cross_entropy(heads, target, [1.0], reduction="sum", backend="cpu")
     (grad,) = torch.autograd.grad(loss, heads)
-    ref_in = heads[0].detach().float().requires_grad_(True)
+    ref_in = to_reference(heads[0]).requires_grad_(True)
     (ref,) = torch.autograd.grad(F.cross_entropy(ref_in, target, reduction="sum"), ref_in)
     at_target = lambda t: t.gather(1, target.unsqueeze(1))  # noqa: E731
     assert (at_target(ref) < -1e-5).all() and (at_target(ref) > -1e-3).all()  # the regime described above
-    torch.testing.assert_close(at_target(grad).float(), at_target(ref), rtol=1e-2, atol=0)
+    torch.testing.assert_close(at_target(grad).double(), at_target(ref), rtol=1e-2, atol=0)
     check_backend("cpu", heads, target, [1.0], reduction="sum")
 
 
 def test_large_logits():
     """Shift invariance: with label smoothing and probability targets the loss needs sum_c w_c x_c, which cancels
     against C * lse unless taken relative to the max (offset 1e5: every sum is ~1e7 in fp32)."""
-    g = torch.Generator().manual_seed(4)
+    g = generator(4)
     for offset, scale in ((1e5, 1.0), (1e4, 1.0), (0.0, 60.0), (-3e4, 20.0)):
         weight = torch.rand(300, generator=g) + 0.5
         heads = [torch.randn(5, 300, generator=g) * scale + offset for _ in range(2)]
@@ -215,7 +210,7 @@ def test_large_logits():
 
 def test_ties_count_first_maximum():
     """head_correct uses argmax's first maximum: integer logits with many ties."""
-    g = torch.Generator().manual_seed(5)
+    g = generator(5)
     for shape in ((64, 37), (4, 5, 6, 7)):
         heads = [torch.randint(0, 3, shape, generator=g).float() for _ in range(2)]
         target = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=g)
@@ -226,7 +221,7 @@ def test_ties_count_first_maximum():
 
 
 def test_nan_logit_poisons_its_row_only():
-    g = torch.Generator().manual_seed(6)
+    g = generator(6)
     for shape in ((6, 50), (2, 7, 3, 5)):
         heads = [torch.randn(shape, generator=g) for _ in range(2)]
         heads[0].view(-1)[3] = float("nan")
@@ -254,7 +249,7 @@ def test_empty_and_all_ignored():
 
 @pytest.mark.parametrize("case", ["classifier", "spatial", "channels_last", "prob", "smooth_weight_none"])
 def test_gradcheck_fp64(case):
-    g = torch.Generator().manual_seed(7)
+    g = generator(7)
     options, shape = {}, (3, 7)
     if case == "spatial":
         shape = (2, 4, 3, 2)
@@ -280,7 +275,7 @@ def test_gradcheck_fp64(case):
 
 
 def _op_args(shape, dtype=torch.float32, prob=False, weight=False, channels_last=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     N, C, S = shape
     heads = []
     for _ in range(2):
@@ -343,24 +338,22 @@ def test_backward_op_equals_gradient_in_forward(case):
     heads, target, cw = _op_args(**case, seed=1)
     heads = [h.detach() for h in heads]
     dtype = heads[0].dtype
-    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
     for reduction in (0, 1, 2):
         args = (target, cw, [1.0, 0.3], -100, 0.1, reduction)
         _, _, _, _, denom, grads, _ = OPS.multihead_ce_forward(heads, *args, 1)
         _, _, _, _, denom2, lse, _ = OPS.multihead_ce_forward(heads, *args, 2)
         N, C, S = heads[0].shape
-        grad_loss = torch.rand(N, S) + 0.5 if reduction == 0 else torch.tensor(0.7)
+        grad_loss = torch.rand(N, S, generator=generator(reduction)) + 0.5 if reduction == 0 else torch.tensor(0.7)
         from_lse = OPS.multihead_ce_backward(grad_loss, heads, *args, lse, denom2)
         assert from_lse.shape == grads.shape and from_lse.stride() == grads.stride() and from_lse.dtype == dtype
-        scaled = grads.float() * (grad_loss.unsqueeze(1) if reduction == 0 else grad_loss)
-        torch.testing.assert_close(from_lse.float(), scaled, **tol)
-        ref_in = [h.float().requires_grad_(True) for h in heads]
+        ref_in = [to_reference(h).requires_grad_(True) for h in heads]
         red = ("none", "mean", "sum")[reduction]
-        ref_target = target.float() if target.is_floating_point() else target
-        ref = naive_loss(ref_in, ref_target, [1.0, 0.3], weight=None if cw is None else cw.float(), reduction=red,
+        ref = naive_loss(ref_in, to_reference(target), [1.0, 0.3], weight=to_reference(cw), reduction=red,
                          label_smoothing=0.1)
-        ref_grads = torch.autograd.grad(ref, ref_in, grad_loss)
-        torch.testing.assert_close(from_lse.float(), torch.stack(ref_grads), **tol)
+        ref_grads = torch.stack(torch.autograd.grad(ref, ref_in, to_reference(grad_loss)))
+        scaled = to_reference(grads) * to_reference(grad_loss.unsqueeze(1) if reduction == 0 else grad_loss)
+        assert_matches_reference(scaled, ref_grads, dtype, C, msg=f"grad_mode 1, {red}")
+        assert_matches_reference(from_lse, ref_grads, dtype, C, msg=f"grad_mode 2, {red}")
 
 
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
@@ -370,25 +363,23 @@ def test_autograd_of_both_grad_modes(case):
     grad_output and grad_output 1, with and without a kept graph."""
     heads, target, cw = _op_args(**case, seed=2)
     dtype = heads[0].dtype
-    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
     N, C, S = heads[0].shape
     for reduction, grad_mode in itertools.product((0, 1, 2), (1, 2)):
-        ref_in = [h.detach().float().requires_grad_(True) for h in heads]
-        ref_target = target.float() if target.is_floating_point() else target
-        ref = naive_loss(ref_in, ref_target, [1.0, 0.3], weight=None if cw is None else cw.float(),
+        ref_in = [to_reference(h).requires_grad_(True) for h in heads]
+        ref = naive_loss(ref_in, to_reference(target), [1.0, 0.3], weight=to_reference(cw),
                          reduction=("none", "mean", "sum")[reduction], label_smoothing=0.1)
-        for grad_loss in (torch.rand(ref.shape) + 0.5, torch.ones(ref.shape)):
+        for grad_loss in (random_grad_output(ref), torch.ones_like(ref)):
             ref_grads = torch.autograd.grad(ref, ref_in, grad_loss, retain_graph=True)
             ours_in = [h.detach().clone().requires_grad_(True) for h in heads]
             loss = OPS.multihead_ce_forward(ours_in, target, cw, [1.0, 0.3], -100, 0.1, reduction, grad_mode)[0]
             assert "MultiheadCrossEntropy" in loss.grad_fn.name()
-            ours_grad_loss = grad_loss.reshape(loss.shape)
+            ours_grad_loss = grad_loss.reshape(loss.shape).to(loss.dtype)
             kept = torch.autograd.grad(loss, ours_in, ours_grad_loss, retain_graph=True)
             freed = torch.autograd.grad(loss, ours_in, ours_grad_loss)
             for k, f, r in zip(kept, freed, ref_grads):
                 assert k.dtype == dtype and k.shape == (N, C, S)
-                torch.testing.assert_close(k.float(), r, **tol)
-                torch.testing.assert_close(f.float(), r, **tol)
+                assert_matches_reference(k, r, dtype, C, msg="kept graph")
+                assert_matches_reference(f, r, dtype, C, msg="freed graph")
 
 
 def _snapshot(heads, target, **options):
@@ -401,7 +392,7 @@ def _snapshot(heads, target, **options):
 
 @pytest.mark.parametrize("layout", ["classifier", "spatial", "channels_last"])
 def test_bitwise_deterministic_across_runs_and_threads(layout):
-    g = torch.Generator().manual_seed(8)
+    g = generator(8)
     if layout == "classifier":
         heads = [torch.randn(512, 1000, generator=g) * 3 for _ in range(3)]
         target = torch.randint(0, 1000, (512,), generator=g)
@@ -429,7 +420,7 @@ def test_bitwise_deterministic_across_runs_and_threads(layout):
 @pytest.mark.parametrize("shape", [(64, 333, 1), (3, 21, 77)])
 def test_bitwise_deterministic_at_any_address(shape):
     """No alignment-dependent code path: the same values at differently aligned addresses give the same bits."""
-    g = torch.Generator().manual_seed(9)
+    g = generator(9)
     numel = shape[0] * shape[1] * shape[2]
     values = [torch.randn(numel, generator=g) for _ in range(3)]
     target = torch.randint(0, shape[1], (shape[0], shape[2]), generator=g)
@@ -452,7 +443,7 @@ def test_bitwise_deterministic_at_any_address(shape):
 @pytest.mark.parametrize("layout", ["classifier", "spatial"])
 @pytest.mark.parametrize("bad", [-1, 7, 10**12])
 def test_invalid_target_raises_before_writing(layout, bad):
-    g = torch.Generator().manual_seed(10)
+    g = generator(10)
     shape = (4, 7) if layout == "classifier" else (4, 7, 3, 3)
     heads = [torch.randn(shape, generator=g) for _ in range(2)]
     rows = [h.reshape(4, 7, -1) for h in heads]
@@ -474,7 +465,7 @@ def test_invalid_target_raises_before_writing(layout, bad):
 def test_many_targets_parallel_scan():
     """Over 1M targets the target pre-pass runs in parallel blocks: count and mean divisor still exact, and the
     first invalid target (in block order) is the one reported."""
-    g = torch.Generator().manual_seed(11)
+    g = generator(11)
     S = 1_100_000
     heads = [torch.randn(1, 3, S, generator=g)]
     target = torch.randint(0, 3, (1, S), generator=g)
@@ -537,7 +528,7 @@ def test_heads_as_they_are(layout, grad_mode, reduction):
     """(N, C, d1, ..., dk) heads and (N, d1, ..., dk) targets reach the op as they are: the same results as
     their (N, C, S) views, gradients handed to each head in its own shape, and opcheck (schema, fake kernel,
     autograd) on that form."""
-    g = torch.Generator().manual_seed(4)
+    g = generator(4)
     heads, index_shape = _heads_of_layout(layout, g)
     heads = [h.requires_grad_(True) for h in heads]
     N, C = heads[0].shape[:2]
@@ -559,7 +550,7 @@ def test_heads_as_they_are(layout, grad_mode, reduction):
 @pytest.mark.parametrize("layout", HEAD_LAYOUTS)
 def test_probability_targets_as_they_are(layout):
     """(N, C, d1, ..., dk) probability targets are read as (N, C, S) too."""
-    g = torch.Generator().manual_seed(5)
+    g = generator(5)
     heads, _ = _heads_of_layout(layout, g)
     N, C = heads[0].shape[:2]
     target = torch.softmax(torch.randn(heads[0].shape, generator=g), 1)
@@ -574,7 +565,7 @@ def test_probability_targets_as_they_are(layout):
 def test_loss_has_no_view_nodes(layout):
     """MultiHeadLoss: the fused node's inputs are the heads themselves (no reshape node per head in forward and
     in backward), for classifier and spatial heads alike."""
-    heads, index_shape = _heads_of_layout(layout, torch.Generator().manual_seed(6))
+    heads, index_shape = _heads_of_layout(layout, generator(6))
     heads = [h.requires_grad_(True) for h in heads]
     target = torch.randint(0, heads[0].shape[1], index_shape)
     loss = auxfuse.MultiHeadLoss(weights=(1.0, 0.3), backend="cpu")(tuple(heads), target)

@@ -21,6 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from oracle import assert_matches_reference, generator
+
 pytestmark = pytest.mark.slow
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -130,24 +132,22 @@ def check_mode(emu, heads, target, weights, grad_mode, **options):
     dtype = heads[0].dtype
     if target.is_floating_point():
         target = target.to(dtype)  # probability targets have the heads' dtype
-    # The oracle's tolerances (tests/oracle.py), against float64.
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
     g = None
     if options.get("reduction", "mean") == "none":
         g = torch.rand(target.shape if not target.is_floating_point()
-                       else (target.shape[0], *target.shape[2:])) + 0.5
+                       else (target.shape[0], *target.shape[2:]), generator=generator("grad_output")) + 0.5
     else:
         g = torch.tensor(1.7)
     loss, head_losses, hits, count, grads = run_emulated(emu, heads, target, weights, grad_output=g,
                                                          grad_mode=grad_mode, **options)
     r_loss, r_head_losses, r_hits, r_count, r_grads = reference(heads, target, weights, grad_output=g, **options)
-    torch.testing.assert_close(loss.double(), r_loss, equal_nan=True, **tol)
-    torch.testing.assert_close(head_losses.double(), r_head_losses, equal_nan=True, **tol)
+    assert_matches_reference(loss, r_loss, dtype, msg="loss")
+    assert_matches_reference(head_losses, r_head_losses, dtype, msg="head losses")
     assert head_correct_list(hits) == r_hits, f"hits {head_correct_list(hits)} != {r_hits}"
     assert int(count) == r_count
     for h, (a, b) in enumerate(zip(grads, r_grads)):
         assert a.dtype == dtype and a.shape == b.shape
-        torch.testing.assert_close(a.double(), b, equal_nan=True, msg=lambda m: f"head {h}: {m}", **tol)
+        assert_matches_reference(a, b, dtype, heads[0].shape[1], msg=f"head {h}")
     return loss, grads
 
 
@@ -156,12 +156,12 @@ def head_correct_list(t):
 
 
 def make(shape, num_heads, dtype, seed=0, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     return [(torch.randn(shape, generator=g) * scale).to(dtype) for _ in range(num_heads)]
 
 
 def make_target(shape, kind, seed=1, ignore_index=-100):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     N, C, rest = shape[0], shape[1], tuple(shape[2:])
     if kind == "prob":
         return torch.softmax(torch.randn((N, C, *rest), generator=g), 1)
@@ -178,7 +178,7 @@ OPTIONS = list(itertools.product(["mean", "sum", "none"], [0.0, 0.1], [False, Tr
 def _options(C, reduction, eps, use_weight, kind):
     opts = dict(reduction=reduction, label_smoothing=eps)
     if use_weight:
-        opts["weight"] = torch.rand(C, generator=torch.Generator().manual_seed(3)) + 0.5
+        opts["weight"] = torch.rand(C, generator=generator(3)) + 0.5
     if kind == "ignore":
         opts["ignore_index"] = 1
     return opts
@@ -241,7 +241,7 @@ def test_thread_per_row_many_rows(emu):
 @pytest.mark.parametrize("C", [12, 100, 3000])
 def test_non_contiguous(emu, kind, C):
     N = 5
-    g = torch.Generator().manual_seed(5)
+    g = generator(5)
     if kind == "row_strided":
         heads = [torch.randn(2 * N, C, generator=g).bfloat16()[::2] for _ in range(2)]
     elif kind == "class_strided":
@@ -374,7 +374,7 @@ def test_empty_and_no_grad_mode(emu):
 def test_scale_grad(emu, dtype):
     """grad_mode 1's backward: nothing at all when grad_output is 1, else one multiply per element (vector body
     and scalar tail: 1001 elements; 3 blocks of 256 threads: the grid-stride loop)."""
-    g = torch.randn(1001, generator=torch.Generator().manual_seed(7)).to(dtype)
+    g = torch.randn(1001, generator=generator(7)).to(dtype)
     before = g.clone()
     emu.multihead_ce_scale_grad_(g, torch.tensor(1.0))
     assert torch.equal(g, before)
@@ -391,7 +391,7 @@ def test_grad_in_forward_unit_grad_output(emu, shape, reduction):
     pre-pass's denominator is the forward's (class weights: a float sum in a different grid)."""
     heads = make(shape, 2, torch.float32)
     target = make_target(shape, "ignore")
-    weight = torch.rand(shape[1], generator=torch.Generator().manual_seed(3)) + 0.5
+    weight = torch.rand(shape[1], generator=generator(3)) + 0.5
     options = dict(weight=weight, reduction=reduction, label_smoothing=0.1)
     fused = run_emulated(emu, heads, target, [1.0, 0.3], grad_mode=GRAD_IN_FORWARD, **options)
     saved = run_emulated(emu, heads, target, [1.0, 0.3], grad_mode=SAVE_LSE, **options)

@@ -20,6 +20,7 @@ import torch
 import auxfuse
 
 # tests/ is on sys.path: through conftest.py under pytest, as the script's own folder under torchrun.
+from oracle import seed_of
 from test_training import CPU_BACKEND_NAMES, CPU_BACKENDS, TinyAuxNet, _assert_grads_close, _batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +59,7 @@ def _worker(out: str, backends: list[str]) -> None:
     assert world == WORLD
     results = {}
     for backend in backends:
-        torch.manual_seed(rank)  # different initial weights on purpose: DDP broadcasts rank 0's
+        torch.manual_seed(seed_of(f"rank {rank}"))  # different initial weights on purpose: DDP broadcasts rank 0's
         model = TinyAuxNet().train()
         ddp = DistributedDataParallel(model, find_unused_parameters=False)
         criterion = auxfuse.MultiHeadLoss(backend=backend, label_smoothing=0.1)
@@ -88,7 +89,7 @@ def ddp_results(tmp_path_factory):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_ddp_two_processes_match_one_process(backend, ddp_results):
-    torch.manual_seed(0)  # rank 0's initial weights, which DDP broadcast to every rank
+    torch.manual_seed(seed_of("rank 0"))  # rank 0's initial weights, which DDP broadcast to every rank
     want = _train(TinyAuxNet().train(), auxfuse.MultiHeadLoss(backend=backend, label_smoothing=0.1))
     for rank, results in enumerate(ddp_results):
         got = results[backend]

@@ -20,6 +20,7 @@ from torch import nn
 
 import auxfuse
 from auxfuse.backends import BACKENDS
+from oracle import assert_matches_naive, assert_matches_reference, generator, naive_loss, to_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AVAILABLE = auxfuse.available_backends()
@@ -70,13 +71,15 @@ def naive_criterion(outputs, target, **options):
 
 
 def naive_fp32(outputs, target, **options):
-    """The oracle for fp16 / bf16 heads: the naive sum computed in fp32 from the same values."""
+    """The naive sum computed in fp32 from the same fp16 / bf16 values, through the model: the twin whose
+    parameter gradients (compared norm-wise) and training steps ours must match. Losses and head gradients are
+    compared with the float64 oracle (tests/oracle.py)."""
     with torch.autocast(outputs.logits.device.type, enabled=False):
         return naive_criterion(AuxOutputs(*(h.float() for h in outputs)), target, **options)
 
 
 def _batch(n=6, num_classes=10, size=12, seed=0, ignore=True):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     images = torch.randn(n, 3, size, size, generator=g)
     target = torch.randint(0, num_classes, (n,), generator=g)
     if ignore:
@@ -117,7 +120,6 @@ def test_compile_fullgraph_training_step_matches_eager(backend):
     """A training step (model + MultiHeadLoss, with details) compiles as one graph (fullgraph=True raises on any
     graph break) and gives eager's loss, per-head details and parameter gradients."""
     torch._dynamo.reset()
-    torch.manual_seed(0)
     model = TinyAuxNet().train()
     criterion = auxfuse.MultiHeadLoss(backend=backend, label_smoothing=0.1)
     params = list(model.parameters())
@@ -158,7 +160,7 @@ def test_opcheck_multihead_ce_forward_cpu(case, requires_grad):
     from auxfuse.backends.native import GRAD_IN_FORWARD, NO_GRAD
 
     N, C, S, channels_last, with_weight, smoothing, reduction, prob_target = _OPCHECK_CASES[case]
-    g = torch.Generator().manual_seed(0)
+    g = generator(0)
 
     def head():
         if channels_last:  # (N, C, S) with the class dimension innermost, as a channels_last head reshapes
@@ -185,7 +187,6 @@ def _autocast_matches_naive(backend, device, amp_dtype, spy, naive_tol):
     the loss is fp32 and equals the fp32 oracle from the same logits in loss, head and parameter gradients; and
     it equals the naive sum computed under the same autocast (within `naive_tol`: CPU autocast runs
     cross_entropy in fp32, CUDA autocast in part in the low precision)."""
-    torch.manual_seed(0)
     model = TinyAuxNet().to(device).train()
     params = list(model.parameters())
     images, target = (t.to(device) for t in _batch())
@@ -200,15 +201,10 @@ def _autocast_matches_naive(backend, device, amp_dtype, spy, naive_tol):
     assert [h.data_ptr() for h in problem.heads] == [outputs.logits.data_ptr(), outputs.aux_logits.data_ptr()]
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, under_autocast.float(), **naive_tol)
+    # The loss and the head gradients (in the heads' dtype) against the float64 naive sum from the same logits;
+    # then the same low-precision backward through the model as the fp32 naive sum's.
+    assert_matches_naive(loss, list(outputs), target, [WEIGHTS[name] for name in outputs._fields])
     ref = naive_fp32(outputs, target)
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    # Head gradients in the heads' dtype, rounded once from fp32 on both sides; then the same low-precision
-    # backward through the model.
-    head_grads = torch.autograd.grad(loss, list(outputs), retain_graph=True)
-    ref_head_grads = torch.autograd.grad(ref, list(outputs), retain_graph=True)
-    for a, b in zip(head_grads, ref_head_grads):
-        assert a.dtype == amp_dtype
-        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-5)
     ours = torch.autograd.grad(loss, params, retain_graph=True)
     _assert_grads_close(ours, torch.autograd.grad(ref, params), rel=1e-2)
 
@@ -238,7 +234,6 @@ def _scaled_training_matches_naive(backend, device, amp_dtype, steps=3, scale=2.
     torch has no scaler for the device): one with MultiHeadLoss, one with the naive sum. The loss is scaled,
     so the loss's grad_output is the scale, not 1. Every step's unscaled gradients and final parameters match
     (the naive sum in fp32 from the same logits, as the fp16 / bf16 oracle)."""
-    torch.manual_seed(0)
     models = [TinyAuxNet().to(device).train() for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     criteria = [auxfuse.MultiHeadLoss(backend=backend), naive_fp32]
@@ -289,7 +284,6 @@ def test_cuda_graph_captures_forward_backward_and_replays(backend):
     """A whole training step's forward and backward, the loss included, captured in one torch.cuda.CUDAGraph:
     replaying it on new data copied into the static inputs gives eager's loss and gradients (no host sync in
     the loss, so capture does not fail)."""
-    torch.manual_seed(0)
     model = TinyAuxNet().cuda().train()
     criterion = auxfuse.MultiHeadLoss(backend=backend, label_smoothing=0.1)
     params = list(model.parameters())
@@ -321,7 +315,6 @@ def test_cuda_graph_captures_forward_backward_and_replays(backend):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_compile_fullgraph_training_step_cuda(backend):
     torch._dynamo.reset()
-    torch.manual_seed(0)
     model = TinyAuxNet().cuda().train()
     criterion = auxfuse.MultiHeadLoss(backend=backend)
     images, target = (t.cuda() for t in _batch())
@@ -343,11 +336,12 @@ def _check_layouts(backend, make_heads, bases, target, **options):
     before = [h.detach().clone() for h in heads]
     weights = [1.0, 0.4][: len(heads)]
     loss = auxfuse.multi_head_cross_entropy(list(heads), target, weights, backend=backend, **options)
-    ref = sum(w * F.cross_entropy(h, target, **options) for w, h in zip(weights, make_heads(*bases)))
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    g = torch.rand_like(ref) + 0.5  # a grad_output other than 1
-    for a, b in zip(torch.autograd.grad(loss, bases, g), torch.autograd.grad(ref, bases, g)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    ref_bases = [to_reference(b).requires_grad_(True) for b in bases]
+    ref = naive_loss(make_heads(*ref_bases), target, weights, **{k: to_reference(v) for k, v in options.items()})
+    assert_matches_reference(loss, ref, torch.float32, msg="loss")
+    g = torch.rand(ref.shape, generator=generator("grad_output"), dtype=ref.dtype) + 0.5  # not 1
+    for a, b in zip(torch.autograd.grad(loss, bases, g.float()), torch.autograd.grad(ref, ref_bases, g)):
+        assert_matches_reference(a, b, torch.float32, heads[0].shape[1], msg="gradient")
     for h, b in zip(heads, before):
         assert torch.equal(h.detach(), b)
     return heads
@@ -359,7 +353,7 @@ def test_channels_last_segmentation_heads(backend, reduction, spy):
     """Segmentation heads from a channels_last model ((N, C, H, W) with the class dimension innermost) next to a
     contiguous one: the loss reads them through their strides (no wrong answer, no copy of the channels_last
     head on the torch backend)."""
-    g = torch.Generator().manual_seed(0)
+    g = generator(0)
     out = torch.randn(2, 5, 6, 7, generator=g).to(memory_format=torch.channels_last).requires_grad_()
     aux = torch.randn(2, 5, 6, 7, generator=g).requires_grad_()
     target = torch.randint(0, 5, (2, 6, 7), generator=g)
@@ -374,7 +368,7 @@ def test_channels_last_segmentation_heads(backend, reduction, spy):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_non_contiguous_classifier_heads(backend):
     """Heads that are slices and transposes (strides other than (C, 1)), with smoothing and class weights."""
-    g = torch.Generator().manual_seed(1)
+    g = generator(1)
     wide = torch.randn(8, 12, generator=g).requires_grad_()  # wide[:, ::2]: strides (12, 2)
     tall = torch.randn(6, 8, generator=g).requires_grad_()  # tall.t(): strides (1, 8)
     target = torch.randint(0, 6, (8,), generator=g)
@@ -387,12 +381,12 @@ def test_non_contiguous_classifier_heads(backend):
 def test_channels_last_model_trains(backend):
     """A whole channels_last segmentation-style model (conv heads, bilinear upsampling) trains with
     MultiHeadLoss exactly as with the naive sum."""
-    torch.manual_seed(0)
     body = nn.Conv2d(3, 8, 3, padding=1)
     out_head, aux_head = nn.Conv2d(8, 4, 1), nn.Conv2d(3, 4, 1)
     modules = nn.ModuleList([body, out_head, aux_head]).to(memory_format=torch.channels_last)
-    images = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
-    target = torch.randint(0, 4, (2, 16, 16))
+    g = generator(2)
+    images = torch.randn(2, 3, 8, 8, generator=g).to(memory_format=torch.channels_last)
+    target = torch.randint(0, 4, (2, 16, 16), generator=g)
     target[0, :3] = 255
 
     def outputs():
@@ -402,9 +396,9 @@ def test_channels_last_model_trains(backend):
     o = outputs()
     assert o["out"].is_contiguous(memory_format=torch.channels_last)
     loss = auxfuse.MultiHeadLoss(ignore_index=255, backend=backend)(o, target)
+    assert_matches_naive(loss, [o["out"], o["aux"]], target, [1.0, 0.5], ignore_index=255)
     ref = (F.cross_entropy(o["out"], target, ignore_index=255)
            + 0.5 * F.cross_entropy(o["aux"], target, ignore_index=255))
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     params = list(modules.parameters())
     _assert_grads_close(torch.autograd.grad(loss, params, retain_graph=True), torch.autograd.grad(ref, params))
 
@@ -439,7 +433,7 @@ def test_train_imagenet_example_image_folder_cli(tmp_path):
     """The script as a user runs it, on an ImageFolder tree (train/ and val/, one folder per class)."""
     from PIL import Image
 
-    g = torch.Generator().manual_seed(0)
+    g = generator(0)
     for split, count in (("train", 4), ("val", 2)):
         for cls in ("cat", "dog", "fox"):
             (tmp_path / split / cls).mkdir(parents=True)
@@ -499,7 +493,7 @@ def test_train_segmentation_example_voc_layout(tmp_path, capsys):
     voc = tmp_path / "VOCdevkit" / "VOC2012"
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (voc / sub).mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
+    g = generator(0)
     names = [f"2007_{i:06d}" for i in range(6)]
     for i, name in enumerate(names):
         h, w = 36 + 4 * i, 44
