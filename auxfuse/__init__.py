@@ -8,6 +8,13 @@ from .backends import available_backends
 from .functional import MultiHeadLossOutput, explain_backend, multi_head_cross_entropy
 from .loss import MultiHeadLoss
 from .outputs import collect_heads, main_logits
+from .targets import (
+    deepseek_mtp_weights,
+    medusa_head_weights,
+    nnunet_deep_supervision_weights,
+    resize_target,
+    shifted_targets,
+)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -15,7 +22,12 @@ __all__ = [
     "MultiHeadLossOutput",
     "available_backends",
     "collect_heads",
+    "deepseek_mtp_weights",
     "explain_backend",
     "main_logits",
+    "medusa_head_weights",
     "multi_head_cross_entropy",
+    "nnunet_deep_supervision_weights",
+    "resize_target",
+    "shifted_targets",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
@@ -10,6 +11,11 @@ import torch
 from .backends import AUTO_ORDER, BACKENDS, select_backend
 from .backends.problem import REDUCTIONS, Problem, acc_dtype_of
 from .outputs import DEFAULT_AUX_WEIGHT, Heads, Weights, collect_heads, is_namedtuple
+from .targets import TARGET_RESIZE_MODES, is_per_head, per_head_values, resize_target
+
+# One target (or class weight) for every head, or one per head: a sequence in the heads' order, a mapping by name.
+Targets = Union[torch.Tensor, Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
+ClassWeights = Union[None, torch.Tensor, Sequence[Optional[torch.Tensor]], Mapping[str, Optional[torch.Tensor]]]
 
 
 class _DetailFields(NamedTuple):
@@ -27,7 +33,8 @@ class MultiHeadLossOutput(_DetailFields):
         by mean when ``reduction="none"``).
     head_correct: (H,) int64, each head's top-1 hits among the counted targets (for probability targets:
         rows whose argmax matches the target's argmax).
-    count: () int64, the number of counted targets (not ``ignore_index``).
+    count: () int64, the number of counted targets (not ``ignore_index``); with one target per head, (H,):
+        each head's own (so ``head_correct / count`` is each head's accuracy either way).
 
     And one attribute that is not a tuple field (so ``loss, head_losses, head_correct, count = out`` keeps
     working; ``_replace`` and pytree rebuilds drop it):
@@ -191,17 +198,18 @@ def _with_tensors(
 
 def multi_head_cross_entropy(
     outputs: Any,
-    target: torch.Tensor,
+    target: Targets,
     weights: Weights = None,
     *,
     aux_weight: float = DEFAULT_AUX_WEIGHT,
     main: Optional[Union[str, int]] = None,
-    weight: Optional[torch.Tensor] = None,
+    weight: ClassWeights = None,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     backend: str = "auto",
     check_targets: bool = False,
+    target_resize: Optional[str] = None,
     return_details: bool = False,
 ) -> Union[torch.Tensor, MultiHeadLossOutput]:
     """Weighted cross-entropy of every head of a model output, in one fused pass (forward and backward).
@@ -212,17 +220,27 @@ def multi_head_cross_entropy(
     Args:
         outputs: the model's output as it comes: a Tensor, a namedtuple such as GoogLeNetOutputs /
             InceptionOutputs (``None`` fields skipped), a dict such as ``{"out": ..., "aux": ...}``, a tuple or list.
-        target: class indices (N, d1, ...) or class probabilities (N, C, d1, ...), shared by every head.
+        target: class indices (N, d1, ...) or class probabilities (N, C, d1, ...), shared by every head; or one
+            target per head (deep supervision, multi-token and multi-task heads): a sequence in the heads'
+            order or a mapping by head name. Then each head and its target follow ``F.cross_entropy``'s rules
+            on their own (heads may differ in spatial size, class count and row count; a mean is over the
+            head's own counted targets), and ``count`` of the details is per head, (H,).
         weights: per-head weights, by position (sequence) or by name (mapping). None: the preset for the
             output type (GoogLeNet 1 / 0.3 / 0.3, Inception v3 1 / 0.4, segmentation out 1 / aux 0.5),
             else 1 for the main head and ``aux_weight`` for the others.
         aux_weight: weight of every non-main head when ``weights`` is None and no preset applies.
         main: the main head's name or position (default ``logits`` / ``out`` / the first).
-        weight, ignore_index, label_smoothing, reduction: as in ``torch.nn.functional.cross_entropy``.
+        weight, ignore_index, label_smoothing, reduction: as in ``torch.nn.functional.cross_entropy``. ``weight``
+            may also be one class-weight tensor (or None) per head, like ``target``; one tensor serves heads of
+            one class count. ``reduction="none"`` with per-head targets needs heads whose per-element losses
+            share one shape (they are summed elementwise).
         backend: ``auto``, ``cuda``, ``triton``, ``cpu`` or ``torch``; see ``auxfuse.available_backends()``.
         check_targets: on CUDA, check every class index now (one host sync) and raise a ValueError for one
             outside [0, C); without it an invalid index makes the loss NaN and is counted, on the device, in
             ``invalid_targets`` of ``return_details``. CPU always checks.
+        target_resize: ``"nearest"`` or ``"nearest-exact"``: one full-resolution class-index target for heads at
+            other resolutions (deep supervision); each head's target is what ``F.interpolate(target[:, None]
+            .float(), size=head's spatial size, mode=target_resize)`` gives (``auxfuse.resize_target``).
         return_details: return a ``MultiHeadLossOutput`` (loss, head_losses, head_correct, count; and the
             ``invalid_targets`` attribute).
 
@@ -239,6 +257,12 @@ def multi_head_cross_entropy(
         >>> out.head_losses.shape, int(out.count)
         (torch.Size([2]), 8)
     """
+    if target_resize is not None or is_per_head(target) or is_per_head(weight):
+        return _per_head_cross_entropy(
+            outputs, target, weights, aux_weight=aux_weight, main=main, weight=weight, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, reduction=reduction, backend=backend, check_targets=check_targets,
+            target_resize=target_resize, return_details=return_details,
+        )
     options = (aux_weight, main, ignore_index, label_smoothing, reduction, backend, check_targets, return_details)
     found = None if torch.compiler.is_compiling() else _signature(outputs, target, weights, weight, options)
     plan = None if found is None else _PLANS.get(found[0])
@@ -267,6 +291,98 @@ def multi_head_cross_entropy(
     if not return_details:
         return loss
     return MultiHeadLossOutput(loss, result.head_losses.detach(), result.head_correct, result.count, result.invalid)
+
+
+def _per_head_targets(heads: Heads, target: Targets, target_resize: Optional[str]) -> list[torch.Tensor]:
+    if target_resize is None:
+        if isinstance(target, torch.Tensor):  # shared by every head (the class weights are per head)
+            return [target] * len(heads.names)
+        return per_head_values("targets", target, heads.names)
+    if target_resize not in TARGET_RESIZE_MODES:
+        raise ValueError(f"auxfuse: target_resize={target_resize!r}; use one of {TARGET_RESIZE_MODES}")
+    if not isinstance(target, torch.Tensor) or target.is_floating_point():
+        raise ValueError(
+            "auxfuse: target_resize maps one class-index target (N, d1, ..., dk) onto every head's spatial size; "
+            "give one such Tensor (probabilities and per-head targets are not resized)"
+        )
+    targets = []
+    for name, x in zip(heads.names, heads.tensors):
+        size = tuple(x.shape[2:])
+        if len(size) != target.dim() - 1:
+            raise ValueError(
+                f"auxfuse: head {name!r} has shape {tuple(x.shape)}, so it has {len(size)} spatial dimensions; "
+                f"the target {tuple(target.shape)} to resize has {target.dim() - 1}"
+            )
+        targets.append(resize_target(target, size, target_resize))
+    return targets
+
+
+def _per_head_class_weights(heads: Heads, weight: ClassWeights) -> list[Optional[torch.Tensor]]:
+    if weight is None:
+        return [None] * len(heads.names)
+    if isinstance(weight, torch.Tensor):
+        classes = {name: x.shape[1] if x.dim() > 1 else x.shape[0] for name, x in zip(heads.names, heads.tensors)}
+        if len(set(classes.values())) > 1:
+            raise ValueError(
+                f"auxfuse: one class weight tensor for heads of different class counts {classes}; give one per "
+                f"head (a sequence or a mapping by head name, None for a head without class weights)"
+            )
+        return [weight] * len(heads.names)
+    return per_head_values("class weights", weight, heads.names)
+
+
+def _per_head_cross_entropy(outputs: Any, target: Targets, weights: Weights, *, aux_weight: float,
+                            main: Optional[Union[str, int]], weight: ClassWeights, ignore_index: int,
+                            label_smoothing: float, reduction: str, backend: str, check_targets: bool,
+                            target_resize: Optional[str], return_details: bool):
+    """multi_head_cross_entropy with a target (and class weight) per head: each head is validated as a call of
+    its own would be, and runs on its own backend call; the loss is the weighted sum, the details per head."""
+    heads = collect_heads(outputs, weights, aux_weight=aux_weight, main=main)
+    first = heads.tensors[0]
+    for name, x in zip(heads.names, heads.tensors):
+        for what, a, b in (("dtype", x.dtype, first.dtype), ("device", x.device, first.device)):
+            if a != b:
+                raise ValueError(f"auxfuse: head {name!r} has {what} {a} but head {heads.names[0]!r} has {b}; "
+                                 f"all heads must share one {what}")
+    targets = _per_head_targets(heads, target, target_resize)
+    class_weights = _per_head_class_weights(heads, weight)
+    problems = []
+    for name, x, head_weight, head_target, class_weight in zip(heads.names, heads.tensors, heads.weights, targets,
+                                                               class_weights):
+        one_head = Heads(names=[name], tensors=[x], weights=[head_weight], main=0, positions=(0,))
+        try:
+            problem, index_shape = build_problem(one_head, head_target, weight=class_weight,
+                                                 ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                                 reduction=reduction, want_details=return_details)
+        except (ValueError, TypeError) as error:
+            message = str(error).removeprefix("auxfuse: ")
+            raise type(error)(f"auxfuse: head {name!r}: {message}") from None
+        problems.append((name, problem, index_shape))
+    if reduction == "none":
+        shapes = {name: index_shape for name, _, index_shape in problems}
+        if len(set(shapes.values())) > 1:
+            raise ValueError(
+                f"auxfuse: reduction='none' sums the heads' per-element losses, but their shapes differ {shapes}; "
+                f"use 'mean' or 'sum', or return_details=True for each head's loss"
+            )
+    results = []
+    for name, problem, index_shape in problems:
+        chosen = select_backend(backend, problem)
+        _check_target_range(problem, chosen, check_targets)
+        result = chosen.compute(problem)
+        results.append(result._replace(loss=result.loss.reshape(index_shape) if reduction == "none" else result.loss))
+    loss = results[0].loss
+    for result in results[1:]:
+        loss = loss + result.loss
+    if not return_details:
+        return loss
+    return MultiHeadLossOutput(
+        loss,
+        torch.cat([r.head_losses for r in results]).detach(),
+        torch.cat([r.head_correct for r in results]),
+        torch.stack([r.count for r in results]),
+        torch.stack([r.invalid for r in results]).sum(),
+    )
 
 
 class _Plan(NamedTuple):

@@ -1,0 +1,277 @@
+"""One target per head (issue #18): deep supervision, multi-token prediction and multi-task heads against the
+float64 naive loop `sum_h w_h * F.cross_entropy(head_h, target_h, ...)`, on every backend that runs here;
+target_resize against F.interpolate; shifted_targets; the weight presets; and every error naming its head."""
+
+import collections
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import auxfuse
+from oracle import assert_matches_reference, generator, naive_loss, random_grad_output, to_reference
+
+AVAILABLE = auxfuse.available_backends()
+BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(AVAILABLE[name] is not None, reason=str(AVAILABLE[name])))
+            for name in ("cpu", "torch")]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def naive_per_head(heads, targets, weights, class_weights=None, **options):
+    """The loop users write: each head with its own target (and class weight), in float64."""
+    class_weights = class_weights or [None] * len(heads)
+    return sum(w * F.cross_entropy(x if x.dtype == torch.float64 else to_reference(x), to_reference(t),
+                                   weight=to_reference(cw), **options)
+               for w, x, t, cw in zip(weights, heads, targets, class_weights))
+
+
+def check_per_head(backend, heads, targets, weights, *, class_weights=None, call_target=None, call_weight=None,
+                   target_resize=None, **options):
+    """Loss, every head's gradient (random grad_output) and the per-head details against the naive loop."""
+    dtype = heads[0].dtype
+    ours_in = [h.detach().clone().requires_grad_(True) for h in heads]
+    ref_in = [to_reference(h).requires_grad_(True) for h in heads]
+    out = auxfuse.multi_head_cross_entropy(
+        ours_in, targets if call_target is None else call_target, weights, backend=backend, return_details=True,
+        weight=class_weights if call_weight is None else call_weight, target_resize=target_resize, **options)
+    ref = naive_per_head(ref_in, targets, weights, class_weights, **options)
+    assert_matches_reference(out.loss, ref, dtype, msg="loss")
+    g = random_grad_output(ref)
+    ours = torch.autograd.grad(out.loss, ours_in, g.to(out.loss.dtype))
+    theirs = torch.autograd.grad(ref, ref_in, g)
+    for h, (a, b) in enumerate(zip(ours, theirs)):
+        assert a.dtype == dtype and a.shape == b.shape
+        assert_matches_reference(a, b, dtype, heads[h].shape[1], msg=f"head {h} gradient")
+    ignore_index = options.get("ignore_index", -100)
+    reduction = options.get("reduction", "mean")
+    for h, (x, t) in enumerate(zip(ref_in, targets)):
+        cw = None if class_weights is None else class_weights[h]
+        single = F.cross_entropy(x.detach(), to_reference(t), weight=to_reference(cw),
+                                 **{**options, "reduction": "mean" if reduction == "none" else reduction})
+        assert_matches_reference(out.head_losses[h], single, dtype, msg=f"head {h} loss")
+        if t.is_floating_point():
+            hits, counted = int((x.argmax(1) == t.argmax(1)).sum()), t.numel() // t.shape[1]
+        else:
+            counted_rows = t != ignore_index
+            hits, counted = int(((x.argmax(1) == t) & counted_rows).sum()), int(counted_rows.sum())
+        assert int(out.head_correct[h]) == hits and int(out.count[h]) == counted, f"head {h}"
+    assert out.count.shape == (len(heads),) and int(out.invalid_targets) == 0
+    return out
+
+
+def _pyramid(dtype, g, sizes=((16, 12), (8, 6), (4, 3), (2, 2)), classes=5, batch=2):
+    heads = [(torch.randn(batch, classes, *size, generator=g) * 3).to(dtype) for size in sizes]
+    targets = []
+    for size in sizes:
+        t = torch.randint(0, classes, (batch, *size), generator=g)
+        t.view(-1)[::7] = -100
+        targets.append(t)
+    return heads, targets
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_deep_supervision_pyramid(backend, dtype, reduction):
+    """Heads at four resolutions, each with its own mask; smoothing and class weights; nnU-Net's weights."""
+    g = generator(("pyramid", str(dtype), reduction))
+    heads, targets = _pyramid(dtype, g)
+    weights = auxfuse.nnunet_deep_supervision_weights(len(heads))
+    for smoothing, class_weight in itertools.product((0.0, 0.1), (None, torch.rand(5, generator=g) + 0.5)):
+        check_per_head(backend, heads, targets, weights, reduction=reduction, label_smoothing=smoothing,
+                       class_weights=None if class_weight is None else [class_weight] * len(heads),
+                       call_weight=class_weight)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["rows", "sequence"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_multi_token_heads(backend, layout, reduction):
+    """Head k predicts the token k steps further: shifted labels, the tail ignored, each head's mean over its
+    own counted tokens; logits as (N * T, V) rows or (N, V, T) sequences."""
+    g = generator(("multi-token", layout, reduction))
+    N, T, V = 3, 11, 37
+    labels = torch.randint(0, V, (N, T), generator=g)
+    labels[0, 2] = -100  # padding in the labels too
+    targets = auxfuse.shifted_targets(labels, [0, 1, 2, 3])
+    if layout == "rows":
+        heads = [torch.randn(N * T, V, generator=g) * 2 for _ in targets]
+        targets = [t.reshape(-1) for t in targets]
+    else:
+        heads = [torch.randn(N, V, T, generator=g) * 2 for _ in targets]
+    weights = auxfuse.deepseek_mtp_weights(3)
+    check_per_head(backend, heads, targets, weights, reduction=reduction, label_smoothing=0.05)
+    # The heads of a list are named by position: a mapping from those names works too.
+    check_per_head(backend, heads, targets, weights, call_target={str(k): t for k, t in enumerate(targets)},
+                   reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_multi_task_heads(backend, dtype):
+    """Different class counts, targets and row counts; a class weight per head (None allowed); a probability
+    target on one head."""
+    g = generator(("multi-task", str(dtype)))
+    heads = [(torch.randn(n, c, generator=g) * 2).to(dtype) for n, c in ((12, 100), (12, 10), (7, 3))]
+    targets = [torch.randint(0, 100, (12,), generator=g), torch.randint(0, 10, (12,), generator=g),
+               torch.softmax(torch.randn(7, 3, generator=g), 1).to(dtype)]
+    class_weights = [torch.rand(100, generator=g) + 0.5, None, torch.rand(3, generator=g) + 0.5]
+    for reduction in ("mean", "sum"):
+        check_per_head(backend, heads, targets, [1.0, 0.5, 0.25], class_weights=class_weights,
+                       reduction=reduction, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_named_outputs_take_targets_by_name(backend):
+    """A dict output with a mapping of targets (any order) and of class weights; None outputs are no heads."""
+    g = generator("named")
+    out, aux = torch.randn(4, 6, 5, 5, generator=g), torch.randn(4, 6, 3, 3, generator=g)
+    t_out, t_aux = torch.randint(0, 6, (4, 5, 5), generator=g), torch.randint(0, 6, (4, 3, 3), generator=g)
+    w_aux = torch.rand(6, generator=g) + 0.5
+    result = auxfuse.multi_head_cross_entropy({"out": out, "aux": aux}, {"aux": t_aux, "out": t_out},
+                                              weight={"out": None, "aux": w_aux}, backend=backend)
+    ref = naive_per_head([out, aux], [t_out, t_aux], [1.0, 0.5], [None, w_aux])
+    assert_matches_reference(result, ref, torch.float32)
+    Outputs = collections.namedtuple("Outputs", ["logits", "aux_logits2", "aux_logits1"])
+    outputs = Outputs(out, None, aux)
+    result = auxfuse.multi_head_cross_entropy(outputs, [t_out, t_aux], backend=backend)
+    assert_matches_reference(result, naive_per_head([out, aux], [t_out, t_aux], [1.0, 0.3]), torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact"])
+def test_resize_target_equals_interpolate(mode):
+    """Down- and upsampling, odd ratios, 1-D to 3-D: exactly F.interpolate's indices."""
+    g = generator(("resize", mode))
+    for full, sizes in (((37,), [(18,), (5,), (1,), (74,)]), ((13, 29), [(6, 14), (3, 7), (13, 10), (26, 3)]),
+                        ((9, 10, 11), [(4, 5, 5), (2, 3, 1)]), ((128, 128), [(64, 64), (32, 32), (16, 16)])):
+        target = torch.randint(0, 1000, (2, *full), generator=g)
+        for size in sizes:
+            want = F.interpolate(target[:, None].float(), size=size, mode=mode)[:, 0].long()
+            assert torch.equal(auxfuse.resize_target(target, size, mode), want), (full, size)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact"])
+def test_target_resize_deep_supervision(backend, mode):
+    """One full-resolution mask (void label 255 included) for every scale: the naive loop on masks made by
+    F.interpolate; MultiHeadLoss with the same option."""
+    g = generator(("target_resize", mode))
+    heads, _ = _pyramid(torch.float32, g, sizes=((24, 20), (12, 10), (6, 5), (3, 3)))
+    mask = torch.randint(0, 5, (2, 24, 20), generator=g)
+    mask[:, :3] = 255
+    targets = [F.interpolate(mask[:, None].float(), size=h.shape[2:], mode=mode)[:, 0].long() for h in heads]
+    weights = auxfuse.nnunet_deep_supervision_weights(4)
+    check_per_head(backend, heads, targets, weights, call_target=mask, target_resize=mode, ignore_index=255)
+    criterion = auxfuse.MultiHeadLoss(weights, target_resize=mode, ignore_index=255, backend=backend)
+    assert_matches_reference(criterion(heads, mask), naive_per_head(heads, targets, weights, ignore_index=255),
+                             torch.float32)
+
+
+def test_shifted_targets():
+    labels = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    zero, one, three = auxfuse.shifted_targets(labels, [0, 1, 3], ignore_index=-1)
+    assert zero is labels
+    assert one.tolist() == [[2, 3, 4, 5, -1], [7, 8, 9, 10, -1]]
+    assert three.tolist() == [[4, 5, -1, -1, -1], [9, 10, -1, -1, -1]]
+    assert [t.shape for t in auxfuse.shifted_targets(labels, 2)] == [labels.shape] * 2
+    with pytest.raises(ValueError, match="shift 5 of head 1 leaves no target in a sequence of length 5"):
+        auxfuse.shifted_targets(labels, [0, 5])
+    with pytest.raises(ValueError, match="shift -1 of head 0 must be a non-negative int"):
+        auxfuse.shifted_targets(labels, [-1])
+
+
+def test_weight_presets():
+    assert auxfuse.nnunet_deep_supervision_weights(1) == [1.0]
+    weights = auxfuse.nnunet_deep_supervision_weights(5)
+    assert weights[-1] == 0.0 and abs(sum(weights) - 1.0) < 1e-12
+    assert all(a == pytest.approx(2 * b) for a, b in zip(weights[:3], weights[1:4]))
+    assert auxfuse.medusa_head_weights(3) == pytest.approx([1.0, 0.2, 0.16, 0.128])
+    assert auxfuse.medusa_head_weights(2, main_weight=None) == pytest.approx([0.2, 0.16])
+    assert auxfuse.deepseek_mtp_weights(2, lam=0.1) == pytest.approx([1.0, 0.05, 0.05])
+
+
+def test_per_head_class_weight_buffers_follow_the_module():
+    """MultiHeadLoss keeps per-head class weights as buffers: state_dict and .to() see them."""
+    weights = [torch.ones(3), None]
+    criterion = auxfuse.MultiHeadLoss(weight=weights)
+    assert "weight_0" in criterion.state_dict() and criterion.class_weight[1] is None
+    assert criterion.to(torch.float64).class_weight[0].dtype == torch.float64
+    named = auxfuse.MultiHeadLoss(weight={"out": torch.ones(3), "aux": torch.ones(4)})
+    assert set(named.class_weight) == {"out", "aux"}
+
+
+def test_gradcheck_fp64_per_head():
+    g = generator("gradcheck")
+    heads = [torch.randn(3, 4, 3, 2, generator=g, dtype=torch.float64, requires_grad=True),
+             torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)]
+    targets = [torch.randint(0, 4, (3, 3, 2), generator=g), torch.randint(0, 5, (3,), generator=g)]
+    targets[0][0, 0, 0] = -100
+
+    def fn(a, b):
+        return auxfuse.multi_head_cross_entropy([a, b], targets, [1.0, 0.4], label_smoothing=0.1)
+
+    assert torch.autograd.gradcheck(fn, heads)
+
+
+def test_compile_fullgraph_per_head():
+    """The per-head path traces as one graph, resize included (no host sync, no graph break)."""
+    g = generator("compile")
+    heads = [torch.randn(2, 3, 8, 8, generator=g, requires_grad=True),
+             torch.randn(2, 3, 4, 4, generator=g, requires_grad=True)]
+    mask = torch.randint(0, 3, (2, 8, 8), generator=g)
+
+    def fn(a, b, t):
+        return auxfuse.multi_head_cross_entropy((a, b), t, (1.0, 0.5), target_resize="nearest", backend="torch")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got, want = compiled(*heads, mask), fn(*heads, mask)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, heads), torch.autograd.grad(want, heads)):
+        torch.testing.assert_close(a, b)
+
+
+ERRORS = [
+    ("too few targets", lambda h, t: auxfuse.multi_head_cross_entropy(h, t[:1]),
+     r"1 targets for 2 heads \['0', '1'\]; give one per head"),
+    ("a mapping missing a head", lambda h, t: auxfuse.multi_head_cross_entropy({"out": h[0], "aux": h[1]},
+                                                                              {"out": t[0]}),
+     "targets has no entry for head 'aux'"),
+    ("a mapping naming no head", lambda h, t: auxfuse.multi_head_cross_entropy(
+        {"out": h[0], "aux": h[1]}, {"out": t[0], "aux": t[1], "aux2": t[1]}),
+     "targets names 'aux2', which is not a head"),
+    ("a target that does not fit its head", lambda h, t: auxfuse.multi_head_cross_entropy(
+        {"out": h[0], "aux": h[1]}, {"out": t[0], "aux": t[0]}),
+     r"head 'aux': target has shape \(2, 6, 6\)"),
+    ("one class weight for different class counts", lambda h, t: auxfuse.multi_head_cross_entropy(
+        (h[0], torch.randn(2, 4, 3, 3)), t, weight=torch.ones(5)),
+     "one class weight tensor for heads of different class counts"),
+    ("reduction none over different shapes", lambda h, t: auxfuse.multi_head_cross_entropy(h, t, reduction="none"),
+     "reduction='none' sums the heads' per-element losses, but their shapes differ"),
+    ("resizing probabilities", lambda h, t: auxfuse.multi_head_cross_entropy(
+        h, torch.rand(2, 5, 6, 6), target_resize="nearest"), "target_resize maps one class-index target"),
+    ("an unknown resize mode", lambda h, t: auxfuse.multi_head_cross_entropy(h, t[0], target_resize="bilinear"),
+     r"target_resize='bilinear'; use one of \('nearest', 'nearest-exact'\)"),
+    ("heads of different dtypes", lambda h, t: auxfuse.multi_head_cross_entropy((h[0], h[1].double()), t),
+     "head '1' has dtype torch.float64 but head '0' has torch.float32"),
+]
+
+
+@pytest.mark.parametrize("case", ERRORS, ids=[e[0] for e in ERRORS])
+def test_errors_name_the_head(case):
+    _, call, message = case
+    g = generator("errors")
+    heads = [torch.randn(2, 5, 6, 6, generator=g), torch.randn(2, 5, 3, 3, generator=g)]
+    targets = [torch.randint(0, 5, (2, 6, 6), generator=g), torch.randint(0, 5, (2, 3, 3), generator=g)]
+    with pytest.raises(ValueError, match=message):
+        call(heads, targets)
+
+
+def test_shared_target_with_per_head_class_weights():
+    """A Tensor target shared by every head, the class weights per head."""
+    g = generator("shared")
+    heads = [torch.randn(6, 4, generator=g) for _ in range(2)]
+    target = torch.randint(0, 4, (6,), generator=g)
+    class_weights = [torch.rand(4, generator=g) + 0.5, None]
+    check_per_head("torch", heads, [target, target], [1.0, 0.3], class_weights=class_weights, call_target=target)
