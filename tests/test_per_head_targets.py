@@ -10,54 +10,12 @@ import torch
 import torch.nn.functional as F
 
 import auxfuse
-from oracle import assert_matches_reference, generator, naive_loss, random_grad_output, to_reference
+from oracle import assert_matches_reference, check_per_head, generator, naive_per_head
 
 AVAILABLE = auxfuse.available_backends()
 BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(AVAILABLE[name] is not None, reason=str(AVAILABLE[name])))
             for name in ("cpu", "torch")]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-
-
-def naive_per_head(heads, targets, weights, class_weights=None, **options):
-    """The loop users write: each head with its own target (and class weight), in float64."""
-    class_weights = class_weights or [None] * len(heads)
-    return sum(w * F.cross_entropy(x if x.dtype == torch.float64 else to_reference(x), to_reference(t),
-                                   weight=to_reference(cw), **options)
-               for w, x, t, cw in zip(weights, heads, targets, class_weights))
-
-
-def check_per_head(backend, heads, targets, weights, *, class_weights=None, call_target=None, call_weight=None,
-                   target_resize=None, **options):
-    """Loss, every head's gradient (random grad_output) and the per-head details against the naive loop."""
-    dtype = heads[0].dtype
-    ours_in = [h.detach().clone().requires_grad_(True) for h in heads]
-    ref_in = [to_reference(h).requires_grad_(True) for h in heads]
-    out = auxfuse.multi_head_cross_entropy(
-        ours_in, targets if call_target is None else call_target, weights, backend=backend, return_details=True,
-        weight=class_weights if call_weight is None else call_weight, target_resize=target_resize, **options)
-    ref = naive_per_head(ref_in, targets, weights, class_weights, **options)
-    assert_matches_reference(out.loss, ref, dtype, msg="loss")
-    g = random_grad_output(ref)
-    ours = torch.autograd.grad(out.loss, ours_in, g.to(out.loss.dtype))
-    theirs = torch.autograd.grad(ref, ref_in, g)
-    for h, (a, b) in enumerate(zip(ours, theirs)):
-        assert a.dtype == dtype and a.shape == b.shape
-        assert_matches_reference(a, b, dtype, heads[h].shape[1], msg=f"head {h} gradient")
-    ignore_index = options.get("ignore_index", -100)
-    reduction = options.get("reduction", "mean")
-    for h, (x, t) in enumerate(zip(ref_in, targets)):
-        cw = None if class_weights is None else class_weights[h]
-        single = F.cross_entropy(x.detach(), to_reference(t), weight=to_reference(cw),
-                                 **{**options, "reduction": "mean" if reduction == "none" else reduction})
-        assert_matches_reference(out.head_losses[h], single, dtype, msg=f"head {h} loss")
-        if t.is_floating_point():
-            hits, counted = int((x.argmax(1) == t.argmax(1)).sum()), t.numel() // t.shape[1]
-        else:
-            counted_rows = t != ignore_index
-            hits, counted = int(((x.argmax(1) == t) & counted_rows).sum()), int(counted_rows.sum())
-        assert int(out.head_correct[h]) == hits and int(out.count[h]) == counted, f"head {h}"
-    assert out.count.shape == (len(heads),) and int(out.invalid_targets) == 0
-    return out
 
 
 def _pyramid(dtype, g, sizes=((16, 12), (8, 6), (4, 3), (2, 2)), classes=5, batch=2):

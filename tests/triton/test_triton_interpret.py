@@ -22,7 +22,8 @@ import sys
 import pytest
 import torch
 
-from oracle import assert_matches_naive, assert_matches_reference, check_backend, generator, naive_loss, to_reference
+from oracle import (assert_matches_naive, assert_matches_reference, check_backend, check_per_head, generator, naive_loss,
+                    to_reference)
 
 import auxfuse
 from auxfuse.backends import triton as tb
@@ -885,3 +886,16 @@ def test_kernels_machine_code(sm90_kernels):
         if r["kernel"] == "_scale_kernel":
             assert most(r, "loads128") >= 1 and most(r, "stores128") >= 1, r
         assert most(r, "local") <= 1, f"{r['kernel']} ({r['case']}, {r['constexprs']}): spills in {r['loops']}"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_per_head_targets(reduction):
+    """One target per head (deep supervision, multi-task): each head's own shape, class count and target, on
+    the triton backend, against the float64 naive loop."""
+    g = generator(("per-head", reduction))
+    heads = [torch.randn(shape, generator=g).to(DEVICE) for shape in ((2, NARROW_C, 4, 3), (2, NARROW_C, 2, 2),
+                                                                     (5, WIDE_C))]
+    targets = [_index_target((2, 4, 3), NARROW_C, ignore_frac=0.2, seed=11),
+               _index_target((2, 2, 2), NARROW_C, seed=12), _index_target((5,), WIDE_C, seed=13)]
+    check_per_head("triton", heads, targets, [1.0, 0.5, 0.25], reduction=reduction, label_smoothing=0.1,
+                   class_weights=[_class_weight(NARROW_C), None, _class_weight(WIDE_C)])
