@@ -22,8 +22,8 @@ import sys
 import pytest
 import torch
 
-from oracle import (assert_matches_naive, assert_matches_reference, check_backend, check_per_head, generator, naive_loss,
-                    to_reference)
+from oracle import (assert_matches_naive, assert_matches_reference, check_backend, check_per_head, generator,
+                    naive_loss, to_reference)
 
 import auxfuse
 from auxfuse.backends import triton as tb
