@@ -233,3 +233,23 @@ def test_shared_target_with_per_head_class_weights():
     target = torch.randint(0, 4, (6,), generator=g)
     class_weights = [torch.rand(4, generator=g) + 0.5, None]
     check_per_head("torch", heads, [target, target], [1.0, 0.3], class_weights=class_weights, call_target=target)
+
+
+def test_deep_supervision_example(tmp_path, capsys):
+    """examples/train_deep_supervision.py trains (the weighted scales' loss falls) and draws its picture."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        "train_deep_supervision.py")
+    spec = importlib.util.spec_from_file_location("train_deep_supervision", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    plot = tmp_path / "scales.png"
+    history = example.main(["--epochs", "2", "--image-size", "16", "--train-size", "64", "--val-size", "16",
+                            "-b", "8", "--width", "4", "--lr", "0.05", "--no-progress", "--plot", str(plot)])
+    first, last = history["scale_losses"][0], history["scale_losses"][-1]
+    assert len(first) == 4 and sum(last[:3]) < sum(first[:3])
+    assert all(0.0 <= a <= 1.0 for a in history["val_pixel_accuracy"])
+    assert plot.stat().st_size > 10_000
+    assert "held-out pixel accuracy" in capsys.readouterr().out
