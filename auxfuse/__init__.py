@@ -6,6 +6,7 @@
 
 from .backends import available_backends
 from .functional import MultiHeadLossOutput, explain_backend, multi_head_cross_entropy
+from .linear import MultiHeadLinearLoss, multi_head_linear_cross_entropy
 from .loss import MultiHeadLoss
 from .outputs import collect_heads, main_logits
 from .targets import (
@@ -18,6 +19,7 @@ from .targets import (
 
 __version__ = "0.1.0"
 __all__ = [
+    "MultiHeadLinearLoss",
     "MultiHeadLoss",
     "MultiHeadLossOutput",
     "available_backends",
@@ -27,6 +29,7 @@ __all__ = [
     "main_logits",
     "medusa_head_weights",
     "multi_head_cross_entropy",
+    "multi_head_linear_cross_entropy",
     "nnunet_deep_supervision_weights",
     "resize_target",
     "shifted_targets",
