@@ -186,10 +186,11 @@ def _run(spec: _Spec, hiddens, projections, biases, *, needs: Sequence[bool], ro
                 rows_of_head.append(rows)
             if grad is None:
                 continue
+            # In place: the chunk's gradient is a fresh buffer of the CE step.
             if row_scales is None:
-                grad = grad * scale
+                grad.mul_(scale)
             else:
-                grad = grad * (row_scales[start:stop].to(acc) * spec.weights[h]).unsqueeze(1).to(grad.dtype)
+                grad.mul_((row_scales[start:stop].to(acc) * spec.weights[h]).unsqueeze(1).to(grad.dtype))
             grad = grad.to(x.dtype)
             if grad_hiddens[h] is not None:
                 torch.mm(grad, W, out=grad_hiddens[h][start:stop])
