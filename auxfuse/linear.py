@@ -378,8 +378,8 @@ def multi_head_linear_cross_entropy(
     spec = _Spec(
         weights=[float(w) for w in heads.weights], projection_of=projection_of, bias_of=bias_of,
         targets=[t.long() for t in targets], shared_target=shared_target, ignore_index=int(ignore_index),
-        label_smoothing=float(label_smoothing), z_loss=float(z_loss), softcap=None if softcap is None else float(softcap),
-        reduction=reduction, chunk_rows=chunk_rows, fused=fused,
+        label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+        softcap=None if softcap is None else float(softcap), reduction=reduction, chunk_rows=chunk_rows, fused=fused,
     )
     loss, head_losses, head_correct, count, invalid = _LinearCrossEntropy.apply(
         spec, len(tensors), len(projections), *tensors, *projections, *biases)

@@ -173,3 +173,26 @@ def test_errors(case):
     options = {k: v for k, v in args.items() if k not in ("hiddens", "projection", "target")}
     with pytest.raises(ValueError, match=message):
         auxfuse.multi_head_linear_cross_entropy(args["hiddens"], args["projection"], args["target"], **options)
+
+
+@pytest.mark.slow
+def test_multi_token_example(tmp_path, capsys):
+    """examples/train_multi_token.py --compare: the naive and the fused loss train the same model to the same
+    per-head losses (same seed), each in its own process, and the plot is drawn."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        "train_multi_token.py")
+    spec = importlib.util.spec_from_file_location("train_multi_token", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    plot = tmp_path / "heads.png"
+    naive, fused = example.main(["--compare", "--steps", "3", "--context", "16", "-b", "4", "--width", "32",
+                                 "--vocab-size", "512", "--corpus-chars", "50000", "--no-progress",
+                                 "--plot", str(plot)])
+    assert (naive["loss"], fused["loss"]) == ("naive", "auxfuse")
+    for a, b in zip(naive["history"], fused["history"]):
+        assert a == pytest.approx(b, rel=1e-3)
+    assert fused["tokens_per_s"] > 0 and fused["peak_MiB"] > 0 and plot.stat().st_size > 10_000
+    assert "tokens/s" in capsys.readouterr().out
