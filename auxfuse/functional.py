@@ -331,12 +331,12 @@ def _per_head_class_weights(heads: Heads, weight: ClassWeights) -> list[Optional
     return per_head_values("class weights", weight, heads.names)
 
 
-def _per_head_cross_entropy(outputs: Any, target: Targets, weights: Weights, *, aux_weight: float,
-                            main: Optional[Union[str, int]], weight: ClassWeights, ignore_index: int,
-                            label_smoothing: float, reduction: str, backend: str, check_targets: bool,
-                            target_resize: Optional[str], return_details: bool):
-    """multi_head_cross_entropy with a target (and class weight) per head: each head is validated as a call of
-    its own would be, and runs on its own backend call; the loss is the weighted sum, the details per head."""
+def _per_head_problems(outputs: Any, target: Targets, weights: Weights, *, aux_weight: float,
+                       main: Optional[Union[str, int]], weight: ClassWeights, ignore_index: int,
+                       label_smoothing: float, reduction: str, target_resize: Optional[str],
+                       want_details: bool) -> list[tuple[str, Problem, tuple[int, ...]]]:
+    """Each head with its own target and class weight, validated as a call of its own would be: (name, its
+    one-head Problem, the shape of its 'none' loss) per head."""
     heads = collect_heads(outputs, weights, aux_weight=aux_weight, main=main)
     first = heads.tensors[0]
     for name, x in zip(heads.names, heads.tensors):
@@ -353,7 +353,7 @@ def _per_head_cross_entropy(outputs: Any, target: Targets, weights: Weights, *, 
         try:
             problem, index_shape = build_problem(one_head, head_target, weight=class_weight,
                                                  ignore_index=ignore_index, label_smoothing=label_smoothing,
-                                                 reduction=reduction, want_details=return_details)
+                                                 reduction=reduction, want_details=want_details)
         except (ValueError, TypeError) as error:
             message = str(error).removeprefix("auxfuse: ")
             raise type(error)(f"auxfuse: head {name!r}: {message}") from None
@@ -365,12 +365,21 @@ def _per_head_cross_entropy(outputs: Any, target: Targets, weights: Weights, *, 
                 f"auxfuse: reduction='none' sums the heads' per-element losses, but their shapes differ {shapes}; "
                 f"use 'mean' or 'sum', or return_details=True for each head's loss"
             )
+    return problems
+
+
+def _per_head_cross_entropy(outputs: Any, target: Targets, weights: Weights, *, backend: str, check_targets: bool,
+                            return_details: bool, **options: Any):
+    """multi_head_cross_entropy with a target (and class weight) per head: each head runs on its own backend
+    call (one launch for all heads is the next step); the loss is the weighted sum, the details per head."""
     results = []
-    for name, problem, index_shape in problems:
+    for _, problem, index_shape in _per_head_problems(outputs, target, weights, want_details=return_details,
+                                                       **options):
         chosen = select_backend(backend, problem)
         _check_target_range(problem, chosen, check_targets)
         result = chosen.compute(problem)
-        results.append(result._replace(loss=result.loss.reshape(index_shape) if reduction == "none" else result.loss))
+        results.append(result._replace(loss=result.loss.reshape(index_shape) if problem.reduction == "none"
+                                       else result.loss))
     loss = results[0].loss
     for result in results[1:]:
         loss = loss + result.loss
@@ -466,11 +475,12 @@ def _signature(outputs: Any, target: Any, weights: Weights, weight: Any, options
     return key, values
 
 
-def explain_backend(outputs: Any, target: torch.Tensor, weights: Weights = None, *, backend: str = "auto",
+def explain_backend(outputs: Any, target: Targets, weights: Weights = None, *, backend: str = "auto",
                     **options: Any) -> dict:
     """Which backend a call with these arguments runs on, and why each one before it in auto's order was not used.
 
-    Takes the arguments of ``multi_head_cross_entropy``. Returns ``{"chosen": name, "rejected": {name: [reasons]}}``.
+    Takes the arguments of ``multi_head_cross_entropy``. Returns ``{"chosen": name, "rejected": {name: [reasons]}}``;
+    with one target per head, that for every head: ``{"per_head": {head name: {"chosen": ..., "rejected": ...}}}``.
 
     Example:
         >>> import torch, auxfuse
@@ -478,16 +488,27 @@ def explain_backend(outputs: Any, target: torch.Tensor, weights: Weights = None,
         >>> info["chosen"] in ("cpu", "torch")
         True
     """
-    heads = collect_heads(outputs, weights, aux_weight=options.pop("aux_weight", DEFAULT_AUX_WEIGHT),
-                          main=options.pop("main", None))
-    problem, _ = build_problem(
-        heads, target, weight=options.pop("weight", None), ignore_index=options.pop("ignore_index", -100),
-        label_smoothing=options.pop("label_smoothing", 0.0), reduction=options.pop("reduction", "mean"),
-        want_details=options.pop("return_details", False),
-    )
     options.pop("check_targets", None)  # changes what is checked, not the backend
-    if options:
-        raise TypeError(f"auxfuse: unexpected arguments {sorted(options)}")
+    known = dict(aux_weight=DEFAULT_AUX_WEIGHT, main=None, weight=None, ignore_index=-100, label_smoothing=0.0,
+                 reduction="mean", target_resize=None, return_details=False)
+    unexpected = sorted(set(options) - set(known))
+    if unexpected:
+        raise TypeError(f"auxfuse: unexpected arguments {unexpected}")
+    options = {**known, **options}
+    if options["target_resize"] is not None or is_per_head(target) or is_per_head(options["weight"]):
+        want_details = options.pop("return_details")
+        problems = _per_head_problems(outputs, target, weights, want_details=want_details, **options)
+        return {"per_head": {name: _explain(backend, problem) for name, problem, _ in problems}}
+    heads = collect_heads(outputs, weights, aux_weight=options["aux_weight"], main=options["main"])
+    problem, _ = build_problem(
+        heads, target, weight=options["weight"], ignore_index=options["ignore_index"],
+        label_smoothing=options["label_smoothing"], reduction=options["reduction"],
+        want_details=options["return_details"],
+    )
+    return _explain(backend, problem)
+
+
+def _explain(backend: str, problem: Problem) -> dict:
     chosen = select_backend(backend, problem).name
     candidates = AUTO_ORDER.get(problem.device.type, ()) if backend == "auto" else (backend,)
     rejected = {}

@@ -253,3 +253,17 @@ def test_deep_supervision_example(tmp_path, capsys):
     assert all(0.0 <= a <= 1.0 for a in history["val_pixel_accuracy"])
     assert plot.stat().st_size > 10_000
     assert "held-out pixel accuracy" in capsys.readouterr().out
+
+
+def test_explain_backend_per_head():
+    g = generator("explain")
+    heads = {"out": torch.randn(2, 3, 4, 4, generator=g), "aux": torch.randn(2, 3, 2, 2, generator=g)}
+    info = auxfuse.explain_backend(heads, torch.randint(0, 3, (2, 4, 4), generator=g), target_resize="nearest")
+    assert set(info["per_head"]) == {"out", "aux"}
+    assert all(head["chosen"] in ("cpu", "torch") for head in info["per_head"].values())
+    forced = auxfuse.explain_backend(heads, [torch.zeros(2, 4, 4, dtype=torch.long),
+                                             torch.zeros(2, 2, 2, dtype=torch.long)], backend="torch")
+    assert forced == {"per_head": {"out": {"chosen": "torch", "rejected": {}},
+                                   "aux": {"chosen": "torch", "rejected": {}}}}
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        auxfuse.explain_backend(heads, [torch.zeros(2, 4, 4, dtype=torch.long)], colour="red")
