@@ -206,7 +206,7 @@ def _run(spec: _Spec, hiddens, projections, biases, *, needs: Sequence[bool], ro
             weighted = torch.cat(rows_of_head) * spec.weights[h]
             none_rows = weighted if none_rows is None else none_rows + weighted
     head_sums, counts = torch.stack(head_sums), torch.stack(counts)
-    weights = torch.tensor(spec.weights, dtype=acc, device=device)
+    weights = torch.stack([head_sums.new_full((), w) for w in spec.weights])  # fills, no copy: CUDA graphs
     if spec.reduction == "sum":
         loss, head_losses = (head_sums * weights).sum(), head_sums
     else:
