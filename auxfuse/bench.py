@@ -1,12 +1,21 @@
-"""Benchmark definitions shared by `python -m auxfuse bench` and the pytest-benchmark suite in benchmarks/:
-the providers (naive eager sum, torch.compile of it, every auxfuse backend that can run, Liger-Kernel's
-cross-entropy looped over heads when installed), the shapes per device, and one timing function."""
+"""`python -m auxfuse bench`, and the definitions it shares with the pytest-benchmark suite in benchmarks/: the
+providers (naive eager sum, torch.compile of it, every auxfuse backend that can run, Liger-Kernel's
+cross-entropy looped over heads when installed), the shapes per device, the inputs and the step.
+
+The CLI times the providers of one case (shape, dtype, mode) in interleaved rounds: every round runs each
+provider in turn, each for a block of calls lasting about ``--round-ms``, and rounds repeat until the case's
+``--seconds`` are spent. A change in the machine's load (another process, a compile next door) then hits every
+provider of a round alike, and the speed-up is taken round by round (naive's block time over the provider's),
+so it holds still where the times themselves drift. The table and the plot give each median with its
+interquartile range."""
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,7 +53,8 @@ class Shape:
         return f"{self.name} {dims}"
 
 
-# Quick shapes by device: what `python -m auxfuse bench` and `pytest benchmarks/` run by default.
+# Shapes by device. `python -m auxfuse bench` runs all but the LM ones on the CPU by default (a naive LM call
+# takes seconds there; `--shapes lm` asks for them, benchmarks/test_bench_cpu.py times them with the floor).
 SHAPES = {
     "cpu": [
         Shape("inception", 2, 256, 1000),
@@ -66,7 +76,13 @@ MODES = ("forward", "forward+backward")
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0):
-    """Heads (leaf tensors needing grad) and class-index targets with a few ignored rows."""
+    """Heads (leaf tensors needing grad) and class-index targets, drawn from a generator seeded with `seed`.
+
+    Example:
+        >>> heads, target = make_inputs(Shape("googlenet", 3, 256, 1000), torch.float32, "cpu")
+        >>> len(heads), tuple(heads[0].shape), tuple(target.shape)
+        (3, (256, 1000), (256,))
+    """
     g = torch.Generator(device=device).manual_seed(seed)
     heads = [
         torch.randn(shape.logits_shape, generator=g, device=device, dtype=torch.float32).to(dtype).requires_grad_()
@@ -77,7 +93,12 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0):
 
 
 def naive_sum(heads, target, weights):
-    """What users write by hand: `loss1 + w * loss2 + ...` with F.cross_entropy."""
+    """What users write by hand: `loss1 + w * loss2 + ...` with F.cross_entropy.
+
+    Example:
+        >>> heads, target = make_inputs(Shape("inception", 2, 8, 10), torch.float32, "cpu")
+        >>> loss = naive_sum(heads, target, [1.0, 0.4])
+    """
     return sum(w * F.cross_entropy(x, target) for w, x in zip(weights, heads))
 
 
@@ -104,7 +125,12 @@ def _liger_loop():
 
 
 def providers(device: str, dtype: torch.dtype) -> dict[str, Optional[Callable]]:
-    """name -> loss function(heads, target, weights), or None where the provider cannot run (skipped)."""
+    """name -> loss function(heads, target, weights), for every provider that can run on this device.
+
+    Example:
+        >>> list(providers("cpu", torch.float32))[:2]
+        ['naive eager', 'torch.compile(naive)']
+    """
     result: dict[str, Optional[Callable]] = {"naive eager": naive_sum, "torch.compile(naive)": _compiled_naive_sum}
     available = auxfuse.available_backends()
     for name in AUTO_ORDER[device]:  # the backends that take tensors on this device
@@ -126,8 +152,22 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _time_call(step: Callable[[], None], device: str) -> float:
+    """Seconds one call takes, its device work included."""
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def step_fn(loss_fn: Callable, heads, target, weights, mode: str) -> Callable[[], None]:
-    """One benchmark step: the loss, and for forward+backward its gradients w.r.t. every head."""
+    """One benchmark step: the loss, and for forward+backward its gradients w.r.t. every head.
+
+    Example:
+        >>> heads, target = make_inputs(Shape("tiny", 2, 4, 10), torch.float32, "cpu")
+        >>> step = step_fn(naive_sum, heads, target, [1.0, 0.4], "forward+backward")
+        >>> step()  # one loss and its gradients
+    """
     if mode == "forward":
         def run():
             with torch.no_grad():
@@ -139,24 +179,102 @@ def step_fn(loss_fn: Callable, heads, target, weights, mode: str) -> Callable[[]
     return run
 
 
-def time_step(run: Callable[[], None], device: str, repeats: int, warmup: int = 2) -> list[float]:
-    """Seconds per call, one sample per repeat (device-synchronized)."""
-    for _ in range(warmup):
-        run()
-    _sync(device)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        _sync(device)
-        samples.append(time.perf_counter() - start)
-    return samples
-
-
 def floor_bytes(shape: Shape, dtype: torch.dtype, mode: str) -> int:
-    """The fewest bytes a loss can move: each logit read once, and for backward each gradient written once."""
+    """The fewest bytes a loss can move: each logit read once, and for backward each gradient written once.
+
+    Example:
+        >>> floor_bytes(Shape("googlenet", 3, 256, 1000), torch.float32, "forward+backward")
+        6144000
+    """
     element = torch.finfo(dtype).bits // 8
     return shape.numel * element * (1 if mode == "forward" else 2)
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile) of at least one value.
+
+    Example:
+        >>> quartiles([1.0, 2.0, 3.0, 4.0, 100.0])
+        (2.0, 3.0, 4.0)
+    """
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, median, q3
+
+
+def busy_cpu_seconds() -> Optional[float]:
+    """CPU seconds the whole machine has spent busy since boot (every process, and time the hypervisor gave to
+    other guests), from Linux's /proc/stat; None where there is no /proc/stat.
+
+    Example:
+        >>> seconds = busy_cpu_seconds()  # None off Linux
+    """
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Timing:
+    """Interleaved rounds of one case: per provider, one sample per round (the median time per call over that
+    round's block of calls, in seconds), how many calls each block made, and how many CPU cores other work
+    kept busy on average meanwhile (None where it cannot be read): on a machine whose cores are all in use
+    by this process's threads, that work stalls them, and no two runs agree."""
+
+    samples: dict[str, list[float]]
+    calls_per_block: dict[str, int]
+    other_cores: Optional[float] = None
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], device: str, seconds: float, round_ms: float,
+                     min_rounds: int = 5, max_rounds: int = 1000) -> Timing:
+    """Time `steps` (name -> one call) in rounds: every round runs each of them in turn for a block of calls
+    lasting about `round_ms`, the starting one rotating from round to round; rounds repeat until `seconds`
+    have passed and at least `min_rounds` have run. A block's sample is the median of its calls' times, so a
+    call that another process preempted does not move it. The steps must already be warm (compiled,
+    allocated).
+
+    Example:
+        >>> x = torch.randn(64, 64)
+        >>> timing = time_interleaved({"mm": lambda: x @ x, "add": lambda: x + x}, "cpu", 0.05, 1.0)
+        >>> len(timing.samples["mm"]) == len(timing.samples["add"]) >= 5
+        True
+    """
+    calls_per_block = {}
+    for name, step in steps.items():  # the fastest of a few calls sets the block's length in calls
+        call_times: list[float] = []
+        while len(call_times) < 3 and sum(call_times) < round_ms * 1e-3:
+            call_times.append(_time_call(step, device))
+        calls_per_block[name] = max(1, math.ceil(round_ms * 1e-3 / min(call_times)))
+    names = list(steps)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    # No garbage collection during the rounds (as timeit does): a pass takes ~0.1 s with torch.compile loaded
+    # and would land on whichever provider happens to be running. The steps make no reference cycles.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    machine_busy_start, own_cpu_start = busy_cpu_seconds(), time.process_time()
+    try:
+        start_all = time.perf_counter()
+        for round_index in range(max_rounds):
+            first = round_index % len(names)  # rotate: no provider always runs right after the same other one
+            for name in names[first:] + names[:first]:
+                step, calls = steps[name], calls_per_block[name]
+                samples[name].append(statistics.median(_time_call(step, device) for _ in range(calls)))
+            if round_index + 1 >= min_rounds and time.perf_counter() - start_all >= seconds:
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    timing = Timing(samples, calls_per_block)
+    machine_busy_end, wall = busy_cpu_seconds(), time.perf_counter() - start_all
+    if machine_busy_start is not None and machine_busy_end is not None:
+        others = (machine_busy_end - machine_busy_start) - (time.process_time() - own_cpu_start)
+        timing.other_cores = max(0.0, others) / wall
+    return timing
 
 
 @dataclass
@@ -166,118 +284,227 @@ class Row:
     mode: str
     provider: str
     median_ms: float
-    speedup_vs_naive: Optional[float] = None
+    q1_ms: Optional[float] = None
+    q3_ms: Optional[float] = None
+    speedup_vs_naive: Optional[float] = None  # the median over rounds of naive's time / this provider's
+    speedup_q1: Optional[float] = None
+    speedup_q3: Optional[float] = None
     floor_gbps: Optional[float] = None
     peak_mib: Optional[float] = None
     error: Optional[str] = None
-    samples_ms: list = field(default_factory=list)
+    rounds: int = 0
+    calls_per_round: int = 0
+    other_cores: Optional[float] = None  # CPU cores other work kept busy during the case's rounds
+    samples_ms: list = field(default_factory=list)  # one per round: the median ms per call of its block
 
 
-def measure(shape: Shape, dtype: torch.dtype, device: str, mode: str, name: str, loss_fn: Callable,
-            repeats: int) -> Row:
+NAIVE = "naive eager"
+
+
+def measure_case(shape: Shape, dtype: torch.dtype, device: str, mode: str, loss_fns: dict[str, Callable],
+                 seconds: float, round_ms: float, min_rounds: int = 5) -> list[Row]:
+    """One case (shape, dtype, mode): every provider warmed up, then timed in interleaved rounds. A provider
+    that fails is reported in its row's `error` and left out of the rounds.
+
+    Example:
+        >>> rows = measure_case(Shape("tiny", 2, 8, 10), torch.float32, "cpu", "forward",
+        ...                     {NAIVE: naive_sum}, seconds=0.05, round_ms=1.0)
+        >>> rows[0].provider, rows[0].speedup_vs_naive
+        ('naive eager', 1.0)
+    """
     heads, target = make_inputs(shape, dtype, device)
     weights = HEAD_WEIGHTS[shape.heads]
-    row = Row(str(shape), str(dtype).replace("torch.", ""), mode, name, float("nan"))
-    try:
-        run = step_fn(loss_fn, heads, target, weights, mode)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        samples = time_step(run, device, repeats)
-        if device == "cuda":
-            row.peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+    # A fresh torch.compile cache per case: dynamo recompiles its one function for every new shape, dtype and
+    # grad mode, and past its recompile limit (8) it would silently run the naive sum eagerly instead.
+    torch.compiler.reset()
+    rows, steps = {}, {}
+    for name, loss_fn in loss_fns.items():
+        row = rows[name] = Row(str(shape), str(dtype).replace("torch.", ""), mode, name, float("nan"))
+        try:
+            step = step_fn(loss_fn, heads, target, weights, mode)
+            step()  # torch.compile compiles here
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            step()
+            _sync(device)
+            if device == "cuda":
+                row.peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+            steps[name] = step
+        except Exception as error:  # one failing provider is reported, not fatal
+            row.error = f"{type(error).__name__}: {str(error)[:200]}"
+    if not steps:
+        return list(rows.values())
+    timing = time_interleaved(steps, device, seconds, round_ms, min_rounds)
+    naive = timing.samples.get(NAIVE)
+    for name, samples in timing.samples.items():
+        row = rows[name]
         row.samples_ms = [s * 1e3 for s in samples]
-        row.median_ms = statistics.median(row.samples_ms)
+        row.q1_ms, row.median_ms, row.q3_ms = quartiles(row.samples_ms)
+        row.rounds, row.calls_per_round = len(samples), timing.calls_per_block[name]
+        row.other_cores = timing.other_cores
         row.floor_gbps = floor_bytes(shape, dtype, mode) / (row.median_ms * 1e-3) / 1e9
-    except Exception as error:  # one failing provider is reported, not fatal
-        row.error = f"{type(error).__name__}: {str(error)[:200]}"
-    return row
+        if naive:  # round by round: both blocks of a round ran under the same load
+            ratios = [n / s for n, s in zip(naive, samples)]
+            row.speedup_q1, row.speedup_vs_naive, row.speedup_q3 = quartiles(ratios)
+    return list(rows.values())
 
 
-def run_bench(device: str, dtypes: list, shapes: list, modes: list, repeats: int, progress: bool = True) -> list[Row]:
+def run_bench(device: str, dtypes: list, shapes: list, modes: list, seconds: float, round_ms: float,
+              progress: bool = True) -> list[Row]:
+    """Every case of shapes x dtypes x modes, each timed by `measure_case`.
+
+    Example:
+        >>> rows = run_bench("cpu", [torch.float32], [Shape("tiny", 2, 8, 10)], ["forward"], 0.05, 1.0,
+        ...                  progress=False)
+        >>> [r.provider for r in rows if r.error is None]
+        ['naive eager', 'torch.compile(naive)', 'auxfuse[cpu]', 'auxfuse[torch]']
+    """
     from tqdm import tqdm
 
-    plan = [(s, d, m, n, f) for s in shapes for d in dtypes for m in modes for n, f in providers(device, d).items()]
+    cases = [(s, d, m) for s in shapes for d in dtypes for m in modes]
     rows = []
-    for shape, dtype, mode, name, fn in tqdm(plan, desc="auxfuse bench", disable=not progress, dynamic_ncols=True):
-        rows.append(measure(shape, dtype, device, mode, name, fn, repeats))
-    naive = {(r.shape, r.dtype, r.mode): r.median_ms for r in rows if r.provider == "naive eager"}
-    for r in rows:
-        base = naive.get((r.shape, r.dtype, r.mode))
-        if base and r.error is None:
-            r.speedup_vs_naive = base / r.median_ms
+    for shape, dtype, mode in tqdm(cases, desc="auxfuse bench", disable=not progress, dynamic_ncols=True):
+        rows += measure_case(shape, dtype, device, mode, providers(device, dtype), seconds, round_ms)
     return rows
 
 
 def format_table(rows: list[Row]) -> str:
-    lines = ["| shape | dtype | mode | provider | median ms | vs naive | GB/s at floor | peak MiB |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
+    """A Markdown table: per case and provider the median ms per call with its interquartile range, and the
+    speed-up over the naive sum (median of the per-round ratios) with its interquartile range.
+
+    Example:
+        >>> print(format_table([Row("tiny 2x8x10", "float32", "forward", "naive eager", 1.0, 0.9, 1.1, 1.0,
+        ...                         1.0, 1.0, 0.5, rounds=5, calls_per_round=20)]).splitlines()[2])
+        | tiny 2x8x10 | float32 | forward | naive eager | 1.000 | 0.900-1.100 | 1.00x | 1.00-1.00 | 0.5 | n/a | 5 x 20 |
+    """
+    lines = ["| shape | dtype | mode | provider | median ms | IQR ms | vs naive | IQR | GB/s at floor | peak MiB | "
+             "rounds x calls |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.shape} | {r.dtype} | {r.mode} | {r.provider} | error: {r.error} | | | |")
+            lines.append(f"| {r.shape} | {r.dtype} | {r.mode} | {r.provider} | error: {r.error} | | | | | | |")
             continue
-        speed = f"{r.speedup_vs_naive:.2f}x" if r.speedup_vs_naive else ""
+        speed, speed_iqr = "", ""
+        if r.speedup_vs_naive is not None:
+            speed, speed_iqr = f"{r.speedup_vs_naive:.2f}x", f"{r.speedup_q1:.2f}-{r.speedup_q3:.2f}"
         peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "n/a"
-        lines.append(f"| {r.shape} | {r.dtype} | {r.mode} | {r.provider} | {r.median_ms:.3f} | {speed} | "
-                     f"{r.floor_gbps:.1f} | {peak} |")
+        lines.append(f"| {r.shape} | {r.dtype} | {r.mode} | {r.provider} | {r.median_ms:.3f} | "
+                     f"{r.q1_ms:.3f}-{r.q3_ms:.3f} | {speed} | {speed_iqr} | {r.floor_gbps:.1f} | {peak} | "
+                     f"{r.rounds} x {r.calls_per_round} |")
     return "\n".join(lines)
 
 
 def plot_speedups(rows: list[Row], path: str, title: str) -> None:
+    """Bars of each provider's median speed-up over the naive sum per case, error bars from the first to the
+    third quartile of the per-round ratios.
+
+    Example:
+        >>> plot_speedups(rows, "auxfuse_bench.png", "auxfuse vs naive sum")  # doctest: +SKIP
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = sorted({(r.shape, r.dtype, r.mode) for r in rows})
-    names = [n for n in dict.fromkeys(r.provider for r in rows) if n != "naive eager"]
-    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(cases)), 4.5))
+    cases = list(dict.fromkeys((r.shape, r.dtype, r.mode) for r in rows))
+    names = [n for n in dict.fromkeys(r.provider for r in rows) if n != NAIVE]
+    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(cases)), 4.8))
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
-        values = []
-        for case in cases:
-            match = [r for r in rows if (r.shape, r.dtype, r.mode) == case and r.provider == name]
-            values.append(match[0].speedup_vs_naive or 0.0 if match else 0.0)
-        ax.bar([c + i * width for c in range(len(cases))], values, width, label=name)
+        by_case = {(r.shape, r.dtype, r.mode): r for r in rows if r.provider == name}
+        measured = [(c, by_case[case]) for c, case in enumerate(cases)
+                    if case in by_case and by_case[case].speedup_vs_naive is not None]
+        positions = [c + i * width for c, _ in measured]
+        medians = [r.speedup_vs_naive for _, r in measured]
+        spread = [[r.speedup_vs_naive - r.speedup_q1 for _, r in measured],
+                  [r.speedup_q3 - r.speedup_vs_naive for _, r in measured]]
+        ax.bar(positions, medians, width, yerr=spread, capsize=2, error_kw={"linewidth": 0.8}, label=name)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
     ax.set_xticklabels(["\n".join(case) for case in cases], fontsize=7)
-    ax.set_ylabel("speed-up vs naive eager sum")
-    ax.set_title(title)
+    ax.set_ylabel("speed-up vs naive eager sum\n(median, bars: interquartile range over rounds)")
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def default_cpu_threads() -> int:
+    """torch's thread count, less one when it would take every core of the machine. A team of threads on
+    every core waits at each of its barriers for whichever thread the OS has just descheduled to run anything
+    else (a compile, another test run): one core left free keeps every provider's team running, and the
+    speed-ups the same from one run to the next on a shared machine.
+
+    Example:
+        >>> 1 <= default_cpu_threads() <= torch.get_num_threads()
+        True
+    """
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `python -m auxfuse bench`.
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> add_arguments(parser)
+        >>> parser.parse_args([]).seconds
+        3.0
+    """
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"],
                         help="repeatable; default float32 and bfloat16")
     parser.add_argument("--mode", action="append", choices=MODES, help="repeatable; default both")
-    parser.add_argument("--shapes", default=None, help="comma-separated shape names (e.g. googlenet,lm)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 10 CPU, 30 CUDA)")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated shape names (inception, googlenet, segmentation, lm); default all "
+                             "but lm on the CPU, all on CUDA")
+    parser.add_argument("--seconds", type=float, default=3.0,
+                        help="time budget per case (shape, dtype, mode), warm-up and compile not counted")
+    parser.add_argument("--round-ms", type=float, default=25.0,
+                        help="each provider's block of calls per round lasts about this long (at least one call)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (default on the CPU: torch's choice, less one if that takes every "
+                             "core)")
     parser.add_argument("--json", default="auxfuse_bench.json")
-    parser.add_argument("--plot", default="auxfuse_bench.png")
+    parser.add_argument("--plot", default="auxfuse_bench.png", help="PNG of the speed-ups ('' to skip)")
 
 
 def main(args: argparse.Namespace) -> list[Row]:
+    """Run the benchmark as `python -m auxfuse bench` does: print the table, write the JSON and the PNG.
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> add_arguments(parser)
+        >>> rows = main(parser.parse_args(["--shapes", "googlenet", "--seconds", "1"]))  # doctest: +SKIP
+    """
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads or device != "cuda":
+        torch.set_num_threads(args.threads or default_cpu_threads())
     dtypes = [getattr(torch, d) for d in (args.dtype or ["float32", "bfloat16"])]
     shapes = SHAPES["cuda" if device == "cuda" else "cpu"]
     if args.shapes:
         wanted = set(args.shapes.split(","))
         shapes = [s for s in shapes if s.name in wanted]
-    repeats = args.repeats or (30 if device == "cuda" else 10)
-    rows = run_bench(device, dtypes, shapes, list(args.mode or MODES), repeats)
-    table = format_table(rows)
-    print(table)
-    machine = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    meta = {"device": device, "machine": machine, "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"), "repeats": repeats}
+    elif device != "cuda":
+        shapes = [s for s in shapes if s.name != "lm"]
+    rows = run_bench(device, dtypes, shapes, list(args.mode or MODES), args.seconds, args.round_ms)
+    print(format_table(rows))
+    contended = {(r.shape, r.dtype, r.mode): r.other_cores for r in rows if (r.other_cores or 0.0) > 0.25}
+    if device != "cuda" and contended:
+        print(f"note: other processes kept up to {max(contended.values()):.1f} of this machine's {os.cpu_count()} "
+              f"cores busy during {len(contended)} of {len({(r.shape, r.dtype, r.mode) for r in rows})} cases; "
+              f"the providers shared the CPU with it alike, round by round, so compare speed-ups rather than "
+              f"times, and rerun on an idle machine for times")
+    machine = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    meta = {"device": device, "machine": machine, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "cpu_count": os.cpu_count(), "seconds_per_case": args.seconds, "round_ms": args.round_ms}
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    print(f"wrote {args.json}")
     if args.plot:
-        plot_speedups(rows, args.plot, f"auxfuse vs naive sum ({machine}, {meta['date']})")
-        print(f"wrote {args.json} and {args.plot}")
+        plot_speedups(rows, args.plot, f"auxfuse vs naive sum ({machine}, torch {torch.__version__}, "
+                                       f"{meta['date']}; {args.seconds:g} s per case in interleaved rounds)")
+        print(f"wrote {args.plot}")
     return rows
