@@ -247,7 +247,7 @@ def time_interleaved(steps: dict[str, Callable[[], None]], device: str, seconds:
     calls_per_block = {}
     for name, step in steps.items():  # the fastest of a few calls sets the block's length in calls
         call_times: list[float] = []
-        while len(call_times) < 3 and sum(call_times) < round_ms * 1e-3:
+        while not call_times or (len(call_times) < 3 and sum(call_times) < round_ms * 1e-3):
             call_times.append(_time_call(step, device))
         calls_per_block[name] = max(1, math.ceil(round_ms * 1e-3 / min(call_times)))
     names = list(steps)
