@@ -422,7 +422,7 @@ def plot_speedups(rows: list[Row], path: str, title: str) -> None:
         ax.bar(positions, medians, width, yerr=spread, capsize=2, error_kw={"linewidth": 0.8}, label=name)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
-    ax.set_xticklabels(["\n".join(case) for case in cases], fontsize=7)
+    ax.set_xticklabels(["\n".join((*shape.split(" "), dtype, mode)) for shape, dtype, mode in cases], fontsize=7)
     ax.set_ylabel("speed-up vs naive eager sum\n(median, bars: interquartile range over rounds)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
@@ -497,9 +497,11 @@ def main(args: argparse.Namespace) -> list[Row]:
               f"cores busy during {len(contended)} of {len({(r.shape, r.dtype, r.mode) for r in rows})} cases; "
               f"the providers shared the CPU with it alike, round by round, so compare speed-ups rather than "
               f"times, and rerun on an idle machine for times")
-    machine = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    machine = (torch.cuda.get_device_name() if device == "cuda"
+               else f"CPU, {threads} thread{'s' if threads > 1 else ''} ({os.cpu_count()} cores)")
     meta = {"device": device, "machine": machine, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "cpu_count": os.cpu_count(), "seconds_per_case": args.seconds, "round_ms": args.round_ms}
+            "threads": threads, "cpu_count": os.cpu_count(), "seconds_per_case": args.seconds, "round_ms": args.round_ms}
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
     print(f"wrote {args.json}")
