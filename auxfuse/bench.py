@@ -30,6 +30,13 @@ from auxfuse.backends import AUTO_ORDER
 
 @dataclass(frozen=True)
 class Shape:
+    """One benchmark shape: `heads` heads of logits (batch, classes, *spatial) sharing one target.
+
+    Example:
+        >>> str(Shape("segmentation", 2, 8, 21, (128, 128)))
+        'segmentation 2x8x21x128x128'
+    """
+
     name: str
     heads: int
     batch: int
@@ -279,6 +286,14 @@ def time_interleaved(steps: dict[str, Callable[[], None]], device: str, seconds:
 
 @dataclass
 class Row:
+    """One provider's result on one case: times in ms per call, speed-ups over the naive sum taken round by
+    round, each median with its first and third quartiles.
+
+    Example:
+        >>> Row("googlenet 3x256x1000", "float32", "forward", "naive eager", 0.48).provider
+        'naive eager'
+    """
+
     shape: str
     dtype: str
     mode: str
@@ -501,7 +516,8 @@ def main(args: argparse.Namespace) -> list[Row]:
     machine = (torch.cuda.get_device_name() if device == "cuda"
                else f"CPU, {threads} thread{'s' if threads > 1 else ''} ({os.cpu_count()} cores)")
     meta = {"device": device, "machine": machine, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "threads": threads, "cpu_count": os.cpu_count(), "seconds_per_case": args.seconds, "round_ms": args.round_ms}
+            "threads": threads, "cpu_count": os.cpu_count(), "seconds_per_case": args.seconds,
+            "round_ms": args.round_ms}
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
     print(f"wrote {args.json}")
