@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import auxfuse
@@ -59,3 +60,19 @@ def test_cli_writes_table_json_and_plot(tmp_path):
         assert row["q1_ms"] <= row["median_ms"] <= row["q3_ms"]
         assert row["speedup_q1"] <= row["speedup_vs_naive"] <= row["speedup_q3"]
     assert plot_path.stat().st_size > 10_000
+
+
+@pytest.mark.slow  # nine compiles
+def test_compiled_provider_stays_compiled_past_the_recompile_limit():
+    """One case after another, the compiled naive sum meets more input signatures than dynamo's recompile limit
+    (8); each must still be compiled, not silently run eagerly."""
+    from torch._dynamo.utils import counters
+
+    compiled = bench.providers("cpu", torch.float32)["torch.compile(naive)"]
+    counters.clear()
+    for batch in range(4, 13):
+        heads, target = bench.make_inputs(bench.Shape("tiny", 2, batch, 10), torch.float32, "cpu", seed=batch)
+        loss = compiled(heads, target, [1.0, 0.4])
+        torch.testing.assert_close(loss.double(), bench.naive_sum([h.double() for h in heads], target, [1.0, 0.4]),
+                                   rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 9
