@@ -18,6 +18,7 @@ import math
 import os
 import statistics
 import time
+import types
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -109,20 +110,20 @@ def naive_sum(heads, target, weights):
     return sum(w * F.cross_entropy(x, target) for w, x in zip(weights, heads))
 
 
-_compiled_naive = torch.compile(naive_sum, dynamic=False)
-_compiled_for = None  # the input signature the compile cache now holds
+_compiled_by_signature: dict = {}
 
 
 def _compiled_naive_sum(heads, target, weights):
-    """torch.compile of the naive sum, its compile cache emptied whenever the inputs' signature changes: dynamo
-    recompiles its one function for every new shape, dtype and grad mode, and past its recompile limit (8) it
-    would silently run the naive sum eagerly. The benchmarks change signature only between cases, in warm-up."""
-    global _compiled_for
-    signature = ([(h.shape, h.dtype, h.device) for h in heads], target.shape, weights, torch.is_grad_enabled())
-    if signature != _compiled_for:
-        torch.compiler.reset()
-        _compiled_for = signature
-    return _compiled_naive(heads, target, weights)
+    """torch.compile of the naive sum, one compiled copy per input signature. Dynamo keeps compiled graphs, and
+    counts its recompile limit (8), per code object: past the limit one shared function would silently run
+    the naive sum eagerly, so every signature gets its own copy of the function's code."""
+    signature = (tuple((h.shape, h.dtype, h.device) for h in heads), target.shape, tuple(weights),
+                 torch.is_grad_enabled())
+    compiled = _compiled_by_signature.get(signature)
+    if compiled is None:
+        code_copy = types.FunctionType(naive_sum.__code__.replace(), naive_sum.__globals__, naive_sum.__name__)
+        compiled = _compiled_by_signature[signature] = torch.compile(code_copy, dynamic=False)
+    return compiled(heads, target, weights)
 
 
 def _liger_loop():
@@ -234,22 +235,23 @@ def busy_cpu_seconds() -> Optional[float]:
 @dataclass
 class Timing:
     """Interleaved rounds of one case: per provider, one sample per round (the median time per call over that
-    round's block of calls, in seconds), how many calls each block made, and how many CPU cores other work
-    kept busy on average meanwhile (None where it cannot be read): on a machine whose cores are all in use
-    by this process's threads, that work stalls them, and no two runs agree."""
+    round's block of calls, in seconds), how many calls each block made, the rounds' wall time, and the CPU
+    seconds other work used meanwhile (None where it cannot be read)."""
 
     samples: dict[str, list[float]]
     calls_per_block: dict[str, int]
-    other_cores: Optional[float] = None
+    wall_seconds: float = 0.0
+    other_cpu_seconds: Optional[float] = None
 
 
 def time_interleaved(steps: dict[str, Callable[[], None]], device: str, seconds: float, round_ms: float,
-                     min_rounds: int = 5, max_rounds: int = 1000) -> Timing:
+                     min_rounds: int = 5, max_rounds: int = 1000,
+                     calls_per_block: Optional[dict[str, int]] = None) -> Timing:
     """Time `steps` (name -> one call) in rounds: every round runs each of them in turn for a block of calls
     lasting about `round_ms`, the starting one rotating from round to round; rounds repeat until `seconds`
     have passed and at least `min_rounds` have run. A block's sample is the median of its calls' times, so a
-    call that another process preempted does not move it. The steps must already be warm (compiled,
-    allocated).
+    call that another process preempted does not move it. The blocks' lengths in calls are measured first,
+    unless `calls_per_block` gives them. The steps must already be warm (compiled, allocated).
 
     Example:
         >>> x = torch.randn(64, 64)
@@ -257,12 +259,13 @@ def time_interleaved(steps: dict[str, Callable[[], None]], device: str, seconds:
         >>> len(timing.samples["mm"]) == len(timing.samples["add"]) >= 5
         True
     """
-    calls_per_block = {}
-    for name, step in steps.items():  # the fastest of a few calls sets the block's length in calls
-        call_times: list[float] = []
-        while not call_times or (len(call_times) < 3 and sum(call_times) < round_ms * 1e-3):
-            call_times.append(_time_call(step, device))
-        calls_per_block[name] = max(1, math.ceil(round_ms * 1e-3 / min(call_times)))
+    if calls_per_block is None:
+        calls_per_block = {}
+        for name, step in steps.items():  # the fastest of a few calls sets the block's length in calls
+            call_times: list[float] = []
+            while not call_times or (len(call_times) < 3 and sum(call_times) < round_ms * 1e-3):
+                call_times.append(_time_call(step, device))
+            calls_per_block[name] = max(1, math.ceil(round_ms * 1e-3 / min(call_times)))
     names = list(steps)
     samples: dict[str, list[float]] = {name: [] for name in names}
     # No garbage collection during the rounds (as timeit does): a pass takes ~0.1 s with torch.compile loaded
@@ -282,11 +285,11 @@ def time_interleaved(steps: dict[str, Callable[[], None]], device: str, seconds:
     finally:
         if gc_was_enabled:
             gc.enable()
-    timing = Timing(samples, calls_per_block)
-    machine_busy_end, wall = busy_cpu_seconds(), time.perf_counter() - start_all
+    timing = Timing(samples, calls_per_block, wall_seconds=time.perf_counter() - start_all)
+    machine_busy_end = busy_cpu_seconds()
     if machine_busy_start is not None and machine_busy_end is not None:
         others = (machine_busy_end - machine_busy_start) - (time.process_time() - own_cpu_start)
-        timing.other_cores = max(0.0, others) / wall
+        timing.other_cpu_seconds = max(0.0, others)
     return timing
 
 
@@ -322,10 +325,85 @@ class Row:
 NAIVE = "naive eager"
 
 
+class CaseTimer:
+    """One case (shape, dtype, mode) timed in one or more passes, each a stretch of interleaved rounds; the
+    samples of every pass are pooled. A provider that fails is reported in its row's `error` and left out.
+
+    Example:
+        >>> timer = CaseTimer(Shape("tiny", 2, 8, 10), torch.float32, "cpu", "forward", {NAIVE: naive_sum})
+        >>> timer.run_pass(seconds=0.02, round_ms=1.0, min_rounds=5)
+        >>> timer.rows()[0].rounds >= 5
+        True
+    """
+
+    def __init__(self, shape: Shape, dtype: torch.dtype, device: str, mode: str, loss_fns: dict[str, Callable]):
+        self.shape, self.dtype, self.device, self.mode, self.loss_fns = shape, dtype, device, mode, loss_fns
+        dtype_name = str(dtype).replace("torch.", "")
+        self._rows = {name: Row(str(shape), dtype_name, mode, name, float("nan")) for name in loss_fns}
+        self._samples: dict[str, list[float]] = {name: [] for name in loss_fns}
+        self._calls_per_block: Optional[dict[str, int]] = None  # measured in the first pass, kept after
+        self._wall_seconds, self._other_cpu_seconds = 0.0, 0.0
+        self._other_known = True
+
+    def run_pass(self, seconds: float, round_ms: float, min_rounds: int) -> None:
+        """Time the providers for `seconds` more of interleaved rounds, on freshly made (identical) inputs: only
+        the pass at hand holds the case's tensors."""
+        heads, target = make_inputs(self.shape, self.dtype, self.device)
+        weights = HEAD_WEIGHTS[self.shape.heads]
+        first_pass = self._calls_per_block is None
+        steps = {}
+        for name, loss_fn in self.loss_fns.items():
+            row = self._rows[name]
+            if row.error:
+                continue
+            try:
+                step = step_fn(loss_fn, heads, target, weights, self.mode)
+                step()  # warm-up: torch.compile compiles here in the first pass
+                if first_pass and self.device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    step()
+                    torch.cuda.synchronize()
+                    row.peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+                steps[name] = step
+            except Exception as error:  # one failing provider is reported, not fatal
+                row.error = f"{type(error).__name__}: {str(error)[:200]}"
+        if not steps:
+            return
+        timing = time_interleaved(steps, self.device, seconds, round_ms, min_rounds,
+                                  calls_per_block=self._calls_per_block)
+        self._calls_per_block = timing.calls_per_block
+        for name, samples in timing.samples.items():
+            self._samples[name] += samples
+        self._wall_seconds += timing.wall_seconds
+        if timing.other_cpu_seconds is None:
+            self._other_known = False
+        else:
+            self._other_cpu_seconds += timing.other_cpu_seconds
+
+    def rows(self) -> list[Row]:
+        """Every provider's row: median and quartiles of its samples, and of its per-round speed-ups."""
+        naive = self._samples.get(NAIVE) if NAIVE in self._rows and not self._rows[NAIVE].error else None
+        for name, samples in self._samples.items():
+            row = self._rows[name]
+            if row.error or not samples:
+                continue
+            row.samples_ms = [sample * 1e3 for sample in samples]
+            row.q1_ms, row.median_ms, row.q3_ms = quartiles(row.samples_ms)
+            row.rounds, row.calls_per_round = len(samples), self._calls_per_block[name]
+            row.floor_gbps = floor_bytes(self.shape, self.dtype, self.mode) / (row.median_ms * 1e-3) / 1e9
+            if self._other_known and self._wall_seconds:
+                row.other_cores = self._other_cpu_seconds / self._wall_seconds
+            if naive:  # round by round: both blocks of a round ran under the same load
+                ratios = [n / s for n, s in zip(naive, samples)]
+                row.speedup_q1, row.speedup_vs_naive, row.speedup_q3 = quartiles(ratios)
+        return list(self._rows.values())
+
+
 def measure_case(shape: Shape, dtype: torch.dtype, device: str, mode: str, loss_fns: dict[str, Callable],
                  seconds: float, round_ms: float, min_rounds: int = 5) -> list[Row]:
-    """One case (shape, dtype, mode): every provider warmed up, then timed in interleaved rounds. A provider
-    that fails is reported in its row's `error` and left out of the rounds.
+    """One case (shape, dtype, mode) in a single pass: every provider warmed up, then timed in interleaved
+    rounds.
 
     Example:
         >>> rows = measure_case(Shape("tiny", 2, 8, 10), torch.float32, "cpu", "forward",
@@ -333,44 +411,16 @@ def measure_case(shape: Shape, dtype: torch.dtype, device: str, mode: str, loss_
         >>> rows[0].provider, rows[0].speedup_vs_naive
         ('naive eager', 1.0)
     """
-    heads, target = make_inputs(shape, dtype, device)
-    weights = HEAD_WEIGHTS[shape.heads]
-    rows, steps = {}, {}
-    for name, loss_fn in loss_fns.items():
-        row = rows[name] = Row(str(shape), str(dtype).replace("torch.", ""), mode, name, float("nan"))
-        try:
-            step = step_fn(loss_fn, heads, target, weights, mode)
-            step()  # torch.compile compiles here
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            step()
-            _sync(device)
-            if device == "cuda":
-                row.peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
-            steps[name] = step
-        except Exception as error:  # one failing provider is reported, not fatal
-            row.error = f"{type(error).__name__}: {str(error)[:200]}"
-    if not steps:
-        return list(rows.values())
-    timing = time_interleaved(steps, device, seconds, round_ms, min_rounds)
-    naive = timing.samples.get(NAIVE)
-    for name, samples in timing.samples.items():
-        row = rows[name]
-        row.samples_ms = [s * 1e3 for s in samples]
-        row.q1_ms, row.median_ms, row.q3_ms = quartiles(row.samples_ms)
-        row.rounds, row.calls_per_round = len(samples), timing.calls_per_block[name]
-        row.other_cores = timing.other_cores
-        row.floor_gbps = floor_bytes(shape, dtype, mode) / (row.median_ms * 1e-3) / 1e9
-        if naive:  # round by round: both blocks of a round ran under the same load
-            ratios = [n / s for n, s in zip(naive, samples)]
-            row.speedup_q1, row.speedup_vs_naive, row.speedup_q3 = quartiles(ratios)
-    return list(rows.values())
+    timer = CaseTimer(shape, dtype, device, mode, loss_fns)
+    timer.run_pass(seconds, round_ms, min_rounds)
+    return timer.rows()
 
 
 def run_bench(device: str, dtypes: list, shapes: list, modes: list, seconds: float, round_ms: float,
-              progress: bool = True) -> list[Row]:
-    """Every case of shapes x dtypes x modes, each timed by `measure_case`.
+              passes: int = 5, progress: bool = True) -> list[Row]:
+    """Every case of shapes x dtypes x modes, `seconds` each, in `passes` sweeps over all the cases: each case
+    is timed in slices spread over the whole run, so a change in the machine's load in the middle of the run
+    (a neighbour's build starting) reaches every case, not just the ones it coincides with.
 
     Example:
         >>> rows = run_bench("cpu", [torch.float32], [Shape("tiny", 2, 8, 10)], ["forward"], 0.05, 1.0,
@@ -380,11 +430,14 @@ def run_bench(device: str, dtypes: list, shapes: list, modes: list, seconds: flo
     """
     from tqdm import tqdm
 
-    cases = [(s, d, m) for s in shapes for d in dtypes for m in modes]
-    rows = []
-    for shape, dtype, mode in tqdm(cases, desc="auxfuse bench", disable=not progress, dynamic_ncols=True):
-        rows += measure_case(shape, dtype, device, mode, providers(device, dtype), seconds, round_ms)
-    return rows
+    timers = [CaseTimer(s, d, device, m, providers(device, d)) for s in shapes for d in dtypes for m in modes]
+    min_rounds = math.ceil(5 / passes)  # at least 5 rounds per case over all the passes
+    with tqdm(total=passes * len(timers), desc="auxfuse bench", disable=not progress, dynamic_ncols=True) as bar:
+        for _ in range(passes):
+            for timer in timers:
+                timer.run_pass(seconds / passes, round_ms, min_rounds)
+                bar.update()
+    return [row for timer in timers for row in timer.rows()]
 
 
 def format_table(rows: list[Row]) -> str:
@@ -480,6 +533,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "but lm on the CPU, all on CUDA")
     parser.add_argument("--seconds", type=float, default=3.0,
                         help="time budget per case (shape, dtype, mode), warm-up and compile not counted")
+    parser.add_argument("--passes", type=int, default=5,
+                        help="sweeps over all the cases, each giving every case its share of --seconds")
     parser.add_argument("--round-ms", type=float, default=25.0,
                         help="each provider's block of calls per round lasts about this long (at least one call)")
     parser.add_argument("--threads", type=int, default=0,
@@ -507,7 +562,7 @@ def main(args: argparse.Namespace) -> list[Row]:
         shapes = [s for s in shapes if s.name in wanted]
     elif device != "cuda":
         shapes = [s for s in shapes if s.name != "lm"]
-    rows = run_bench(device, dtypes, shapes, list(args.mode or MODES), args.seconds, args.round_ms)
+    rows = run_bench(device, dtypes, shapes, list(args.mode or MODES), args.seconds, args.round_ms, args.passes)
     print(format_table(rows))
     contended = {(r.shape, r.dtype, r.mode): r.other_cores for r in rows if (r.other_cores or 0.0) > 0.25}
     if device != "cuda" and contended:
@@ -520,12 +575,13 @@ def main(args: argparse.Namespace) -> list[Row]:
                else f"CPU, {threads} thread{'s' if threads > 1 else ''} ({os.cpu_count()} cores)")
     meta = {"device": device, "machine": machine, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "threads": threads, "cpu_count": os.cpu_count(), "seconds_per_case": args.seconds,
-            "round_ms": args.round_ms}
+            "passes": args.passes, "round_ms": args.round_ms}
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
     print(f"wrote {args.json}")
     if args.plot:
         plot_speedups(rows, args.plot, f"auxfuse vs naive sum ({machine}, torch {torch.__version__}, "
-                                       f"{meta['date']}; {args.seconds:g} s per case in interleaved rounds)")
+                                       f"{meta['date']}; {args.seconds:g} s per case in interleaved rounds, "
+                                       f"{args.passes} passes)")
         print(f"wrote {args.plot}")
     return rows

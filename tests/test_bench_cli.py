@@ -76,3 +76,14 @@ def test_compiled_provider_stays_compiled_past_the_recompile_limit():
         torch.testing.assert_close(loss.double(), bench.naive_sum([h.double() for h in heads], target, [1.0, 0.4]),
                                    rtol=1e-5, atol=1e-6)
     assert counters["stats"]["unique_graphs"] == 9
+
+
+def test_passes_pool_their_rounds():
+    """A case timed in two passes (spread over a run) reports the rounds of both, blocks sized once."""
+    timer = bench.CaseTimer(bench.Shape("tiny", 2, 8, 10), torch.float32, "cpu", "forward",
+                            {bench.NAIVE: bench.naive_sum})
+    timer.run_pass(seconds=0.0, round_ms=1.0, min_rounds=3)
+    timer.run_pass(seconds=0.0, round_ms=1.0, min_rounds=2)
+    (row,) = timer.rows()
+    assert row.rounds == 5 and len(row.samples_ms) == 5
+    assert row.speedup_vs_naive == 1.0
