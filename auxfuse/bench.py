@@ -4,10 +4,11 @@ cross-entropy looped over heads when installed), the shapes per device, the inpu
 
 The CLI times the providers of one case (shape, dtype, mode) in interleaved rounds: every round runs each
 provider in turn, each for a block of calls lasting about ``--round-ms``, and rounds repeat until the case's
-``--seconds`` are spent. A change in the machine's load (another process, a compile next door) then hits every
-provider of a round alike, and the speed-up is taken round by round (naive's block time over the provider's),
-so it holds still where the times themselves drift. The table and the plot give each median with its
-interquartile range."""
+share of ``--seconds`` is spent; ``--passes`` sweeps over all the cases spread every case's rounds over the
+whole run. A change in the machine's load (another process, a compile next door) then hits every provider of
+a round alike, and the speed-up is taken round by round (naive's block time over the provider's), so it holds
+still where the times themselves drift. On the CPU one core is left free (see `default_cpu_threads`). The
+table and the plot give each median with its interquartile range."""
 
 from __future__ import annotations
 
@@ -268,7 +269,7 @@ def time_interleaved(steps: dict[str, Callable[[], None]], device: str, seconds:
             calls_per_block[name] = max(1, math.ceil(round_ms * 1e-3 / min(call_times)))
     names = list(steps)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    # No garbage collection during the rounds (as timeit does): a pass takes ~0.1 s with torch.compile loaded
+    # No garbage collection during the rounds (as timeit does): a collection takes ~0.1 s with torch.compile loaded
     # and would land on whichever provider happens to be running. The steps make no reference cycles.
     gc_was_enabled = gc.isenabled()
     gc.disable()
