@@ -62,8 +62,45 @@ class Shape:
         return f"{self.name} {dims}"
 
 
-# Shapes by device. `python -m auxfuse bench` runs all but the LM ones on the CPU by default (a naive LM call
-# takes seconds there; `--shapes lm` asks for them, benchmarks/test_bench_cpu.py times them with the floor).
+@dataclass(frozen=True)
+class PerHeadShape:
+    """One benchmark shape whose heads each have their own logits shape and target: `kind` "own" (a target
+    drawn per head: deep supervision, multi-task) or "shifted" (multi-token heads: one sequence of labels
+    shifted by 0, 1, ... per head).
+
+    Example:
+        >>> str(PerHeadShape("multi_task", ((256, 1000), (256, 100), (256, 10)), "own", (1.0, 0.5, 0.5)))
+        'multi_task 256x1000+256x100+256x10'
+    """
+
+    name: str
+    logits_shapes: tuple
+    kind: str
+    weights: tuple
+
+    @property
+    def heads(self) -> int:
+        return len(self.logits_shapes)
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(s) for s in self.logits_shapes)
+
+    def __str__(self) -> str:
+        return f"{self.name} " + "+".join("x".join(str(d) for d in s) for s in self.logits_shapes)
+
+
+def _per_head_shapes(pyramid: int, tokens: int, vocab: int) -> list[PerHeadShape]:
+    scales = tuple((2, 21, pyramid // 2**i, pyramid // 2**i) for i in range(4))
+    return [
+        PerHeadShape("deep_supervision", scales, "own", tuple(auxfuse.nnunet_deep_supervision_weights(4))),
+        PerHeadShape("multi_token", ((tokens, vocab),) * 4, "shifted", tuple(auxfuse.deepseek_mtp_weights(3))),
+        PerHeadShape("multi_task", ((256, 1000), (256, 100), (256, 10)), "own", (1.0, 0.5, 0.5)),
+    ]
+
+
+# Shapes by device. `python -m auxfuse bench` runs all but the LM-sized ones (lm, multi_token) on the CPU by
+# default (a naive call takes seconds there; `--shapes lm,multi_token` asks for them, benchmarks/ times them).
 SHAPES = {
     "cpu": [
         Shape("inception", 2, 256, 1000),
@@ -71,6 +108,7 @@ SHAPES = {
         Shape("segmentation", 2, 8, 21, (128, 128)),
         Shape("lm", 2, 4096, 32000),
         Shape("lm", 4, 4096, 32000),
+        *_per_head_shapes(pyramid=128, tokens=2048, vocab=32000),
     ],
     "cuda": [
         Shape("inception", 2, 256, 1000),
@@ -78,14 +116,27 @@ SHAPES = {
         Shape("segmentation", 2, 8, 21, (512, 512)),
         Shape("lm", 2, 8192, 128256),
         Shape("lm", 4, 8192, 128256),
+        *_per_head_shapes(pyramid=512, tokens=8192, vocab=128256),
     ],
 }
+CPU_OPT_IN = ("lm", "multi_token")
 HEAD_WEIGHTS = {2: [1.0, 0.4], 3: [1.0, 0.3, 0.3], 4: [1.0, 0.3, 0.3, 0.3]}
+
+
+def weights_of(shape) -> list[float]:
+    """The head weights a shape is benchmarked with.
+
+    Example:
+        >>> weights_of(Shape("googlenet", 3, 256, 1000))
+        [1.0, 0.3, 0.3]
+    """
+    return list(shape.weights) if isinstance(shape, PerHeadShape) else HEAD_WEIGHTS[shape.heads]
 MODES = ("forward", "forward+backward")
 
 
-def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0):
-    """Heads (leaf tensors needing grad) and class-index targets, drawn from a generator seeded with `seed`.
+def make_inputs(shape, dtype: torch.dtype, device: str, seed: int = 0):
+    """Heads (leaf tensors needing grad) and class-index targets (one Tensor, or a list of one per head for a
+    PerHeadShape), drawn from a generator seeded with `seed`.
 
     Example:
         >>> heads, target = make_inputs(Shape("googlenet", 3, 256, 1000), torch.float32, "cpu")
@@ -93,6 +144,14 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0):
         (3, (256, 1000), (256,))
     """
     g = torch.Generator(device=device).manual_seed(seed)
+    if isinstance(shape, PerHeadShape):
+        heads = [torch.randn(s, generator=g, device=device).to(dtype).requires_grad_() for s in shape.logits_shapes]
+        if shape.kind == "shifted":
+            rows, classes = shape.logits_shapes[0]
+            labels = torch.randint(0, classes, (rows,), generator=g, device=device)
+            return heads, auxfuse.shifted_targets(labels, shape.heads)
+        return heads, [torch.randint(0, s[1], (s[0], *s[2:]), generator=g, device=device)
+                       for s in shape.logits_shapes]
     heads = [
         torch.randn(shape.logits_shape, generator=g, device=device, dtype=torch.float32).to(dtype).requires_grad_()
         for _ in range(shape.heads)
@@ -102,13 +161,14 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0):
 
 
 def naive_sum(heads, target, weights):
-    """What users write by hand: `loss1 + w * loss2 + ...` with F.cross_entropy.
+    """What users write by hand: `loss1 + w * loss2 + ...` with F.cross_entropy (one target, or one per head).
 
     Example:
         >>> heads, target = make_inputs(Shape("inception", 2, 8, 10), torch.float32, "cpu")
         >>> loss = naive_sum(heads, target, [1.0, 0.4])
     """
-    return sum(w * F.cross_entropy(x, target) for w, x in zip(weights, heads))
+    targets = target if isinstance(target, list) else [target] * len(heads)
+    return sum(w * F.cross_entropy(x, t) for w, x, t in zip(weights, heads, targets))
 
 
 _compiled_by_signature: dict = {}
@@ -118,8 +178,9 @@ def _compiled_naive_sum(heads, target, weights):
     """torch.compile of the naive sum, one compiled copy per input signature. Dynamo keeps compiled graphs, and
     counts its recompile limit (8), per code object: past the limit one shared function would silently run
     the naive sum eagerly, so every signature gets its own copy of the function's code."""
-    signature = (tuple((h.shape, h.dtype, h.device) for h in heads), target.shape, tuple(weights),
-                 torch.is_grad_enabled())
+    targets = target if isinstance(target, list) else [target]
+    signature = (tuple((h.shape, h.dtype, h.device) for h in heads), tuple(t.shape for t in targets),
+                 tuple(weights), torch.is_grad_enabled())
     compiled = _compiled_by_signature.get(signature)
     if compiled is None:
         code_copy = types.FunctionType(naive_sum.__code__.replace(), naive_sum.__globals__, naive_sum.__name__)
@@ -133,8 +194,9 @@ def _liger_loop():
     criterion = LigerCrossEntropyLoss()
 
     def loss(heads, target, weights):
-        flat_target = target.reshape(-1)
-        return sum(w * criterion(x.reshape(-1, x.shape[1]), flat_target) for w, x in zip(weights, heads))
+        targets = target if isinstance(target, list) else [target] * len(heads)
+        return sum(w * criterion(x.movedim(1, -1).reshape(-1, x.shape[1]), t.reshape(-1))
+                   for w, x, t in zip(weights, heads, targets))
 
     return loss
 
@@ -194,7 +256,7 @@ def step_fn(loss_fn: Callable, heads, target, weights, mode: str) -> Callable[[]
     return run
 
 
-def floor_bytes(shape: Shape, dtype: torch.dtype, mode: str) -> int:
+def floor_bytes(shape, dtype: torch.dtype, mode: str) -> int:
     """The fewest bytes a loss can move: each logit read once, and for backward each gradient written once.
 
     Example:
@@ -350,7 +412,7 @@ class CaseTimer:
         """Time the providers for `seconds` more of interleaved rounds, on freshly made (identical) inputs: only
         the pass at hand holds the case's tensors."""
         heads, target = make_inputs(self.shape, self.dtype, self.device)
-        weights = HEAD_WEIGHTS[self.shape.heads]
+        weights = weights_of(self.shape)
         first_pass = self._calls_per_block is None
         steps = {}
         for name, loss_fn in self.loss_fns.items():
@@ -530,8 +592,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="repeatable; default float32 and bfloat16")
     parser.add_argument("--mode", action="append", choices=MODES, help="repeatable; default both")
     parser.add_argument("--shapes", default=None,
-                        help="comma-separated shape names (inception, googlenet, segmentation, lm); default all "
-                             "but lm on the CPU, all on CUDA")
+                        help="comma-separated shape names (inception, googlenet, segmentation, lm, deep_supervision, "
+                             "multi_token, multi_task); default all but lm and multi_token on the CPU, all on CUDA")
     parser.add_argument("--seconds", type=float, default=3.0,
                         help="time budget per case (shape, dtype, mode), warm-up and compile not counted")
     parser.add_argument("--passes", type=int, default=5,
@@ -562,7 +624,7 @@ def main(args: argparse.Namespace) -> list[Row]:
         wanted = set(args.shapes.split(","))
         shapes = [s for s in shapes if s.name in wanted]
     elif device != "cuda":
-        shapes = [s for s in shapes if s.name != "lm"]
+        shapes = [s for s in shapes if s.name not in CPU_OPT_IN]
     rows = run_bench(device, dtypes, shapes, list(args.mode or MODES), args.seconds, args.round_ms, args.passes)
     print(format_table(rows))
     contended = {(r.shape, r.dtype, r.mode): r.other_cores for r in rows if (r.other_cores or 0.0) > 0.25}

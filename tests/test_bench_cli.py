@@ -87,3 +87,19 @@ def test_passes_pool_their_rounds():
     (row,) = timer.rows()
     assert row.rounds == 5 and len(row.samples_ms) == 5
     assert row.speedup_vs_naive == 1.0
+
+
+def test_per_head_shapes_run():
+    """Per-head cases (own targets and shifted targets): every provider computes the same loss, and the CLI's
+    case timer gives each a row."""
+    shapes = [bench.PerHeadShape("tiny_pyramid", ((2, 3, 8, 8), (2, 3, 4, 4)), "own", (1.0, 0.5)),
+              bench.PerHeadShape("tiny_tokens", ((12, 9),) * 3, "shifted", (1.0, 0.3, 0.3))]
+    for shape in shapes:
+        heads, targets = bench.make_inputs(shape, torch.float64, "cpu")
+        want = bench.naive_sum(heads, targets, bench.weights_of(shape))
+        for name, loss_fn in bench.providers("cpu", torch.float64).items():
+            if name != "torch.compile(naive)":
+                torch.testing.assert_close(loss_fn(heads, targets, bench.weights_of(shape)), want, msg=name)
+        rows = bench.measure_case(shape, torch.float32, "cpu", "forward+backward",
+                                  {bench.NAIVE: bench.naive_sum}, seconds=0.02, round_ms=1.0)
+        assert rows[0].rounds >= 5 and rows[0].error is None
