@@ -297,6 +297,11 @@ def _per_head_targets(heads: Heads, target: Targets, target_resize: Optional[str
     if target_resize is None:
         if isinstance(target, torch.Tensor):  # shared by every head (the class weights are per head)
             return [target] * len(heads.names)
+        entries = list(target.values() if isinstance(target, Mapping) else target)
+        strays = [type(entry).__name__ for entry in entries if not isinstance(entry, torch.Tensor)]
+        if strays:
+            raise TypeError(f"auxfuse: target must be a Tensor, not {type(target).__name__} of {strays[0]} (or one "
+                            f"Tensor per head: a list or a dict by head name)")
         return per_head_values("targets", target, heads.names)
     if target_resize not in TARGET_RESIZE_MODES:
         raise ValueError(f"auxfuse: target_resize={target_resize!r}; use one of {TARGET_RESIZE_MODES}")

@@ -267,3 +267,10 @@ def test_explain_backend_per_head():
                                    "aux": {"chosen": "torch", "rejected": {}}}}
     with pytest.raises(TypeError, match="unexpected arguments"):
         auxfuse.explain_backend(heads, [torch.zeros(2, 4, 4, dtype=torch.long)], colour="red")
+
+
+def test_a_list_of_numbers_is_no_per_head_target():
+    with pytest.raises(TypeError, match=r"target must be a Tensor, not list of int \(or one Tensor per head"):
+        auxfuse.multi_head_cross_entropy((torch.randn(2, 3), torch.randn(2, 3)), [0, 1])
+    with pytest.raises(TypeError, match=r"not dict of float"):
+        auxfuse.multi_head_cross_entropy({"out": torch.randn(2, 3)}, {"out": 1.0})
