@@ -57,6 +57,29 @@ def _config_file(config):
     return path
 
 
+def _incremental_build_extension():
+    from torch.utils import cpp_extension
+
+    class IncrementalBuildExtension(cpp_extension.BuildExtension):
+        """torch's BuildExtension with ninja, without the rebuild it forces on every run: build_ext skips the
+        extension when the library is newer than its sources and depends (headers, build configuration), so an
+        unchanged tree costs neither a ninja run nor a relink (nor rewrites a library a running process has
+        mapped); after a change, ninja recompiles the objects whose sources or included headers changed."""
+
+        def finalize_options(self):
+            requested = self.force  # --force on the command line, else None
+            super().finalize_options()
+            self.force = requested
+
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            # Up to date with its depends now, also after a configuration change that recompiled nothing (and so
+            # did not relink): the next run skips it.
+            os.utime(self.get_ext_fullpath(ext.name))
+
+    return IncrementalBuildExtension.with_options(use_ninja=True)
+
+
 def _extensions():
     if _flag("AUXFUSE_SKIP_EXTENSION"):
         return [], {}
@@ -98,7 +121,8 @@ def _extensions():
     else:
         extension_class = cpp_extension.CppExtension
     config = {"sources": sources, "flags": extra, "macros": define_macros, "torch": torch.__version__,
-              "cuda_home": cuda_home if with_cuda else None, "cuda_arch": os.environ.get("TORCH_CUDA_ARCH_LIST")}
+              "cxx": os.environ.get("CXX"), "cuda_home": cuda_home if with_cuda else None,
+              "cuda_arch": os.environ.get("TORCH_CUDA_ARCH_LIST")}
     ext = extension_class(
         "auxfuse._C",
         sources,
@@ -111,7 +135,7 @@ def _extensions():
         define_macros=define_macros,
         py_limited_api=True,
     )
-    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    cmdclass = {"build_ext": _incremental_build_extension()}
     return [ext], cmdclass
 
 
