@@ -29,7 +29,7 @@ LEVELS = ["DEFAULT", "AVX2", "AVX512"]  # x86-64's levels, lowest first, as ATen
 CASES = {  # name: (logits shape, dtype, options); odd sizes, so that every vector loop has a tail
     "classifier_fp32": ((37, 1003), torch.float32, {}),
     "classifier_smoothing_weights_ignore_fp32": ((37, 1003), torch.float32, dict(label_smoothing=0.1, weight=True,
-                                                                                  ignore_index=5)),
+                                                                                  ignore_index=255)),
     "classifier_probabilities_fp32": ((37, 1003), torch.float32, dict(probabilities=True)),
     "classifier_none_fp32": ((37, 1003), torch.float32, dict(reduction="none")),
     "segmentation_fp32": ((2, 21, 13, 17), torch.float32, dict(label_smoothing=0.1)),
@@ -53,6 +53,8 @@ def _case_errors(shape, dtype, options):
         ref_target = target.double()
     else:
         target = ref_target = torch.randint(0, classes, shape[:1] + shape[2:], generator=g)
+        if "ignore_index" in options:
+            target[::3] = options["ignore_index"]  # every third sample counts for nothing
     if options.pop("weight", False):
         options["weight"] = torch.rand(classes, generator=g) + 0.5
     weights = [1.0, 0.4]
