@@ -8,21 +8,27 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export CUDA_HOME
 PYTEST := $(PY) -m pytest -q
+# `$(TIMED) stage command...` prints the command, runs it, then prints how long the stage took and keeps its exit
+# status (CI's log shows where the time goes).
+TIMED := sh -c 'echo "== $$0: $$*"; t0=$$(date +%s); "$$@"; rc=$$?; echo "== $$0: $$(($$(date +%s) - t0)) s"; exit $$rc'
 
 .PHONY: setup build demo test test-fast test-triton test-slow bench clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_SPEC) setuptools wheel ninja
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+# The package is installed editable without its extension: `make build` compiles that, in place.
+$(VENV)/.installed: pyproject.toml
+	@$(TIMED) setup sh -c '$(PYTHON) -m venv $(VENV) && \
+		$(PY) -m pip install -q --upgrade pip && \
+		$(PY) -m pip install -q $(TORCH_SPEC) setuptools wheel ninja && \
+		AUXFUSE_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation -e ".[test]"'
 	touch $@
 
-# Rebuild the extension after editing csrc/ (ninja recompiles only what changed).
+# Compiles the extension into auxfuse/ with a persistent build/ folder: nothing to do when nothing changed (the
+# library is newer than every source, header and build switch), else ninja recompiles only the objects whose
+# sources or included headers changed. torch runs the `ninja` on PATH: the venv's.
 build: setup
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	@PATH="$(abspath $(VENV))/bin:$$PATH" $(TIMED) build $(PY) setup.py -q build_ext --inplace
 
 demo: build
 	$(PY) -m auxfuse demo
@@ -32,13 +38,15 @@ demo: build
 test: build test-fast test-triton test-slow
 
 test-fast:
-	$(PYTEST) tests --ignore=tests/triton -m "not slow"
+	@$(TIMED) test-fast $(PYTEST) tests --ignore=tests/triton -m "not slow"
 
 test-triton:
-	TRITON_INTERPRET=1 $(PYTEST) tests/triton
+	@TRITON_INTERPRET=1 $(TIMED) test-triton $(PYTEST) tests/triton
 
+# pytest exits with 5 when no test is selected.
 test-slow:
-	$(PYTEST) tests --ignore=tests/triton -m slow; rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests selected"; rc=0; fi; exit $$rc
+	@$(TIMED) test-slow sh -c '$(PYTEST) tests --ignore=tests/triton -m slow; rc=$$?; \
+		if [ $$rc -eq 5 ]; then echo "no slow tests selected"; rc=0; fi; exit $$rc'
 
 bench: build
 	$(PY) -m pytest benchmarks --benchmark-only

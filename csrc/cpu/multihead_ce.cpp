@@ -27,15 +27,10 @@
 // Every logit costs one exponential in the forward (grad_mode 1 included); the backward op (grad_mode 2,
 // used by CUDA in production, here so the op contract is testable on CPU) recomputes exp(x - lse) once.
 
-// Select at::vec's SIMD implementation from the flags this file is compiled with (setup.py: -march).
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
-    defined(__FMA__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
+// Compiled once per instruction-set level (csrc/cpu/dispatch.cpp says how and which copy runs): as the baseline
+// here, and included by multihead_ce_avx2.cpp and multihead_ce_avx512.cpp. cpu_capability.h names the level
+// (CPU_CAPABILITY), which selects at::vec's SIMD implementation and names the namespace of this copy.
+#include "cpu_capability.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -44,7 +39,6 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
@@ -54,10 +48,12 @@
 #include <memory>
 #include <vector>
 
+#include "kernels.h"
 #include "multihead_ce.h"
 #include "ops_common.h"
 
 namespace auxfuse {
+namespace CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
@@ -1141,16 +1137,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss_in, at::TensorList heads_in,
 
 }  // namespace
 
-// On CPU reading grad_loss costs nothing: skip the pass over the gradient when it is 1.
-void scale_grad_cpu(const at::Tensor& grads, const at::Tensor& grad_loss) {
-  TORCH_CHECK(grad_loss.numel() == 1, "auxfuse: scale_grad_ takes a one-element grad_output");
-  if (grad_loss.item<double>() != 1.0) grads.mul_(grad_loss.to(grads.scalar_type()));
-}
+const CpuKernels kKernels{&forward_cpu, &backward_cpu};
 
-TORCH_LIBRARY_IMPL(auxfuse, CPU, m) {
-  m.impl("multihead_ce_forward", &forward_cpu);
-  m.impl("multihead_ce_backward", &backward_cpu);
-  m.impl("multihead_ce_scale_grad_", &scale_grad_cpu);
-}
-
+}  // namespace CPU_CAPABILITY
 }  // namespace auxfuse
