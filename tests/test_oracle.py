@@ -34,11 +34,12 @@ def test_fp32_pytorch_meets_the_fp32_tolerance(shape):
 
 
 def test_fp32_tolerance_catches_an_error():
-    """One gradient element off by 1e-4 of the gradient's scale fails (the tolerance is not vacuous)."""
+    """One gradient element off by 1e-4 of the gradient's scale (about 1 here) fails: the tolerance is not
+    vacuous."""
     g = generator(1)
     x = torch.randn(64, 1000, generator=g, dtype=torch.float64).requires_grad_(True)
     target = torch.randint(0, 1000, (64,), generator=g)
-    (grad,) = torch.autograd.grad(naive_loss([x], target, [1.0]), x)
+    (grad,) = torch.autograd.grad(naive_loss([x], target, [1.0], reduction="sum"), x)
     wrong = grad.clone()
     wrong[3, 7] += 1e-4 * grad.abs().max()
     assert_matches_reference(grad.float(), grad, torch.float32, 1000)
