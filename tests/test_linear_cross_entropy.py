@@ -67,7 +67,13 @@ def check(backend, hiddens, projections, biases, targets, weights, shared, **opt
     theirs = torch.autograd.grad(ref, refs, g)
     for i, (a, b) in enumerate(zip(ours, theirs)):
         assert a.dtype == dtype and a.shape == b.shape, i
-        assert_matches_reference(a, b, dtype, V, msg=f"gradient of input {i}")
+        if dtype in (torch.float16, torch.bfloat16):
+            # These gradients are matmuls of the logits' gradient rounded to bf16 (as F.linear's backward rounds
+            # it): PyTorch's naive bf16 sum is off by up to ~1% of the largest element (this code by ~0.5%).
+            scale = float(b.abs().max())
+            torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=2e-2 * scale, msg=f"gradient of input {i}")
+        else:
+            assert_matches_reference(a, b, dtype, V, msg=f"gradient of input {i}")
     return out
 
 
