@@ -6,7 +6,7 @@ F.cross_entropy per head) and torch.compile of it: forward + backward time, and 
 Speed: 4 heads x 2048 rows x 256 -> 32000 classes, fp32, one shared projection, shifted labels; providers
 take turns within every round; `matmuls` is the floor (the three matmuls of every head alone: logits, the
 hidden states' gradient, the projection's gradient). Memory: 4 heads x 4096 rows, each provider in a
-subprocess of its own, the process's peak RSS during one forward + backward minus its RSS before it.
+subprocess of its own, the process's peak RSS during one forward + backward minus its RSS before it (Linux).
 """
 
 from __future__ import annotations
@@ -98,25 +98,33 @@ def test_speed_interleaved(benchmark, bench_results):
 
 
 _MEMORY_SCRIPT = """
-import json, resource, sys, torch
+import gc, json, sys, torch
 sys.path.insert(0, {benchmarks!r})
 import test_bench_linear as bench
+
+
+def status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 torch.set_num_threads(int({threads}))
 bench.make_step({provider!r}, *bench.make_inputs(8))()  # load and initialise what the step uses, on 8 rows
 hiddens, projection, targets, weights = bench.make_inputs({rows})
 step = bench.make_step({provider!r}, hiddens, projection, targets, weights)
-import gc; gc.collect()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+gc.collect()
+with open("/proc/self/clear_refs", "w") as f:  # 5: reset the peak RSS (VmHWM) to the current RSS
+    f.write("5")
+before = status_kib("VmRSS")
 step()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"extra_MiB": (after - before) / 1024}}))
+print(json.dumps({{"extra_MiB": (status_kib("VmHWM") - before) / 1024}}))
 """
 
 
 def peak_extra_mib(provider: str, rows: int) -> float:
     """One forward + backward in a fresh process (after one on 8 rows, which loads and initialises the code it
-    runs): its peak RSS over its RSS before the step, MiB. Gradients of the hidden states and projection are
-    part of it (every provider makes them)."""
+    runs): the process's peak RSS during the step (Linux's VmHWM, reset just before it) over its RSS before
+    it, MiB. Gradients of the hidden states and projection are part of it (every provider makes them)."""
     script = _MEMORY_SCRIPT.format(benchmarks=os.path.dirname(os.path.abspath(__file__)), rows=rows,
                                    provider=provider, threads=torch.get_num_threads())
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
