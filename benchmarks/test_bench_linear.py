@@ -16,13 +16,13 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import auxfuse
+from interleaving import interleaved_rounds
 
 HEADS, HIDDEN, VOCAB = 4, 256, 32000
 SPEED_ROWS, MEMORY_ROWS = 2048, 4096
@@ -73,20 +73,8 @@ def test_speed_interleaved(benchmark, bench_results):
     hiddens, projection, targets, weights = make_inputs(SPEED_ROWS)
     providers = ("naive", "compiled", "auxfuse", "matmuls")
     steps = {p: make_step(p, hiddens, projection, targets, weights) for p in providers}
-    times = {p: [] for p in providers}
-
-    def one_round():
-        for p in providers:
-            start = time.perf_counter()
-            steps[p]()
-            times[p].append(time.perf_counter() - start)
-
-    one_round()  # warm up: torch.compile compiles here
-    per_round = sum(t[-1] for t in times.values())
-    for t in times.values():
-        t.clear()
     benchmark.group = "linear + cross-entropy, interleaved rounds"
-    benchmark.pedantic(one_round, rounds=int(max(3, min(20, ROUND_SECONDS / per_round))), iterations=1)
+    times = interleaved_rounds(benchmark, steps, ROUND_SECONDS, min_rounds=3, max_rounds=20)
     table = f"linear + CE, {HEADS} x {SPEED_ROWS} x {HIDDEN} -> {VOCAB} fp32: fwd+bwd median s [IQR]"
     median = {}
     for p, samples in times.items():

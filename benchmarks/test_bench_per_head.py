@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import auxfuse
+from interleaving import interleaved_rounds
 
 
 def _deep_supervision(g):
@@ -52,7 +52,6 @@ if _selected:
     SHAPES = {k: v for k, v in SHAPES.items() if any(s in k for s in _selected.split(","))}
 if os.environ.get("AUXFUSE_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["AUXFUSE_BENCH_THREADS"]))
-PROVIDERS = ("naive", "compiled", "auxfuse")
 ROUND_SECONDS = 10.0  # the time budget of one shape's interleaved rounds
 
 
@@ -88,21 +87,8 @@ def test_per_head_targets_interleaved(benchmark, bench_results, shape):
     heads, targets, weights = SHAPES[shape](torch.Generator().manual_seed(0))
     heads = [h.requires_grad_(True) for h in heads]
     steps = _steps(heads, targets, weights)
-    times = {p: [] for p in PROVIDERS}
-
-    def one_round():
-        for p in PROVIDERS:
-            start = time.perf_counter()
-            steps[p]()
-            times[p].append(time.perf_counter() - start)
-
-    one_round()  # warm up: torch.compile compiles here
-    one_round()
-    per_round = sum(t[-1] for t in times.values())
-    for t in times.values():
-        t.clear()
     benchmark.group = "per-head targets, interleaved rounds"
-    benchmark.pedantic(one_round, rounds=int(max(5, min(100, ROUND_SECONDS / per_round))), iterations=1)
+    times = interleaved_rounds(benchmark, steps, ROUND_SECONDS, min_rounds=5, max_rounds=100, warmup_rounds=2)
     table = "per-head targets, interleaved rounds: forward+backward median ms [IQR], ratios"
     median = {}
     for p, samples in times.items():

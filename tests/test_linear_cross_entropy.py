@@ -185,14 +185,9 @@ def test_errors(case):
 def test_multi_token_example(tmp_path, capsys):
     """examples/train_multi_token.py --compare: the naive and the fused loss train the same model to the same
     per-head losses (same seed), each in its own process, and the plot is drawn."""
-    import importlib.util
-    import os
+    from test_training import _load_example
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
-                        "train_multi_token.py")
-    spec = importlib.util.spec_from_file_location("train_multi_token", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = _load_example("train_multi_token")
     plot = tmp_path / "heads.png"
     naive, fused = example.main(["--compare", "--steps", "3", "--context", "16", "-b", "4", "--width", "32",
                                  "--vocab-size", "512", "--corpus-chars", "50000", "--no-progress",

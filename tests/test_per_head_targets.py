@@ -237,14 +237,9 @@ def test_shared_target_with_per_head_class_weights():
 
 def test_deep_supervision_example(tmp_path, capsys):
     """examples/train_deep_supervision.py trains (the weighted scales' loss falls) and draws its picture."""
-    import importlib.util
-    import os
+    from test_training import _load_example
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
-                        "train_deep_supervision.py")
-    spec = importlib.util.spec_from_file_location("train_deep_supervision", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = _load_example("train_deep_supervision")
     plot = tmp_path / "scales.png"
     history = example.main(["--epochs", "2", "--image-size", "16", "--train-size", "64", "--val-size", "16",
                             "-b", "8", "--width", "4", "--lr", "0.05", "--no-progress", "--plot", str(plot)])
