@@ -102,40 +102,31 @@ def _torch_rows_and_grad(spec: _Spec, z: torch.Tensor, target: torch.Tensor, wan
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Forward: every head's chunks, their loss, and (mean / sum) every gradient. Backward: those gradients
-    times grad_output, or (none) the chunks again with each row's grad_output."""
+    times grad_output, or (none) the chunks again with each row's grad_output. `tensors` are the hidden
+    states, the projections and the biases, in that order; `layout` how many hidden states and projections."""
 
     @staticmethod
-    def forward(ctx, spec: _Spec, num_hiddens: int, num_projections: int, *tensors):
-        hiddens = tensors[:num_hiddens]
-        projections = tensors[num_hiddens:num_hiddens + num_projections]
-        biases = tensors[num_hiddens + num_projections:]
-        needs = ctx.needs_input_grad[3:] if spec.reduction != "none" else (False,) * len(tensors)
-        result = _run(spec, hiddens, projections, biases, needs=needs, row_scales=None)
-        ctx.spec, ctx.counts = spec, (num_hiddens, num_projections)
+    def forward(ctx, spec: _Spec, layout: tuple[int, int], *tensors):
+        needs = ctx.needs_input_grad[2:] if spec.reduction != "none" else (False,) * len(tensors)
+        result = _run(spec, tensors, layout, needs=needs, row_scales=None)
+        ctx.spec, ctx.layout = spec, layout
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(result.head_losses, result.head_correct, result.count, result.invalid)
-        if spec.reduction == "none":
-            ctx.save_for_backward(*tensors)
-        else:
-            ctx.grads = result.grads
+        # Saved tensors are freed after a backward that does not keep the graph (and a second one then raises
+        # autograd's own error): the inputs for none, whose backward recomputes the chunks, else the gradients.
+        ctx.save_for_backward(*(tensors if spec.reduction == "none" else result.grads))
         return result.loss, result.head_losses, result.head_correct, result.count, result.invalid
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        num_hiddens, num_projections = ctx.counts
+        saved = ctx.saved_tensors
         if grad_loss is None:
-            return (None, None, None) + (None,) * len(ctx.needs_input_grad[3:])
-        if ctx.spec.reduction == "none":
-            tensors = ctx.saved_tensors
-            hiddens = tensors[:num_hiddens]
-            projections = tensors[num_hiddens:num_hiddens + num_projections]
-            biases = tensors[num_hiddens + num_projections:]
-            grads = _run(ctx.spec, hiddens, projections, biases, needs=ctx.needs_input_grad[3:],
-                         row_scales=grad_loss).grads
+            grads = [None] * len(saved)
+        elif ctx.spec.reduction == "none":
+            grads = _run(ctx.spec, saved, ctx.layout, needs=ctx.needs_input_grad[2:], row_scales=grad_loss).grads
         else:
-            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads]
-            ctx.grads = None
-        return (None, None, None, *grads)
+            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in saved]
+        return (None, None, *grads)
 
 
 class _RunResult(NamedTuple):
@@ -147,15 +138,22 @@ class _RunResult(NamedTuple):
     grads: list  # per input tensor (hiddens, projections, biases), in their dtypes, or None
 
 
-def _run(spec: _Spec, hiddens, projections, biases, *, needs: Sequence[bool], row_scales: Optional[torch.Tensor]):
-    """Every head's chunks, and the gradients of the inputs whose `needs` flag is set (hiddens, projections,
-    biases, in that order). row_scales (reduction none, backward): grad_output per row; the gradients are then
-    those of sum_rows row_scale * loss."""
+def _split(values: Sequence, layout: tuple[int, int]) -> tuple:
+    """(hidden states, projections, biases) of a sequence laid out as _LinearCrossEntropy's inputs."""
+    num_hiddens, num_projections = layout
+    return (values[:num_hiddens], values[num_hiddens:num_hiddens + num_projections],
+            values[num_hiddens + num_projections:])
+
+
+def _run(spec: _Spec, tensors: Sequence[torch.Tensor], layout: tuple[int, int], *, needs: Sequence[bool],
+         row_scales: Optional[torch.Tensor]):
+    """Every head's chunks, and the gradients of the inputs whose `needs` flag is set (both laid out as
+    _LinearCrossEntropy's inputs). row_scales (reduction none, backward): grad_output per row; the gradients
+    are then those of sum_rows row_scale * loss."""
+    hiddens, projections, biases = _split(tensors, layout)
+    needs_hidden, needs_projection, needs_bias = _split(needs, layout)
     device = hiddens[0].device
     acc = torch.float64 if hiddens[0].dtype == torch.float64 else torch.float32
-    needs_hidden = needs[:len(hiddens)]
-    needs_projection = needs[len(hiddens):len(hiddens) + len(projections)]
-    needs_bias = needs[len(hiddens) + len(projections):]
     want_grad = any(needs)
     grad_hiddens = [torch.empty_like(x) if n else None for x, n in zip(hiddens, needs_hidden)]
     grad_projections = [torch.zeros(W.shape, dtype=acc, device=device) if n else None
@@ -382,7 +380,7 @@ def multi_head_linear_cross_entropy(
         softcap=None if softcap is None else float(softcap), reduction=reduction, chunk_rows=chunk_rows, fused=fused,
     )
     loss, head_losses, head_correct, count, invalid = _LinearCrossEntropy.apply(
-        spec, len(tensors), len(projections), *tensors, *projections, *biases)
+        spec, (len(tensors), len(projections)), *tensors, *projections, *biases)
     if not return_details:
         return loss
     return MultiHeadLossOutput(loss, head_losses, head_correct, count, invalid)

@@ -140,6 +140,24 @@ def test_all_ignored_and_frozen_projection():
     assert torch.isnan(loss) and torch.equal(grad, torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_through_a_kept_graph(reduction):
+    """retain_graph=True: a second backward gives the same gradients; once the graph is freed, autograd's own
+    error."""
+    g = generator(("kept", reduction))
+    hiddens, projections, biases, targets = _inputs(g, torch.float32, 2, True, True)
+    leaves = [t.requires_grad_(True) for t in hiddens + projections + biases]
+    loss = auxfuse.multi_head_linear_cross_entropy(leaves[:2], leaves[2], targets, bias=leaves[3],
+                                                   reduction=reduction, chunk_size=7)
+    grad_output = random_grad_output(loss).to(loss.dtype)
+    first = torch.autograd.grad(loss, leaves, grad_output, retain_graph=True)
+    second = torch.autograd.grad(loss, leaves, grad_output)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(loss, leaves, grad_output)
+
+
 def test_module_and_compile_fullgraph():
     g = generator("module")
     hiddens, projections, biases, targets = _inputs(g, torch.float32, 2, True, True)
