@@ -9,7 +9,7 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 
 from .backends import AUTO_ORDER, BACKENDS, select_backend
-from .backends.problem import REDUCTIONS, Problem, acc_dtype_of
+from .backends.problem import Problem, acc_dtype_of, check_reduction_and_smoothing
 from .outputs import DEFAULT_AUX_WEIGHT, Heads, Weights, collect_heads, is_namedtuple
 from .targets import TARGET_RESIZE_MODES, is_per_head, per_head_values, resize_target
 
@@ -79,19 +79,20 @@ class MultiHeadLossOutput(_DetailFields):
             )
 
 
-def _check_heads(heads: Heads) -> None:
+def _check_heads(heads: Heads, shared: tuple[str, ...] = ("shape", "dtype", "device")) -> None:
+    """ValueError unless the logits are floating point, not scalars, and every head has the first head's
+    `shared` attributes (all three for a shared target; dtype and device with one target per head)."""
     first_name, first = heads.names[0], heads.tensors[0]
     if not first.is_floating_point():
         raise ValueError(f"auxfuse: head {first_name!r} holds {first.dtype}; logits must be floating point")
-    shape, dtype, device = first.shape, first.dtype, first.device
+    why = " (they share one target)" if "shape" in shared else ""
     for name, x in zip(heads.names, heads.tensors):
-        if x.shape == shape and x.dtype == dtype and x.device == device:  # the usual case, checked cheaply
-            continue
-        for what, a, b in (("shape", x.shape, shape), ("dtype", x.dtype, dtype), ("device", x.device, device)):
+        for what in shared:
+            a, b = getattr(x, what), getattr(first, what)
             if a != b:
                 raise ValueError(
                     f"auxfuse: head {name!r} has {what} {a} but head {first_name!r} has {b}; "
-                    f"all heads must share one {what} (they share one target)"
+                    f"all heads must share one {what}{why}"
                 )
     if first.dim() == 0:
         raise ValueError(f"auxfuse: head {first_name!r} is a scalar; logits need a class dimension (N, C, ...)")
@@ -135,10 +136,7 @@ def build_problem(
     """Validate the options against the heads; return the backends' Problem and the shape of a 'none' loss."""
     _check_heads(heads)
     first = heads.tensors[0]
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"auxfuse: reduction={reduction!r}; use one of {REDUCTIONS}")
-    if not (0.0 <= float(label_smoothing) <= 1.0):
-        raise ValueError(f"auxfuse: label_smoothing={label_smoothing} must be in [0, 1]")
+    check_reduction_and_smoothing(reduction, label_smoothing)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"auxfuse: target must be a Tensor, not {type(target).__name__}")
     if target.device != first.device:
@@ -257,7 +255,7 @@ def multi_head_cross_entropy(
         >>> out.head_losses.shape, int(out.count)
         (torch.Size([2]), 8)
     """
-    if target_resize is not None or is_per_head(target) or is_per_head(weight):
+    if _takes_per_head_path(target, weight, target_resize):
         return _per_head_cross_entropy(
             outputs, target, weights, aux_weight=aux_weight, main=main, weight=weight, ignore_index=ignore_index,
             label_smoothing=label_smoothing, reduction=reduction, backend=backend, check_targets=check_targets,
@@ -291,6 +289,11 @@ def multi_head_cross_entropy(
     if not return_details:
         return loss
     return MultiHeadLossOutput(loss, result.head_losses.detach(), result.head_correct, result.count, result.invalid)
+
+
+def _takes_per_head_path(target: Targets, weight: ClassWeights, target_resize: Optional[str]) -> bool:
+    """A call with a target or class weight per head, or a target to resize: each head gets its own."""
+    return target_resize is not None or is_per_head(target) or is_per_head(weight)
 
 
 def _per_head_targets(heads: Heads, target: Targets, target_resize: Optional[str]) -> list[torch.Tensor]:
@@ -343,12 +346,7 @@ def _per_head_problems(outputs: Any, target: Targets, weights: Weights, *, aux_w
     """Each head with its own target and class weight, validated as a call of its own would be: (name, its
     one-head Problem, the shape of its 'none' loss) per head."""
     heads = collect_heads(outputs, weights, aux_weight=aux_weight, main=main)
-    first = heads.tensors[0]
-    for name, x in zip(heads.names, heads.tensors):
-        for what, a, b in (("dtype", x.dtype, first.dtype), ("device", x.device, first.device)):
-            if a != b:
-                raise ValueError(f"auxfuse: head {name!r} has {what} {a} but head {heads.names[0]!r} has {b}; "
-                                 f"all heads must share one {what}")
+    _check_heads(heads, shared=("dtype", "device"))
     targets = _per_head_targets(heads, target, target_resize)
     class_weights = _per_head_class_weights(heads, weight)
     problems = []
@@ -500,7 +498,7 @@ def explain_backend(outputs: Any, target: Targets, weights: Weights = None, *, b
     if unexpected:
         raise TypeError(f"auxfuse: unexpected arguments {unexpected}")
     options = {**known, **options}
-    if options["target_resize"] is not None or is_per_head(target) or is_per_head(options["weight"]):
+    if _takes_per_head_path(target, options["weight"], options["target_resize"]):
         want_details = options.pop("return_details")
         problems = _per_head_problems(outputs, target, weights, want_details=want_details, **options)
         return {"per_head": {name: _explain(backend, problem) for name, problem, _ in problems}}

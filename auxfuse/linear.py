@@ -28,6 +28,7 @@ from torch import nn
 
 from .backends.native import cpu as native_cpu
 from .backends.native import cuda as native_cuda
+from .backends.problem import check_reduction_and_smoothing
 from .functional import MultiHeadLossOutput
 from .outputs import DEFAULT_AUX_WEIGHT, Weights, collect_heads
 from .targets import is_per_head, per_head_values
@@ -239,10 +240,7 @@ def _per_head_tensors(what: str, value: Any, names: list[str], optional: bool) -
 
 def _check(names, hiddens, projections, projection_of, biases, bias_of, targets, reduction, ignore_index,
            label_smoothing, z_loss, softcap):
-    if reduction not in ("none", "mean", "sum"):
-        raise ValueError(f"auxfuse: reduction={reduction!r}; use one of ('none', 'mean', 'sum')")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"auxfuse: label_smoothing={label_smoothing} must be in [0, 1]")
+    check_reduction_and_smoothing(reduction, label_smoothing)
     if z_loss < 0 or not math.isfinite(z_loss):
         raise ValueError(f"auxfuse: z_loss={z_loss} must be a finite number >= 0")
     if softcap is not None and not softcap > 0:

@@ -11,6 +11,14 @@ import torch
 REDUCTIONS = ("none", "mean", "sum")
 
 
+def check_reduction_and_smoothing(reduction: str, label_smoothing: float) -> None:
+    """ValueError for a reduction or a label smoothing that F.cross_entropy would not take."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"auxfuse: reduction={reduction!r}; use one of {REDUCTIONS}")
+    if not (0.0 <= float(label_smoothing) <= 1.0):
+        raise ValueError(f"auxfuse: label_smoothing={label_smoothing} must be in [0, 1]")
+
+
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """(N, C, d1..dk) -> (N, C, S) without a copy wherever the strides allow (channels_last included)."""
     if x.dim() == 3:
