@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import auxfuse
+from interleaving import interleaved_rounds
 
 SHAPES = {  # name: (number of heads, logits shape, dtype, head weights)
     "googlenet_3x256x1000_fp32": (3, (256, 1000), torch.float32, (1.0, 0.3, 0.3)),
@@ -197,7 +198,6 @@ def _interleaved_ratios(benchmark, bench_results, shape):
     (other processes, other VMs on the host) hits all of them alike. Also times the fused kernel alone
     (the op's forward with the gradient, grad_mode 1: no Python, no autograd) for comparison."""
     import statistics
-    import time
 
     problem = _Problem.get(shape)
     steps = {p: problem.step(p) for p in INTERLEAVED}
@@ -205,21 +205,9 @@ def _interleaved_ratios(benchmark, bench_results, shape):
     target_rows = problem.target.reshape(problem.target.shape[0], -1)
     steps["kernel"] = lambda: torch.ops.auxfuse.multihead_ce_forward(rows, target_rows, None, problem.weights, -100,
                                                                      0.0, 1, 1)
-    times = {p: [] for p in steps}
-
-    def one_round():
-        for p, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[p].append(time.perf_counter() - start)
-
-    one_round()  # warm up (compiles)
-    for t in times.values():
-        t.clear()
-    one_round()
-    per_round = sum(t[0] for t in times.values())
     benchmark.group = "interleaved rounds (all providers per round)"
-    benchmark.pedantic(one_round, rounds=_rounds(per_round, 10.0, lo=5, hi=60), iterations=1)
+    # Two warm-up rounds: the first compiles, the second sizes the rounds to the 10 s budget.
+    times = interleaved_rounds(benchmark, steps, 10.0, min_rounds=5, max_rounds=60, warmup_rounds=2)
     med = {p: statistics.median(t) for p, t in times.items()}
     floor_bytes = 2 * problem.heads[0].element_size() * problem.logits
     benchmark.extra_info.update({f"{p}_median_ms": round(m * 1e3, 3) for p, m in med.items()})
