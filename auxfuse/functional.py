@@ -373,14 +373,24 @@ def _per_head_problems(outputs: Any, target: Targets, weights: Weights, *, aux_w
 
 def _per_head_cross_entropy(outputs: Any, target: Targets, weights: Weights, *, backend: str, check_targets: bool,
                             return_details: bool, **options: Any):
-    """multi_head_cross_entropy with a target (and class weight) per head: each head runs on its own backend
-    call (one launch for all heads is the next step); the loss is the weighted sum, the details per head."""
+    """multi_head_cross_entropy with a target (and class weight) per head: one call of the fused op for all heads
+    when every head picks the same backend and it offers one (compute_per_head); else one call per head. The
+    loss is the weighted sum, the details per head."""
+    problems = _per_head_problems(outputs, target, weights, want_details=return_details, **options)
+    chosen = [select_backend(backend, problem) for _, problem, _ in problems]
+    for (_, problem, _), head_backend in zip(problems, chosen):
+        _check_target_range(problem, head_backend, check_targets)
+    fused = chosen[0]
+    if len(problems) > 1 and all(b is fused for b in chosen) and _per_head_unavailable_reason(fused) is None:
+        result = fused.compute_per_head([problem for _, problem, _ in problems])
+        loss = result.loss.reshape(problems[0][2]) if options["reduction"] == "none" else result.loss
+        if not return_details:
+            return loss
+        return MultiHeadLossOutput(loss, result.head_losses.detach(), result.head_correct, result.count,
+                                   result.invalid)
     results = []
-    for _, problem, index_shape in _per_head_problems(outputs, target, weights, want_details=return_details,
-                                                       **options):
-        chosen = select_backend(backend, problem)
-        _check_target_range(problem, chosen, check_targets)
-        result = chosen.compute(problem)
+    for (_, problem, index_shape), head_backend in zip(problems, chosen):
+        result = head_backend.compute(problem)
         results.append(result._replace(loss=result.loss.reshape(index_shape) if problem.reduction == "none"
                                        else result.loss))
     loss = results[0].loss
@@ -395,6 +405,13 @@ def _per_head_cross_entropy(outputs: Any, target: Targets, weights: Weights, *, 
         torch.stack([r.count for r in results]),
         torch.stack([r.invalid for r in results]).sum(),
     )
+
+
+def _per_head_unavailable_reason(backend: Any) -> Optional[str]:
+    """Why `backend` cannot run heads with a target each in one call, or None."""
+    if not hasattr(backend, "compute_per_head"):
+        return f"the {backend.name} backend runs one head per call"
+    return backend.per_head_unavailable_reason()
 
 
 class _Plan(NamedTuple):

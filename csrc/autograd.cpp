@@ -52,6 +52,31 @@ bool is_traced(const at::Tensor& t) {
          c10::impl::TorchDispatchModeTLS::any_modes_set();
 }
 
+// grad_mode 1's backward: the gradient computed in the forward (weights and the mean's divisor folded in), times
+// grad_output. Multiplied only when needed: loss.backward() (grad_output 1 on a freed graph) launches nothing.
+// A `none` loss is (N, S): its gradient is broadcast over the classes as (N, 1, d1, ..., dk). `grads` is
+// (H, *head shape) for the shared-target op and one head's (*head shape) for the per-head op.
+at::Tensor scaled_saved_grad(at::Tensor grads, const at::Tensor& grad_loss, int64_t reduction) {
+  const auto scale = [&] {
+    if (reduction != kReductionNone) return grad_loss.to(grads.scalar_type());
+    const int64_t lead = grads.dim() - grad_loss.dim() - 1;  // 1 for (H, N, C, ...), 0 for (N, C, ...)
+    std::vector<int64_t> sizes(grads.sizes().begin() + lead, grads.sizes().end());
+    sizes[1] = 1;
+    return grad_loss.reshape(sizes).to(grads.scalar_type());
+  };
+  // The buffer may be handed out (or scaled in place) only if this backward is its last reader.
+  const bool last_use =
+      !torch::autograd::get_current_graph_task_keep_graph() && !is_traced(grad_loss) && !is_traced(grads);
+  if (!last_use) return grads * scale();
+  if (reduction == kReductionNone) return grads.mul_(scale());
+  static const auto scale_grad = c10::Dispatcher::singleton()
+                                     .findSchemaOrThrow("auxfuse::multihead_ce_scale_grad_", "")
+                                     .typed<void(const at::Tensor&, const at::Tensor&)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  scale_grad.call(grads, grad_loss);  // nothing when grad_output is 1, found out on the device for CUDA
+  return grads;
+}
+
 class MultiheadCrossEntropy : public torch::autograd::Function<MultiheadCrossEntropy> {
  public:
   static variable_list forward(AutogradContext* ctx, at::TensorList heads, const at::Tensor& target,
@@ -96,29 +121,7 @@ class MultiheadCrossEntropy : public torch::autograd::Function<MultiheadCrossEnt
     }
     at::Tensor grads;
     if (grad_mode == kGradInForward) {
-      grads = ctx->get_saved_variables()[0];
-      // Built only when used: loss.backward() (grad_output 1 on a freed graph) launches nothing at all.
-      // A `none` loss is (N, S): its gradient is broadcast over the classes as (N, 1, d1, ..., dk).
-      const auto scale = [&] {
-        if (reduction != kReductionNone) return grad_loss.to(grads.scalar_type());
-        std::vector<int64_t> sizes(grads.sizes().begin() + 1, grads.sizes().end());
-        sizes[1] = 1;
-        return grad_loss.reshape(sizes).to(grads.scalar_type());
-      };
-      // The buffer may be handed out (or scaled in place) only if this backward is its last reader.
-      const bool last_use = !torch::autograd::get_current_graph_task_keep_graph() && !is_traced(grad_loss) &&
-                            !is_traced(grads);
-      if (!last_use) {
-        grads = grads * scale();
-      } else if (reduction == kReductionNone) {
-        grads.mul_(scale());
-      } else {
-        static const auto scale_grad = c10::Dispatcher::singleton()
-                                           .findSchemaOrThrow("auxfuse::multihead_ce_scale_grad_", "")
-                                           .typed<void(const at::Tensor&, const at::Tensor&)>();
-        at::AutoDispatchBelowADInplaceOrView below_autograd;
-        scale_grad.call(grads, grad_loss);  // nothing when grad_output is 1, found out on the device for CUDA
-      }
+      grads = scaled_saved_grad(ctx->get_saved_variables()[0], grad_loss, reduction);
     } else {
       static const auto op = c10::Dispatcher::singleton()
                                  .findSchemaOrThrow("auxfuse::multihead_ce_backward", "")
@@ -139,6 +142,64 @@ class MultiheadCrossEntropy : public torch::autograd::Function<MultiheadCrossEnt
   }
 };
 
+using PerHeadResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>,
+                                 at::Tensor>;
+using PerHeadSignature = PerHeadResult(at::TensorList, at::TensorList, const c10::List<std::optional<at::Tensor>>&,
+                                       at::ArrayRef<double>, int64_t, double, int64_t, int64_t);
+
+// The per-head op (grad_mode 0 or 1): its backward hands out each head's saved gradient times grad_output.
+// Outputs are flattened for autograd as loss, head_losses, head_correct, count, denom, invalid, grads...
+class PerHeadCrossEntropy : public torch::autograd::Function<PerHeadCrossEntropy> {
+ public:
+  static variable_list forward(AutogradContext* ctx, at::TensorList heads, at::TensorList targets,
+                               const c10::List<std::optional<at::Tensor>>& class_weights,
+                               at::ArrayRef<double> head_weights, int64_t ignore_index, double label_smoothing,
+                               int64_t reduction, int64_t grad_mode) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("auxfuse::multihead_ce_per_head_forward", "")
+                               .typed<PerHeadSignature>();
+    TORCH_CHECK(grad_mode == kNoGrad || grad_mode == kGradInForward,
+                "auxfuse: multihead_ce_per_head_forward takes grad_mode 0 or 1, not ", grad_mode);
+    at::Tensor loss, head_losses, head_correct, count, denom, invalid;
+    std::vector<at::Tensor> grads;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(loss, head_losses, head_correct, count, denom, grads, invalid) =
+          op.call(heads, targets, class_weights, head_weights, ignore_index, label_smoothing, reduction, grad_mode);
+    }
+    ctx->set_materialize_grads(false);
+    variable_list out{loss, head_losses, head_correct, count, denom, invalid};
+    out.insert(out.end(), grads.begin(), grads.end());
+    ctx->mark_non_differentiable(variable_list(out.begin() + 1, out.end()));
+    ctx->saved_data["num_heads"] = static_cast<int64_t>(heads.size());
+    ctx->saved_data["reduction"] = reduction;
+    ctx->save_for_backward(grads);  // empty for grad_mode 0
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const int64_t num_heads = ctx->saved_data["num_heads"].toInt();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    // One entry per input as autograd counts them: each head, each target, the class-weight list (one entry),
+    // then the five non-tensor arguments.
+    variable_list grad_inputs(2 * num_heads + 6);
+    const at::Tensor& grad_loss = grad_outputs[0];
+    const variable_list grads = ctx->get_saved_variables();
+    if (!grad_loss.defined() || grads.empty()) return grad_inputs;
+    for (int64_t h = 0; h < num_heads; ++h) grad_inputs[h] = scaled_saved_grad(grads[h], grad_loss, reduction);
+    return grad_inputs;
+  }
+};
+
+PerHeadResult per_head_forward_autograd(at::TensorList heads, at::TensorList targets,
+                                        const c10::List<std::optional<at::Tensor>>& class_weights,
+                                        at::ArrayRef<double> head_weights, int64_t ignore_index,
+                                        double label_smoothing, int64_t reduction, int64_t grad_mode) {
+  const variable_list out = PerHeadCrossEntropy::apply(heads, targets, class_weights, head_weights, ignore_index,
+                                                       label_smoothing, reduction, grad_mode);
+  return {out[0], out[1], out[2], out[3], out[4], std::vector<at::Tensor>(out.begin() + 6, out.end()), out[5]};
+}
+
 ForwardResult forward_autograd(at::TensorList heads, const at::Tensor& target,
                                 const std::optional<at::Tensor>& class_weight, at::ArrayRef<double> head_weights,
                                 int64_t ignore_index, double label_smoothing, int64_t reduction, int64_t grad_mode) {
@@ -151,6 +212,7 @@ ForwardResult forward_autograd(at::TensorList heads, const at::Tensor& target,
 
 TORCH_LIBRARY_IMPL(auxfuse, Autograd, m) {
   m.impl("multihead_ce_forward", &forward_autograd);
+  m.impl("multihead_ce_per_head_forward", &per_head_forward_autograd);
 }
 
 }  // namespace auxfuse

@@ -28,6 +28,14 @@
 //   saved        grad_mode 0: empty (0,). 1: gradients (H, *heads' shape) in the heads' dtype, laid out
 //                like the heads (see allocate_head_grads). 2: log-sum-exp (H, N, S), acc dtype.
 //   invalid      int64 (): counted rows whose class index is outside [0, C) (0 for probability targets).
+//
+// multihead_ce_per_head_forward: the same with one target and one class weight per head (targets[h] and
+// class_weights[h] follow the rules above for head h alone; heads share only dtype and device). Every head
+// has its own N, C and S; its mean divides by its own denominator. Outputs: loss () for mean / sum
+// (sum_h w_h * cross_entropy(head_h, targets[h])), (N, S) for none (every head must then have the same N and
+// S); head_losses, head_correct, count and denom (H,), per head; grads: grad_mode 1, each head's gradient in
+// its own shape, laid out like it, weight and divisor folded in (empty list for grad_mode 0; grad_mode 2 is
+// not offered); invalid () as above.
 // A target outside [0, C) that is not ignore_index raises ValueError on CPU before anything is written;
 // on CUDA it is never read out of bounds: that row's loss and gradient are NaN (so the loss is NaN) and
 // `invalid` counts it, on the device, for the caller to read when it wants to know (no host sync here).
@@ -46,6 +54,7 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(auxfuse, m) {
   m.def(auxfuse::kForwardSchema);
+  m.def(auxfuse::kPerHeadForwardSchema);
   m.def(auxfuse::kBackwardSchema);
   m.def(auxfuse::kScaleGradSchema);
 }

@@ -41,6 +41,33 @@ inline double exp_acc(double x) { return std::exp(x); }
 inline double log_acc(double x) { return std::log(x); }
 #endif
 
+// One head of a call, as every kernel reads it: the head table. The CPU kernels take a vector of these, the CUDA
+// kernels a copy on the device, and the Triton backend builds the same fields (auxfuse/backends/triton.py).
+// Each head has its own sizes, target and class weights (per-head targets: deep supervision, multi-token and
+// multi-task heads); the heads of the shared-target op all point at one target. Element (n, c, s) of the
+// logits is at x[n*sN + c*sC + s*sS]; row r = n*S + s.
+template <typename scalar_t, typename acc_t>
+struct HeadDesc {
+  const scalar_t* x;   // logits
+  int64_t N, C, S;     // N*S rows of C classes
+  int64_t sN, sC, sS;  // logits' strides
+  const int64_t* y;    // class-index target: (n, s) at y[n*yN + s*yS]; nullptr for probability targets
+  int64_t yN, yS;
+  const scalar_t* t;   // probability target: (n, c, s) at t[n*tN + c*tC + s*tS]; nullptr for class indices
+  int64_t tN, tC, tS;
+  const acc_t* cw;     // class weights (C,), or nullptr
+  acc_t weight_sum;    // sum of the class weights (C without)
+  acc_t weight;        // the head's loss weight w_h
+  acc_t grad_scale;    // what the gradient is multiplied by: w_h, divided by the head's denominator for mean
+  scalar_t* grad;      // grad_mode 1: the gradient, laid out like the logits, at n*gN + c*gC + s*gS; else nullptr
+  int64_t gN, gC, gS;
+  acc_t* lse;          // grad_mode 2: the rows' log-sum-exp (N*S), else nullptr
+
+  AUXFUSE_HD int64_t rows() const { return N * S; }
+  AUXFUSE_HD bool prob() const { return t != nullptr; }
+  AUXFUSE_HD acc_t class_weight(int64_t c) const { return cw ? cw[c] : acc_t(1); }
+};
+
 // Running maximum (with the index of its first occurrence) and sum of exp(x - max) over part of a row.
 // Merging partial states in any grouping gives the same max and argmax; the sum agrees to rounding.
 template <typename acc_t>

@@ -11,6 +11,14 @@ inline constexpr const char* kForwardSchema =
     "(Tensor loss, Tensor head_losses, Tensor head_correct, Tensor count, Tensor denom, Tensor saved, "
     "Tensor invalid)";
 
+// One target and one class weight (or None) per head: heads of their own sizes (deep supervision, multi-token and
+// multi-task heads), one launch for all of them. Contract in auxfuse.cpp; grad_mode 0 or 1 only.
+inline constexpr const char* kPerHeadForwardSchema =
+    "multihead_ce_per_head_forward(Tensor[] heads, Tensor[] targets, Tensor?[] class_weights, "
+    "float[] head_weights, int ignore_index, float label_smoothing, int reduction, int grad_mode) -> "
+    "(Tensor loss, Tensor head_losses, Tensor head_correct, Tensor count, Tensor denom, Tensor[] grads, "
+    "Tensor invalid)";
+
 // Gradient of every head from the saved log-sum-exp (grad_mode 2): grad_loss is () for mean / sum and
 // (N, S) for none, read on the device. Returns (H, *heads' shape) in the heads' dtype, laid out like the heads.
 inline constexpr const char* kBackwardSchema =

@@ -59,15 +59,15 @@ def cuda_grad_mode(problem: Problem) -> int:
     return GRAD_IN_FORWARD if fits else SAVE_LSE
 
 
-_HAS_KERNEL: dict[str, bool] = {}  # kernels register when _C loads, before this module asks: cached per key
+_HAS_KERNEL: dict[tuple[str, str], bool] = {}  # kernels register when _C loads, before this module asks
 
 
 @torch.compiler.assume_constant_result  # a static fact: no graph break under torch.compile(fullgraph=True)
-def _has_kernel(dispatch_key: str) -> bool:
-    found = _HAS_KERNEL.get(dispatch_key)
+def _has_kernel(dispatch_key: str, op: str = "multihead_ce_forward") -> bool:
+    found = _HAS_KERNEL.get((dispatch_key, op))
     if found is None:
-        found = _HAS_KERNEL[dispatch_key] = _LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-            "auxfuse::multihead_ce_forward", dispatch_key
+        found = _HAS_KERNEL[(dispatch_key, op)] = (
+            _LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"auxfuse::{op}", dispatch_key)
         )
     return found
 
@@ -105,6 +105,22 @@ if _LOAD_ERROR is None:
             h0.new_empty((), dtype=torch.int64),
             h0.new_empty((), dtype=acc),
             saved,
+            h0.new_empty((), dtype=torch.int64),
+        )
+
+    @torch.library.register_fake("auxfuse::multihead_ce_per_head_forward")
+    def _per_head_forward_fake(heads, targets, class_weights, head_weights, ignore_index, label_smoothing,
+                               reduction, grad_mode):
+        h0, H = heads[0], len(heads)
+        acc = acc_dtype_of(h0.dtype)
+        N, _, S = as_rows(h0).shape
+        return (
+            h0.new_empty((N, S) if reduction == 0 else (), dtype=acc),
+            h0.new_empty((H,), dtype=acc),
+            h0.new_empty((H,), dtype=torch.int64),
+            h0.new_empty((H,), dtype=torch.int64),
+            h0.new_empty((H,), dtype=acc),
+            [_allocate_head_grads([h])[0] for h in heads] if grad_mode == GRAD_IN_FORWARD else [],
             h0.new_empty((), dtype=torch.int64),
         )
 
@@ -176,6 +192,32 @@ class NativeBackend:
             problem.label_smoothing,
             problem.reduction_code,
             grad_mode,
+        )
+        return BackendResult(loss, head_losses, head_correct, count, invalid)
+
+
+    def per_head_unavailable_reason(self) -> Optional[str]:
+        """Why this backend cannot take heads with a target each in one call (None when it can)."""
+        unavailable = self.unavailable_reason()
+        if unavailable:
+            return unavailable
+        if not _has_kernel(self.dispatch_key, "multihead_ce_per_head_forward"):
+            return f"auxfuse._C was built without a {self.dispatch_key} kernel for one target per head"
+        return None
+
+    def compute_per_head(self, problems: list[Problem]) -> BackendResult:
+        """Every head with its own target and class weight (one one-head Problem each, validated) in one call
+        of the fused op; count is per head, (H,)."""
+        needs_grad = any(p.needs_grad for p in problems)
+        loss, head_losses, head_correct, count, _, _, invalid = torch.ops.auxfuse.multihead_ce_per_head_forward(
+            [p.inputs[0] for p in problems],
+            [p.input_target for p in problems],
+            [p.class_weight for p in problems],
+            [p.head_weights[0] for p in problems],
+            problems[0].ignore_index,
+            problems[0].label_smoothing,
+            problems[0].reduction_code,
+            GRAD_IN_FORWARD if needs_grad else NO_GRAD,
         )
         return BackendResult(loss, head_losses, head_correct, count, invalid)
 
