@@ -55,12 +55,11 @@ bool is_traced(const at::Tensor& t) {
 // grad_mode 1's backward: the gradient computed in the forward (weights and the mean's divisor folded in), times
 // grad_output. Multiplied only when needed: loss.backward() (grad_output 1 on a freed graph) launches nothing.
 // A `none` loss is (N, S): its gradient is broadcast over the classes as (N, 1, d1, ..., dk). `grads` is
-// (H, *head shape) for the shared-target op and one head's (*head shape) for the per-head op.
-at::Tensor scaled_saved_grad(at::Tensor grads, const at::Tensor& grad_loss, int64_t reduction) {
+// (H, *head shape) for the shared-target op (`stacked`) and one head's (*head shape) for the per-head op.
+at::Tensor scaled_saved_grad(at::Tensor grads, const at::Tensor& grad_loss, int64_t reduction, bool stacked) {
   const auto scale = [&] {
     if (reduction != kReductionNone) return grad_loss.to(grads.scalar_type());
-    const int64_t lead = grads.dim() - grad_loss.dim() - 1;  // 1 for (H, N, C, ...), 0 for (N, C, ...)
-    std::vector<int64_t> sizes(grads.sizes().begin() + lead, grads.sizes().end());
+    std::vector<int64_t> sizes(grads.sizes().begin() + (stacked ? 1 : 0), grads.sizes().end());
     sizes[1] = 1;
     return grad_loss.reshape(sizes).to(grads.scalar_type());
   };
@@ -121,7 +120,7 @@ class MultiheadCrossEntropy : public torch::autograd::Function<MultiheadCrossEnt
     }
     at::Tensor grads;
     if (grad_mode == kGradInForward) {
-      grads = scaled_saved_grad(ctx->get_saved_variables()[0], grad_loss, reduction);
+      grads = scaled_saved_grad(ctx->get_saved_variables()[0], grad_loss, reduction, /*stacked=*/true);
     } else {
       static const auto op = c10::Dispatcher::singleton()
                                  .findSchemaOrThrow("auxfuse::multihead_ce_backward", "")
@@ -186,7 +185,9 @@ class PerHeadCrossEntropy : public torch::autograd::Function<PerHeadCrossEntropy
     const at::Tensor& grad_loss = grad_outputs[0];
     const variable_list grads = ctx->get_saved_variables();
     if (!grad_loss.defined() || grads.empty()) return grad_inputs;
-    for (int64_t h = 0; h < num_heads; ++h) grad_inputs[h] = scaled_saved_grad(grads[h], grad_loss, reduction);
+    for (int64_t h = 0; h < num_heads; ++h) {
+      grad_inputs[h] = scaled_saved_grad(grads[h], grad_loss, reduction, /*stacked=*/false);
+    }
     return grad_inputs;
   }
 };
