@@ -381,3 +381,25 @@ def test_compile_fullgraph_per_head_cpu():
     assert_matches_reference(got, want, torch.float32)
     for a, b, h in zip(torch.autograd.grad(got, heads), torch.autograd.grad(want, ref_in), heads):
         assert_matches_reference(a, b, torch.float32, h.shape[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gradient_wrt_probability_targets_per_head(backend, reduction):
+    """Probability targets that require grad (a teacher's soft labels being trained) get their gradient: every
+    head's target, with label smoothing and class weights, against the float64 naive loop."""
+    g = generator(("target grad", backend, reduction))
+    heads = [torch.randn(6, 9, generator=g, requires_grad=True), torch.randn(6, 4, 3, generator=g,
+                                                                             requires_grad=True)]
+    targets = [torch.softmax(torch.randn(6, 9, generator=g), 1).requires_grad_(True),
+               torch.softmax(torch.randn(6, 4, 3, generator=g), 1).requires_grad_(True)]
+    class_weights = [None, torch.rand(4, generator=g) + 0.5]
+    options = dict(reduction=reduction, label_smoothing=0.1)
+    ours = auxfuse.multi_head_cross_entropy(heads, targets, [1.0, 0.4], weight=class_weights, backend=backend,
+                                            **options)
+    ref_in = [x.detach().double().requires_grad_(True) for x in heads + targets]
+    ref = sum(w * F.cross_entropy(x, t, weight=None if cw is None else cw.double(), **options)  # targets attached
+              for w, x, t, cw in zip([1.0, 0.4], ref_in[:2], ref_in[2:], class_weights))
+    assert_matches_reference(ours, ref, torch.float32)
+    for a, b, x in zip(torch.autograd.grad(ours, heads + targets), torch.autograd.grad(ref, ref_in), heads * 2):
+        assert_matches_reference(a, b, torch.float32, x.shape[1])

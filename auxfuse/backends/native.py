@@ -167,8 +167,6 @@ class NativeBackend:
                 reasons.append(f"the CUDA kernels take {[str(d) for d in CUDA_DTYPES]}, not {problem.dtype}")
             if len(problem.inputs) > CUDA_MAX_HEADS:
                 reasons.append(f"the CUDA kernels take at most {CUDA_MAX_HEADS} heads, got {len(problem.inputs)}")
-        if problem.prob_target and problem.target.requires_grad:
-            reasons.append("gradients w.r.t. probability targets are computed by the torch backend only")
         if problem.class_weight is not None and problem.class_weight.requires_grad:
             reasons.append("gradients w.r.t. class weights are computed by the torch backend only")
         return reasons
