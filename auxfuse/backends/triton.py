@@ -302,6 +302,9 @@ def per_head_unavailable_reason() -> Optional[str]:
     if _tracing():
         return ("while tracing (torch.compile, make_fx, a dispatch mode) the triton backend runs heads with a "
                 "target each one call per head: its one-call head table holds data_ptr()s")
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return ("while a CUDA graph is captured the triton backend runs heads with a target each one call per "
+                "head: its one-call head table is copied from a host buffer that a replay would read again")
     return None
 
 
@@ -821,15 +824,33 @@ if _IMPORT_ERROR is None:
         tl.store(DPART + q, tl.sum(acc, 0))
 
     @triton.jit
-    def _per_head_tile(TABLE, FTABLE, DPART, h, first, local, nrows, ignore_index, eps, ELEM: tl.constexpr,
+    def _head_scalars(TABLE, FTABLE, DPART, h, FI: tl.constexpr, HAS_CW: tl.constexpr, SMOOTH: tl.constexpr,
+                      RED: tl.constexpr, GRAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Head h's constants of the call: W = the sum of its class weights (C without; summed here, as the host
+        never reads device values) and its gradient's scale on counted rows (grad_scale, the head weight, times
+        1 / its divisor for the mean). Once per program, or per tile and head for reduction none."""
+        row = TABLE + h * FI
+        weight_sum = tl.load(FTABLE + 3 * h)
+        if SMOOTH and HAS_CW:
+            cw_ptr = tl.load(row + 14)
+            if cw_ptr != 0:
+                weight_sum = _weight_sum(cw_ptr.to(tl.pointer_type(tl.float32)), tl.load(row + 2).to(tl.int32),
+                                         BLOCK_C)
+        scale = tl.load(FTABLE + 3 * h + 2)
+        if GRAD and RED == 1:
+            scale = scale * _inv(_head_divisor(DPART, tl.load(row + 19), tl.load(row + 20), BLOCK_D))
+        return weight_sum, scale
+
+    @triton.jit
+    def _per_head_tile(TABLE, h, weight_sum, scale, first, local, nrows, ignore_index, eps, ELEM: tl.constexpr,
                        FI: tl.constexpr, PROB: tl.constexpr, INDEX: tl.constexpr, HAS_CW: tl.constexpr,
-                       SMOOTH: tl.constexpr, RED: tl.constexpr, HITS: tl.constexpr, GRAD: tl.constexpr,
-                       EVICT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+                       SMOOTH: tl.constexpr, HITS: tl.constexpr, GRAD: tl.constexpr, EVICT: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """BLOCK_R rows of head h (rows first + local, of nrows): each row's loss, whether it is counted, w_y
-        (the mean's divisor term), hit and invalid class index; with GRAD the rows' gradient, the head weight
-        and the mean's 1 / divisor folded in. The head's fields are reloaded per tile (a few scalars, cached)."""
-        (x_ptr, _, C, S, sN, sC, sS, y_ptr, yN, yS, t_ptr, tN, tC, tS, cw_ptr, g_ptr, gN, gC, gS, d_first,
-         d_count) = _head_fields(TABLE, h, FI)
+        (the mean's divisor term), hit and invalid class index; with GRAD the rows' gradient times `scale`
+        (see _head_scalars). The head's fields are reloaded per tile (a few scalars, cached)."""
+        (x_ptr, _, C, S, sN, sC, sS, y_ptr, yN, yS, t_ptr, tN, tC, tS, cw_ptr, g_ptr, gN, gC, gS, _,
+         _) = _head_fields(TABLE, h, FI)
         C = C.to(tl.int32)  # class indices as in the shared-target kernels (their C is an int32 argument)
         X = x_ptr.to(tl.pointer_type(ELEM))
         T = t_ptr.to(tl.pointer_type(ELEM))
@@ -840,10 +861,6 @@ if _IMPORT_ERROR is None:
         x_row = n * sN + s * sS
         t_row = n * tN + s * tS
         smooth_coef = eps / C
-        weight_sum = tl.load(FTABLE + 3 * h)  # C for a head without class weights
-        if SMOOTH and HAS_CW:
-            if cw_on:
-                weight_sum = _weight_sum(CW, C, BLOCK_C)
         # Class-index terms, all 0 (nothing counted) for a head with a probability target (y_ptr 0).
         counted, good, y, y_safe, w_y, target_coef, smooth_row = _index_row_terms(
             y_ptr.to(tl.pointer_type(tl.int64)), n * yN + s * yS, CW, cw_on, row_mask & (y_ptr != 0), C,
@@ -868,9 +885,6 @@ if _IMPORT_ERROR is None:
             w_y = tl.where(t_on, tl.where(row_mask, 1.0, 0.0), w_y)  # probabilities: the mean is over rows
             hit = tl.where(t_on, row_mask & (arg == t_arg), hit)
         if GRAD:
-            scale = tl.load(FTABLE + 3 * h + 2)  # grad_scale: the head weight
-            if RED == 1:
-                scale = scale * _inv(_head_divisor(DPART, d_first, d_count, BLOCK_D))
             _write_grad_rows(X, x_row, sC, g_ptr.to(tl.pointer_type(ELEM)), n * gN + s * gS, gC, T, t_row, tC, CW,
                              cw_on, t_on, C, row_mask, lse, coef, y_safe, target_coef, smooth_row, eps, smooth_coef,
                              tl.where(counted, scale, 0.0), PROB, INDEX, HAS_CW, SMOOTH, BLOCK_C)
@@ -905,22 +919,26 @@ if _IMPORT_ERROR is None:
         FTABLE = (TABLE + F_OFF).to(tl.pointer_type(tl.float32))
         ELEM: tl.constexpr = REF.dtype.element_ty
         acc = tl.zeros([HP, KP], tl.float32)
-        for i in range(0, nrows, BLOCK_R):
-            local = i + tl.arange(0, BLOCK_R)
-            if ALL_HEADS:
+        if ALL_HEADS:
+            for i in range(0, nrows, BLOCK_R):
+                local = i + tl.arange(0, BLOCK_R)
                 weighted = tl.zeros([BLOCK_R], tl.float32)
                 for h in range(0, H):
+                    weight_sum, scale = _head_scalars(TABLE, FTABLE, DPART, h, FI, HAS_CW, SMOOTH, RED, GRAD,
+                                                      BLOCK_C, BLOCK_D)
                     loss, counted, w_y, hit, bad = _per_head_tile(
-                        TABLE, FTABLE, DPART, h, first, local, nrows, ignore_index, eps, ELEM, FI, PROB, INDEX,
-                        HAS_CW, SMOOTH, RED, HITS, GRAD, EVICT, BLOCK_R, BLOCK_C, BLOCK_D)
+                        TABLE, h, weight_sum, scale, first, local, nrows, ignore_index, eps, ELEM, FI, PROB, INDEX,
+                        HAS_CW, SMOOTH, HITS, GRAD, EVICT, BLOCK_R, BLOCK_C)
                     weighted += tl.load(FTABLE + 3 * h + 1) * loss
                     acc = _add_partials(acc, h, loss, counted, w_y, hit, bad, KP, HP)
-                r = first + local.to(tl.int64)
-                tl.store(LOSS_ROWS + r, weighted, mask=local < nrows)
-            else:
+                tl.store(LOSS_ROWS + (first + local.to(tl.int64)), weighted, mask=local < nrows)
+        else:
+            weight_sum, scale = _head_scalars(TABLE, FTABLE, DPART, head, FI, HAS_CW, SMOOTH, RED, GRAD, BLOCK_C,
+                                              BLOCK_D)
+            for i in range(0, nrows, BLOCK_R):
                 loss, counted, w_y, hit, bad = _per_head_tile(
-                    TABLE, FTABLE, DPART, head, first, local, nrows, ignore_index, eps, ELEM, FI, PROB, INDEX,
-                    HAS_CW, SMOOTH, RED, HITS, GRAD, EVICT, BLOCK_R, BLOCK_C, BLOCK_D)
+                    TABLE, head, weight_sum, scale, first, i + tl.arange(0, BLOCK_R), nrows, ignore_index, eps,
+                    ELEM, FI, PROB, INDEX, HAS_CW, SMOOTH, HITS, GRAD, EVICT, BLOCK_R, BLOCK_C)
                 acc = _add_partials(acc, 0, loss, counted, w_y, hit, bad, KP, HP)
         hs = tl.arange(0, HP)
         ks = tl.arange(0, KP)
