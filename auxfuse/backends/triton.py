@@ -89,14 +89,18 @@ HeadDesc's float fields (as float32 bits) after it: one host-to-device copy per 
 A head's class-index or probability target, class weights or none, sizes and strides are read at run time, so
 one compiled kernel takes any mix. Tiles have one shape ([BLOCK_R, BLOCK_C] from the widest head), so a 3-class
 head next to a 37-class one computes on masked lanes. Loads are not vectorized (pointers and strides come from
-the table). The table needs data_ptr(), which traced tensors lack: under torch.compile or a dispatch mode
-per_head_unavailable_reason() says so and the front end runs the heads one call each, through the triton_op.
+the table). The table needs data_ptr(), which traced tensors lack, so traced calls (torch.compile, make_fx)
+reach the same launches through an opaque custom op, auxfuse::triton_per_head_forward (a fake kernel for the
+shapes; its gradients are one tensor per head, multiplied by grad_output in the traced backward); it is tagged
+cudagraph_unsafe, and while a CUDA graph is captured per_head_unavailable_reason() sends the front end back to
+one call per head (a replay would read the table's freed host buffer).
 
-How the heads reach the shared-target kernels: each head is its own pointer argument (X0..X7, with its own three strides),
-and the kernels loop over the heads with ``tl.static_range``, picking the head's pointer at compile time.
-A table of ``data_ptr()``s in an int64 tensor was the other option; it needs ``data_ptr()`` (which a
-FakeTensor does not have, so ``torch.compile`` could not trace the op) and a host-to-device copy per call
-(one more transfer, and not capturable in a CUDA graph). The cost is a limit of MAX_HEADS heads.
+How the heads reach the shared-target kernels: each head is its own pointer argument (X0..X7, with its own
+three strides), and the kernels loop over the heads with ``tl.static_range``, picking the head's pointer at
+compile time. A table of ``data_ptr()``s in an int64 tensor was the other option (the per-head kernels above
+take it, heads being of any number and size there); it needs ``data_ptr()`` (which a FakeTensor does not have,
+so ``torch.compile`` could not trace the triton_op) and a host-to-device copy per call (one more transfer, and
+not capturable in a CUDA graph). The cost is a limit of MAX_HEADS heads.
 
 Program mapping. A head (N, C, S) is walked as N "outer" rows times S "inner" rows; a classifier head
 (S == 1) is re-viewed as 1 x N, so a program always takes one outer index n and BLOCK_R consecutive inner
@@ -291,17 +295,12 @@ def compute(problem: Problem) -> BackendResult:
             )
     return BackendResult(loss, head_losses, head_correct if problem.want_details else None, count, invalid)
 
-def per_head_unavailable_reason() -> Optional[str]:
-    """Why heads with a target each cannot run in one call here (None when they can: compute_per_head).
 
-    Under torch.compile or a dispatch mode the heads run one call each (through the triton_op): the one-call
-    path reads the tensors' data_ptr()s into its head table, which traced tensors do not have."""
+def per_head_unavailable_reason() -> Optional[str]:
+    """Why heads with a target each cannot run in one call here (None when they can: compute_per_head)."""
     unavailable = unavailable_reason()
     if unavailable:
         return unavailable
-    if _tracing():
-        return ("while tracing (torch.compile, make_fx, a dispatch mode) the triton backend runs heads with a "
-                "target each one call per head: its one-call head table holds data_ptr()s")
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return ("while a CUDA graph is captured the triton backend runs heads with a target each one call per "
                 "head: its one-call head table is copied from a host buffer that a replay would read again")
@@ -323,7 +322,10 @@ def compute_per_head(problems: list[Problem]) -> BackendResult:
     class_weights = [p.class_weight for p in problems]
     options = ([p.head_weights[0] for p in problems], first.ignore_index, first.label_smoothing,
                first.reduction_code, first.want_details)
-    if any(p.needs_grad for p in problems):
+    needs_grad = any(p.needs_grad for p in problems)
+    if _tracing():
+        out = torch.ops.auxfuse.triton_per_head_forward(inputs, targets, class_weights, *options, needs_grad)[:5]
+    elif needs_grad:
         out = _PerHeadFunction.apply(options, targets, class_weights, *inputs)
     else:
         out = _per_head_impl(inputs, targets, class_weights, *options, grad=False)[:5]
@@ -1412,15 +1414,16 @@ if _IMPORT_ERROR is None:
                           BLOCK_P=64, BLOCK_D=block_d),
         )
 
-    def _per_head_grads(inputs, heads):
-        """Every head's gradient in one flat buffer (so that backward scales them all in one launch), each laid
-        out like its head (a class-innermost head gets a class-innermost gradient, as _grad_buffer does):
-        the buffer, the (N, C, S) views the kernel writes, and the same views in the heads' shapes."""
-        flat = heads[0].new_empty((sum(x.numel() for x in heads),))
+    def _per_head_grads(inputs, heads, one_buffer: bool):
+        """Every head's gradient, laid out like its head (a class-innermost head gets a class-innermost
+        gradient, as _grad_buffer does): in one flat buffer (eager: backward scales them all in one launch) or
+        one tensor each (the op's outputs may not alias). Returns the buffer (None unless one_buffer), the
+        (N, C, S) views the kernel writes, and the same in the heads' shapes."""
+        flat = heads[0].new_empty((sum(x.numel() for x in heads),)) if one_buffer else None
         rows, views, offset = [], [], 0
         for x, x3 in zip(inputs, heads):
             N, C, S = x3.shape
-            part = flat[offset: offset + x3.numel()]
+            part = flat[offset: offset + x3.numel()] if one_buffer else x3.new_empty((x3.numel(),))
             offset += x3.numel()
             g3 = part.view(N, S, C).permute(0, 2, 1) if S > 1 and x3.stride(1) == 1 else part.view(N, C, S)
             rows.append(g3)
@@ -1447,21 +1450,26 @@ if _IMPORT_ERROR is None:
                            torch.tensor(floats, dtype=torch.float32).view(torch.int64)])
         device = heads[0].device
         if device.type != "cpu":  # pinned: an asynchronous copy (no wait for the stream's queued work)
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("auxfuse: the triton backend's per-head call cannot be captured in a CUDA graph "
+                                   "(its head table is copied from a host buffer); run the heads one call each")
             table = table.pin_memory().to(device, non_blocking=True)
         return table
 
     def _per_head_impl(inputs, targets, class_weights, head_weights, ignore_index: int, label_smoothing: float,
-                       reduction: int, want_hits: bool, grad: bool):
+                       reduction: int, want_hits: bool, grad: bool, one_buffer: bool = True):
         """The launches of a per-head call: the divisor pre-pass (grad-in-forward mean), the main kernel over
         the work items, the finalize. Returns loss (() or (N, S)), head_losses, head_correct ((0,) unless
-        want_hits), count (H,), invalid, and with grad the gradient buffer and each head's gradient view."""
+        want_hits), count (H,), invalid, and with grad the gradient buffer (one_buffer) and each head's
+        gradient in its shape."""
         heads = [as_rows(x) for x in inputs]
         options = (label_smoothing, reduction, want_hits, grad)
         key = ("per_head", tuple((tuple(x.shape), x.stride()) for x in heads),
                tuple((tuple(t.shape), t.stride()) for t in targets), tuple(cw is None for cw in class_weights),
                heads[0].dtype, heads[0].device, *options)
         plan = _cached_plan(lambda: _per_head_plan(heads, targets, class_weights, *options), key, False)
-        flat, grads, views = _per_head_grads(inputs, heads) if grad else (None, [None] * len(heads), [])
+        flat, grads, views = (_per_head_grads(inputs, heads, one_buffer) if grad
+                              else (None, [None] * len(heads), []))
         table = _head_table(plan, heads, targets, class_weights, grads, head_weights)
         H, P, Q = plan["H"], plan["P"], plan["Q"]
         offsets = dict(W_OFF=H * PH_FIELDS, F_OFF=H * PH_FIELDS + 3 * (P + Q))
@@ -1523,6 +1531,65 @@ if _IMPORT_ERROR is None:
                     scale = grad_loss.reshape(size[0], 1, *size[2:]).to(g.dtype)
                     grads.append(g.mul_(scale) if in_place else g * scale)
             return (None, None, None, *grads)
+
+    # Traced calls (torch.compile, make_fx): an opaque custom op, not a triton_op, because the head table needs
+    # the tensors' data_ptr()s, which only the real call has; its fake kernel gives the shapes. cudagraph_unsafe:
+    # a CUDA graph replay would read the table's host buffer again, long after it was freed.
+    @torch.library.custom_op("auxfuse::triton_per_head_forward", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+    def _per_head_op(
+        heads: list[torch.Tensor],
+        targets: list[torch.Tensor],
+        class_weights: list[Optional[torch.Tensor]],
+        head_weights: list[float],
+        ignore_index: int,
+        label_smoothing: float,
+        reduction: int,
+        want_hits: bool,
+        grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """loss, head_losses, head_correct ((0,) unless want_hits), count (H,), invalid and (grad) each head's
+        gradient, weight and divisor folded in, one tensor per head."""
+        out = _per_head_impl(heads, targets, class_weights, head_weights, ignore_index, label_smoothing, reduction,
+                             want_hits, grad, one_buffer=False)
+        return (*out[:5], out[6])
+
+    @_per_head_op.register_fake
+    def _per_head_fake(heads, targets, class_weights, head_weights, ignore_index, label_smoothing, reduction,
+                       want_hits, grad):
+        H, device = len(heads), heads[0].device
+        rows = [as_rows(x) for x in heads]
+        f32 = dict(dtype=torch.float32, device=device)
+        i64 = dict(dtype=torch.int64, device=device)
+        return (
+            torch.empty(tuple(rows[0].shape[::2]) if reduction == NONE else (), **f32),
+            torch.empty((H,), **f32),
+            torch.empty((H if want_hits else 0,), **i64),
+            torch.empty((H,), **i64),
+            torch.empty((), **i64),
+            _per_head_grads(heads, rows, one_buffer=False)[2] if grad else [],
+        )
+
+    def _per_head_setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*output[1:5], *output[5])
+        ctx.reduction = inputs[6]
+        # backward returns the inputs' structure as register_autograd flattens it: a list (of None) for each
+        # list of tensors only (class_weights with a None in it is one input)
+        ctx.no_grads = [[None] * len(x) if isinstance(x, list) and all(isinstance(v, torch.Tensor) for v in x)
+                        else None for x in inputs[1:]]
+        ctx.save_for_backward(*output[5])
+
+    def _per_head_op_backward(ctx, grad_loss, *unused):
+        grads = ctx.saved_tensors
+        if grad_loss is None or not grads:
+            return None, *ctx.no_grads
+        if ctx.reduction == NONE:  # (N, S): per row, broadcast over the classes
+            grads = [g * grad_loss.reshape(g.shape[0], 1, *g.shape[2:]).to(g.dtype) for g in grads]
+        else:
+            grads = [g * grad_loss.to(g.dtype) for g in grads]
+        return list(grads), *ctx.no_grads
+
+    _per_head_op.register_autograd(_per_head_op_backward, setup_context=_per_head_setup_context)
 
     @torch.library.triton_op("auxfuse::triton_multihead_ce_forward", mutates_args=())
     def _forward_op(

@@ -233,10 +233,53 @@ def test_deterministic(one_call):
     assert all(torch.equal(a, b) for a, b in zip(run(), run()))
 
 
-def test_per_head_unavailable_while_tracing(monkeypatch):
-    assert tb.per_head_unavailable_reason() is None
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert "one call per head" in tb.per_head_unavailable_reason()
+def _compile_case(reduction):
+    g = generator(("ph-compile", reduction))
+    if reduction == "none":  # multi-token heads: one shape
+        heads = [_randn((6, 11), g, torch.float32) for _ in range(2)]
+        targets = auxfuse.shifted_targets(_index((6,), 11, g), 2)
+    else:  # deep supervision
+        heads = [_randn((2, 5, *size), g, torch.float32) for size in PYRAMID[:2]]
+        targets = [_index((2, *size), 5, g, ignore_every=3) for size in PYRAMID[:2]]
+    return heads, targets
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_fullgraph(one_call, reduction):
+    """torch.compile(fullgraph=True) traces the one call as the opaque op auxfuse::triton_per_head_forward
+    (forward and backward; aot_eager on CPU, Inductor on a GPU), against the float64 naive loop."""
+    backend = "aot_eager" if DEVICE == "cpu" else "inductor"
+    heads, targets = _compile_case(reduction)
+    ours = [h.clone().requires_grad_(True) for h in heads]
+    ref_in = [h.detach().double().requires_grad_(True) for h in heads]
+    weights, options = [1.0, 0.5], dict(label_smoothing=0.1, reduction=reduction)
+
+    def fn(a, b, ta, tb_):
+        out = auxfuse.multi_head_cross_entropy((a, b), [ta, tb_], weights, backend="triton", return_details=True,
+                                               **options)
+        return out.loss, out.count
+
+    torch._dynamo.reset()
+    loss, count = torch.compile(fn, fullgraph=True, backend=backend)(*ours, *targets)
+    ref = naive_per_head(ref_in, targets, weights, **options)
+    assert_matches_reference(loss, ref, torch.float32)
+    assert count.tolist() == [int((t != -100).sum()) for t in targets]
+    grad_output = torch.rand(ref.shape, generator=generator("ph-compile-grad"), dtype=torch.float64) + 0.5
+    got = torch.autograd.grad(loss, ours, grad_output.to(loss))
+    want = torch.autograd.grad(ref, ref_in, grad_output)
+    for h, (a, b) in enumerate(zip(got, want)):
+        assert_matches_reference(a, b, torch.float32, heads[h].shape[1], msg=f"head {h} gradient")
+    assert "_per_head_forward_kernel" in one_call
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_opcheck(grad):
+    """The op's schema, fake kernel and autograd registration (torch.library.opcheck)."""
+    heads, targets = _compile_case("mean")
+    heads = [h.requires_grad_(grad) for h in heads]
+    torch.library.opcheck(torch.ops.auxfuse.triton_per_head_forward.default,
+                          (heads, [t.reshape(2, -1) for t in targets], [None, _class_weight(5, generator(1))],
+                           [1.0, 0.5], -100, 0.1, tb.MEAN, True, grad))
 
 
 # --- Compiling the per-head kernels for a Hopper GPU without one (see test_triton_interpret.compile_sm90) ------
