@@ -88,8 +88,11 @@ one int64 tensor (pointers as data_ptr() values, cast in the kernel; 0 for none)
 HeadDesc's float fields (as float32 bits) after it: one host-to-device copy per call (pinned, asynchronous).
 A head's class-index or probability target, class weights or none, sizes and strides are read at run time, so
 one compiled kernel takes any mix. Tiles have one shape ([BLOCK_R, BLOCK_C] from the widest head), so a 3-class
-head next to a 37-class one computes on masked lanes. Loads are not vectorized (pointers and strides come from
-the table). The table needs data_ptr(), which traced tensors lack, so traced calls (torch.compile, make_fx)
+head next to a 37-class one computes on masked lanes. The compiler cannot see alignment in the table's values:
+when every head (and probability target, and gradient) is 16-byte aligned with contiguous classes and C and
+row strides multiples of 16 bytes (LM vocabularies), the host says so (VEC, checked per call) and the kernel
+hints it, so rows stream in 16-byte loads and stores; other layouts (NCHW heads: classes strided by S) use
+scalar, still coalesced, accesses. The table needs data_ptr(), which traced tensors lack, so traced calls (torch.compile, make_fx)
 reach the same launches through an opaque custom op, auxfuse::triton_per_head_forward (a fake kernel for the
 shapes; its gradients are one tensor per head, multiplied by grad_output in the traced backward); it is tagged
 cudagraph_unsafe, and while a CUDA graph is captured per_head_unavailable_reason() sends the front end back to
@@ -847,7 +850,7 @@ if _IMPORT_ERROR is None:
     def _per_head_tile(TABLE, h, weight_sum, scale, first, local, nrows, ignore_index, eps, ELEM: tl.constexpr,
                        FI: tl.constexpr, PROB: tl.constexpr, INDEX: tl.constexpr, HAS_CW: tl.constexpr,
                        SMOOTH: tl.constexpr, HITS: tl.constexpr, GRAD: tl.constexpr, EVICT: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                       VEC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """BLOCK_R rows of head h (rows first + local, of nrows): each row's loss, whether it is counted, w_y
         (the mean's divisor term), hit and invalid class index; with GRAD the rows' gradient times `scale`
         (see _head_scalars). The head's fields are reloaded per tile (a few scalars, cached)."""
@@ -856,12 +859,28 @@ if _IMPORT_ERROR is None:
         C = C.to(tl.int32)  # class indices as in the shared-target kernels (their C is an int32 argument)
         X = x_ptr.to(tl.pointer_type(ELEM))
         T = t_ptr.to(tl.pointer_type(ELEM))
+        G = g_ptr.to(tl.pointer_type(ELEM))
         CW = cw_ptr.to(tl.pointer_type(tl.float32))
         t_on = t_ptr != 0
         cw_on = cw_ptr != 0
         row_mask, n, s = _head_rows(first, local, nrows, S)
         x_row = n * sN + s * sS
         t_row = n * tN + s * tS
+        g_row = n * gN + s * gS
+        if VEC:
+            # What the host checked (_vector_width), told to the compiler, which cannot see it in the table's
+            # values: 16-byte aligned pointers, classes contiguous, rows and C multiples of VEC elements. So the
+            # class chunks move in 16-byte loads and stores.
+            C = tl.multiple_of(C, VEC)
+            X = tl.multiple_of(X, 16)
+            T = tl.multiple_of(T, 16)
+            G = tl.multiple_of(G, 16)
+            x_row = tl.multiple_of(x_row, VEC)
+            t_row = tl.multiple_of(t_row, VEC)
+            g_row = tl.multiple_of(g_row, VEC)
+            sC = 1
+            tC = 1
+            gC = 1
         smooth_coef = eps / C
         # Class-index terms, all 0 (nothing counted) for a head with a probability target (y_ptr 0).
         counted, good, y, y_safe, w_y, target_coef, smooth_row = _index_row_terms(
@@ -887,8 +906,7 @@ if _IMPORT_ERROR is None:
             w_y = tl.where(t_on, tl.where(row_mask, 1.0, 0.0), w_y)  # probabilities: the mean is over rows
             hit = tl.where(t_on, row_mask & (arg == t_arg), hit)
         if GRAD:
-            _write_grad_rows(X, x_row, sC, g_ptr.to(tl.pointer_type(ELEM)), n * gN + s * gS, gC, T, t_row, tC, CW,
-                             cw_on, t_on, C, row_mask, lse, coef, y_safe, target_coef, smooth_row, eps, smooth_coef,
+            _write_grad_rows(X, x_row, sC, G, g_row, gC, T, t_row, tC, CW, cw_on, t_on, C, row_mask, lse, coef, y_safe, target_coef, smooth_row, eps, smooth_coef,
                              tl.where(counted, scale, 0.0), PROB, INDEX, HAS_CW, SMOOTH, BLOCK_C)
         return loss, counted, w_y, hit, bad
 
@@ -908,7 +926,7 @@ if _IMPORT_ERROR is None:
         TABLE, F_OFF, W_OFF, REF, DPART, PART, LOSS_ROWS, H, ignore_index, eps,
         FI: tl.constexpr, ALL_HEADS: tl.constexpr, PROB: tl.constexpr, INDEX: tl.constexpr, HAS_CW: tl.constexpr,
         SMOOTH: tl.constexpr, RED: tl.constexpr, HITS: tl.constexpr, GRAD: tl.constexpr, KP: tl.constexpr,
-        HP: tl.constexpr, EVICT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        HP: tl.constexpr, EVICT: tl.constexpr, VEC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
         """Work item p = (head, first row, rows) of a per-head call, BLOCK_R rows at a time. ALL_HEADS
@@ -930,7 +948,7 @@ if _IMPORT_ERROR is None:
                                                       BLOCK_C, BLOCK_D)
                     loss, counted, w_y, hit, bad = _per_head_tile(
                         TABLE, h, weight_sum, scale, first, local, nrows, ignore_index, eps, ELEM, FI, PROB, INDEX,
-                        HAS_CW, SMOOTH, HITS, GRAD, EVICT, BLOCK_R, BLOCK_C)
+                        HAS_CW, SMOOTH, HITS, GRAD, EVICT, VEC, BLOCK_R, BLOCK_C)
                     weighted += tl.load(FTABLE + 3 * h + 1) * loss
                     acc = _add_partials(acc, h, loss, counted, w_y, hit, bad, KP, HP)
                 tl.store(LOSS_ROWS + (first + local.to(tl.int64)), weighted, mask=local < nrows)
@@ -940,7 +958,7 @@ if _IMPORT_ERROR is None:
             for i in range(0, nrows, BLOCK_R):
                 loss, counted, w_y, hit, bad = _per_head_tile(
                     TABLE, head, weight_sum, scale, first, i + tl.arange(0, BLOCK_R), nrows, ignore_index, eps,
-                    ELEM, FI, PROB, INDEX, HAS_CW, SMOOTH, HITS, GRAD, EVICT, BLOCK_R, BLOCK_C)
+                    ELEM, FI, PROB, INDEX, HAS_CW, SMOOTH, HITS, GRAD, EVICT, VEC, BLOCK_R, BLOCK_C)
                 acc = _add_partials(acc, 0, loss, counted, w_y, hit, bad, KP, HP)
         hs = tl.arange(0, HP)
         ks = tl.arange(0, KP)
@@ -1430,6 +1448,19 @@ if _IMPORT_ERROR is None:
             views.append(g3.view(x.shape))
         return flat, rows, views
 
+    def _vector_width(heads, targets, grads) -> int:
+        """Elements per 16 bytes when every head, probability target and gradient may be read and written in
+        16-byte vectors (aligned, classes contiguous, row strides and C multiples of that), else 0. A fact of
+        the call's pointers, so it is checked per call (a constexpr: two compiled variants at most)."""
+        vec = 16 // heads[0].element_size()
+
+        def aligned(t):
+            sN, sC, sS = t.stride()
+            return sC == 1 and t.data_ptr() % 16 == 0 and sN % vec == 0 and (t.shape[2] == 1 or sS % vec == 0)
+
+        return vec if all(x.shape[1] % vec == 0 and aligned(x) and (t.dim() == 2 or aligned(t))
+                          and (g is None or aligned(g)) for x, t, g in zip(heads, targets, grads)) else 0
+
     def _head_table(plan, heads, targets, class_weights, grads, head_weights) -> torch.Tensor:
         """The call's table as one int64 tensor on the heads' device (one host-to-device copy): PH_FIELDS per
         head (HeadDesc's integer fields and the head's divisor partials), the work items, the divisor items,
@@ -1488,7 +1519,7 @@ if _IMPORT_ERROR is None:
             _run(_per_head_denom_kernel, (Q,), dict(common, D_OFF=offsets["W_OFF"] + 3 * P, DPART=dpart,
                                                      ignore_index=ignore_index, BLOCK=DENOM_BLOCK), traced=False)
         _run(_per_head_forward_kernel, (P,), dict(
-            common, **offsets, **plan["forward"], REF=heads[0], DPART=dpart, PART=part, LOSS_ROWS=loss, H=H,
+            common, **offsets, **plan["forward"], VEC=_vector_width(heads, targets, grads), REF=heads[0], DPART=dpart, PART=part, LOSS_ROWS=loss, H=H,
             ignore_index=ignore_index, eps=float(label_smoothing)), traced=False)
         _run(_per_head_finalize_kernel, (1,), dict(
             common, **offsets, **plan["finalize"], PART=part, NSEG=P * plan["segs"], SEGS=plan["segs"],

@@ -156,6 +156,35 @@ def test_probability_targets(one_call, reduction, dtype):
                    reduction=reduction, label_smoothing=0.1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vectorized_rows(monkeypatch, dtype, reduction):
+    """Class-contiguous heads with C a multiple of 16 bytes (LM vocabularies) take the 16-byte path (VEC > 0),
+    against the oracle; a head sliced out of a wider tensor (rows not 16-byte aligned) turns it off."""
+    g = generator(("ph-vec", str(dtype), reduction))
+    vecs = []
+    run = tb._run
+
+    def record(kernel, grid, args, traced, key=None):
+        if "VEC" in args:
+            vecs.append(args["VEC"])
+        return run(kernel, grid, args, traced, key)
+
+    monkeypatch.setattr(tb, "_run", record)
+    C = 2 * tb.WIDE_BLOCK_C + 16  # several class chunks, the last one partly masked
+    labels = _index((5,), C, g)
+    heads = [_randn((5, C), g, dtype) for _ in range(2)]
+    options = dict(class_weights=[_class_weight(C, g), None], reduction=reduction, label_smoothing=0.1)
+    targets = auxfuse.shifted_targets(labels, 2)
+    check_per_head("triton", heads, targets, [1.0, 0.5], **options)
+    assert vecs == [16 // heads[0].element_size()]
+    # (check_per_head clones its heads, which makes a sliced one contiguous: the decision is checked alone.)
+    sliced = _randn((5, C + 3), g, dtype)[:, 3:]
+    rows, targets = [h.reshape(5, C, 1) for h in (heads[0], sliced)], [t.reshape(5, 1) for t in targets]
+    assert tb._vector_width(rows[:1], targets[:1], [None]) == vecs[0]
+    assert tb._vector_width(rows, targets, [None, None]) == 0
+
+
 def test_channels_last_and_no_grad(one_call):
     """A channels_last head (class stride 1) gets a class-innermost gradient; without grad nothing is saved."""
     g = generator("ph-channels-last")
@@ -322,7 +351,8 @@ def compile_per_head_sm90() -> list[dict]:
 
 
 def test_per_head_kernels_compile_for_sm90():
-    """The interpreter runs Python, not the compiler: every per-head kernel variant compiles for Hopper."""
+    """The interpreter runs Python, not the compiler: every per-head kernel variant compiles for Hopper, without
+    register spills in its loops, and class-contiguous rows use 16-byte memory instructions."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["AUXFUSE_TRITON_REGISTER"] = "1"
     here = os.path.dirname(os.path.abspath(__file__))
@@ -337,3 +367,8 @@ def test_per_head_kernels_compile_for_sm90():
     assert set(names) == PER_HEAD_KERNELS - {"_scale_kernel"} and names.count("_per_head_forward_kernel") == 4
     for r in records:
         assert max((loop["local"] for loop in r["loops"]), default=0) <= 1, f"spills: {r}"
+    if any(r["loops"] for r in records):  # cuobjdump found: LM rows (VEC) stream in 16-byte loads and stores
+        (lm,) = [r for r in records if r["case"] == "lm" and r["kernel"] == "_per_head_forward_kernel"]
+        assert lm["constexprs"]["VEC"] == 8
+        assert max(loop["loads128"] for loop in lm["loops"]) >= 2, lm
+        assert max(loop["stores128"] for loop in lm["loops"]) >= 2, lm
