@@ -83,20 +83,20 @@ compute_per_head) have their own kernels, one launch per pass for all heads what
   _per_head_finalize_kernel  one program: the items' partial sums, per head, in a fixed order
   _scale_kernel              backward (mean / sum): every head's gradient lives in one flat buffer, one launch
 
-Each program reads its head from a head table: the fields of HeadDesc (csrc/multihead_ce.h) in its order, as
-one int64 tensor (pointers as data_ptr() values, cast in the kernel; 0 for none), with the work items and
-HeadDesc's float fields (as float32 bits) after it: one host-to-device copy per call (pinned, asynchronous).
-A head's class-index or probability target, class weights or none, sizes and strides are read at run time, so
-one compiled kernel takes any mix. Tiles have one shape ([BLOCK_R, BLOCK_C] from the widest head), so a 3-class
-head next to a 37-class one computes on masked lanes. The compiler cannot see alignment in the table's values:
-when every head (and probability target, and gradient) is 16-byte aligned with contiguous classes and C and
-row strides multiples of 16 bytes (LM vocabularies), the host says so (VEC, checked per call) and the kernel
-hints it, so rows stream in 16-byte loads and stores; other layouts (NCHW heads: classes strided by S) use
-scalar, still coalesced, accesses. The table needs data_ptr(), which traced tensors lack, so traced calls (torch.compile, make_fx)
-reach the same launches through an opaque custom op, auxfuse::triton_per_head_forward (a fake kernel for the
-shapes; its gradients are one tensor per head, multiplied by grad_output in the traced backward); it is tagged
-cudagraph_unsafe, and while a CUDA graph is captured per_head_unavailable_reason() sends the front end back to
-one call per head (a replay would read the table's freed host buffer).
+Each program reads its head from a head table: the fields of HeadDesc (csrc/multihead_ce.h) in its order, as one
+int64 tensor (pointers as data_ptr() values, cast in the kernel; 0 for none), with the work items and HeadDesc's
+float fields (as float32 bits) after it: one host-to-device copy per call (pinned, asynchronous). A head's
+class-index or probability target, class weights or none, sizes and strides are read at run time, so one compiled
+kernel takes any mix. Tiles have one shape ([BLOCK_R, BLOCK_C] from the widest head), so a 3-class head next to a
+37-class one computes on masked lanes. The compiler cannot see alignment in the table's values: when every head
+(and probability target, and gradient) is 16-byte aligned with contiguous classes and C and row strides multiples
+of 16 bytes (LM vocabularies), the host says so (VEC, checked per call) and the kernel hints it, so rows stream in
+16-byte loads and stores; other layouts (NCHW heads: classes strided by S) use scalar, still coalesced, accesses.
+The table needs data_ptr(), which traced tensors lack, so traced calls (torch.compile, make_fx) reach the same
+launches through an opaque custom op, auxfuse::triton_per_head_forward (a fake kernel for the shapes; its
+gradients are one tensor per head, multiplied by grad_output in the traced backward); it is tagged
+cudagraph_unsafe, and while a CUDA graph is captured per_head_unavailable_reason() sends the front end back to one
+call per head (a replay would read the table's freed host buffer).
 
 How the heads reach the shared-target kernels: each head is its own pointer argument (X0..X7, with its own
 three strides), and the kernels loop over the heads with ``tl.static_range``, picking the head's pointer at
@@ -906,8 +906,9 @@ if _IMPORT_ERROR is None:
             w_y = tl.where(t_on, tl.where(row_mask, 1.0, 0.0), w_y)  # probabilities: the mean is over rows
             hit = tl.where(t_on, row_mask & (arg == t_arg), hit)
         if GRAD:
-            _write_grad_rows(X, x_row, sC, G, g_row, gC, T, t_row, tC, CW, cw_on, t_on, C, row_mask, lse, coef, y_safe, target_coef, smooth_row, eps, smooth_coef,
-                             tl.where(counted, scale, 0.0), PROB, INDEX, HAS_CW, SMOOTH, BLOCK_C)
+            _write_grad_rows(X, x_row, sC, G, g_row, gC, T, t_row, tC, CW, cw_on, t_on, C, row_mask, lse, coef,
+                             y_safe, target_coef, smooth_row, eps, smooth_coef, tl.where(counted, scale, 0.0), PROB,
+                             INDEX, HAS_CW, SMOOTH, BLOCK_C)
         return loss, counted, w_y, hit, bad
 
     @triton.jit
@@ -1519,8 +1520,9 @@ if _IMPORT_ERROR is None:
             _run(_per_head_denom_kernel, (Q,), dict(common, D_OFF=offsets["W_OFF"] + 3 * P, DPART=dpart,
                                                      ignore_index=ignore_index, BLOCK=DENOM_BLOCK), traced=False)
         _run(_per_head_forward_kernel, (P,), dict(
-            common, **offsets, **plan["forward"], VEC=_vector_width(heads, targets, grads), REF=heads[0], DPART=dpart, PART=part, LOSS_ROWS=loss, H=H,
-            ignore_index=ignore_index, eps=float(label_smoothing)), traced=False)
+            common, **offsets, **plan["forward"], VEC=_vector_width(heads, targets, grads), REF=heads[0],
+            DPART=dpart, PART=part, LOSS_ROWS=loss, H=H, ignore_index=ignore_index, eps=float(label_smoothing)),
+            traced=False)
         _run(_per_head_finalize_kernel, (1,), dict(
             common, **offsets, **plan["finalize"], PART=part, NSEG=P * plan["segs"], SEGS=plan["segs"],
             DPART=dpart, LOSS=loss, HEAD_LOSSES=head_losses, HEAD_CORRECT=head_correct, COUNT=count,
