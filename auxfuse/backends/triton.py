@@ -71,11 +71,39 @@ be tested without a GPU.
 
 The per-row formulas are the ones of csrc/multihead_ce.h; the oracle is reference.py.
 
-How the heads reach the kernels: each head is its own pointer argument (X0..X7, with its own three strides),
-and the kernels loop over the heads with ``tl.static_range``, picking the head's pointer at compile time.
-A table of ``data_ptr()``s in an int64 tensor was the other option; it needs ``data_ptr()`` (which a
-FakeTensor does not have, so ``torch.compile`` could not trace the op) and a host-to-device copy per call
-(one more transfer, and not capturable in a CUDA graph). The cost is a limit of MAX_HEADS heads.
+Heads with a target each (deep supervision, multi-token, multi-task: the front end's one call,
+compute_per_head) have their own kernels, one launch per pass for all heads whatever their sizes:
+
+  _per_head_denom_kernel     grad-in-forward mean only: each head's divisor partials, over its own items
+  _per_head_forward_kernel   a grid over host-built work items (head, first row, rows) of about equal work
+                             (rows x class chunks), so a 128x128 head and a 16x16 one share the grid in
+                             proportion to their size; reduction none: an item is the same rows of every head
+                             (their weighted losses summed in the program). Always grad-in-forward when a
+                             gradient is needed (each head's weight and 1 / its own divisor folded in)
+  _per_head_finalize_kernel  one program: the items' partial sums, per head, in a fixed order
+  _scale_kernel              backward (mean / sum): every head's gradient lives in one flat buffer, one launch
+
+Each program reads its head from a head table: the fields of HeadDesc (csrc/multihead_ce.h) in its order, as one
+int64 tensor (pointers as data_ptr() values, cast in the kernel; 0 for none), with the work items and HeadDesc's
+float fields (as float32 bits) after it: one host-to-device copy per call (pinned, asynchronous). A head's
+class-index or probability target, class weights or none, sizes and strides are read at run time, so one compiled
+kernel takes any mix. Tiles have one shape ([BLOCK_R, BLOCK_C] from the widest head), so a 3-class head next to a
+37-class one computes on masked lanes. The compiler cannot see alignment in the table's values: when every head
+(and probability target, and gradient) is 16-byte aligned with contiguous classes and C and row strides multiples
+of 16 bytes (LM vocabularies), the host says so (VEC, checked per call) and the kernel hints it, so rows stream in
+16-byte loads and stores; other layouts (NCHW heads: classes strided by S) use scalar, still coalesced, accesses.
+The table needs data_ptr(), which traced tensors lack, so traced calls (torch.compile, make_fx) reach the same
+launches through an opaque custom op, auxfuse::triton_per_head_forward (a fake kernel for the shapes; its
+gradients are one tensor per head, multiplied by grad_output in the traced backward); it is tagged
+cudagraph_unsafe, and while a CUDA graph is captured per_head_unavailable_reason() sends the front end back to one
+call per head (a replay would read the table's freed host buffer).
+
+How the heads reach the shared-target kernels: each head is its own pointer argument (X0..X7, with its own
+three strides), and the kernels loop over the heads with ``tl.static_range``, picking the head's pointer at
+compile time. A table of ``data_ptr()``s in an int64 tensor was the other option (the per-head kernels above
+take it, heads being of any number and size there); it needs ``data_ptr()`` (which a FakeTensor does not have,
+so ``torch.compile`` could not trace the triton_op) and a host-to-device copy per call (one more transfer, and
+not capturable in a CUDA graph). The cost is a limit of MAX_HEADS heads.
 
 Program mapping. A head (N, C, S) is walked as N "outer" rows times S "inner" rows; a classifier head
 (S == 1) is re-viewed as 1 x N, so a program always takes one outer index n and BLOCK_R consecutive inner
@@ -165,6 +193,14 @@ else:
     DENOM_MIN_ROWS = 8192
     SCALE_BLOCK = 4096
     SCALE_MAX_PROGRAMS = 1024  # grid-stride loop beyond (when grad_output is 1, each program is one load)
+if INTERPRET:
+    PH_TILE = 128  # rows x classes of a per-head tile: small, so CPU tests reach several tiles per work item
+    PH_PROGRAMS = 4  # a per-head call's work items, about (more when a head is larger than one item's share)
+else:
+    PH_TILE = TILE // 2  # 8 warps: 8 elements of a tile per thread; a mixed call spills at 4096
+    PH_PROGRAMS = 4 * MIN_PROGRAMS
+PH_MAX_ROWS = 1 << 20  # rows of a per-head work item, at most: its partial counts stay exact in float32
+PH_FIELDS = 21  # int64 fields per head in the per-head table (_head_fields)
 DENOM_MAX_PROGRAMS = 1024  # the main kernel sums this many pre-pass partials, at most
 FINALIZE_BLOCK = 256
 
@@ -263,6 +299,43 @@ def compute(problem: Problem) -> BackendResult:
     return BackendResult(loss, head_losses, head_correct if problem.want_details else None, count, invalid)
 
 
+def per_head_unavailable_reason() -> Optional[str]:
+    """Why heads with a target each cannot run in one call here (None when they can: compute_per_head)."""
+    unavailable = unavailable_reason()
+    if unavailable:
+        return unavailable
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return ("while a CUDA graph is captured the triton backend runs heads with a target each one call per "
+                "head: its one-call head table is copied from a host buffer that a replay would read again")
+    return None
+
+
+def compute_per_head(problems: list[Problem]) -> BackendResult:
+    """Every head with its own target and class weight (one validated one-head Problem each) in one launch per
+    pass: heads of their own sizes, class counts and target kinds; each head's mean divides by its own
+    divisor. count is per head, (H,). Gradients are computed in the forward (see _PerHeadFunction).
+
+    Example (CUDA, or CPU tensors under TRITON_INTERPRET=1):
+        >>> loss = auxfuse.multi_head_cross_entropy([out8, out4], [t8, t4], [1.0, 0.5],     # doctest: +SKIP
+        ...                                         backend="triton")
+    """
+    first = problems[0]
+    inputs = [p.inputs[0] for p in problems]
+    targets = [p.target for p in problems]
+    class_weights = [p.class_weight for p in problems]
+    options = ([p.head_weights[0] for p in problems], first.ignore_index, first.label_smoothing,
+               first.reduction_code, first.want_details)
+    needs_grad = any(p.needs_grad for p in problems)
+    if _tracing():
+        out = torch.ops.auxfuse.triton_per_head_forward(inputs, targets, class_weights, *options, needs_grad)[:5]
+    elif needs_grad:
+        out = _PerHeadFunction.apply(options, targets, class_weights, *inputs)
+    else:
+        out = _per_head_impl(inputs, targets, class_weights, *options, grad=False)[:5]
+    loss, head_losses, head_correct, count, invalid = out
+    return BackendResult(loss, head_losses, head_correct if first.want_details else None, count, invalid)
+
+
 if _IMPORT_ERROR is None:
 
     @triton.jit
@@ -321,28 +394,36 @@ if _IMPORT_ERROR is None:
         return tl.where(d == 0.0, float("inf"), 1.0 / tl.where(d == 0.0, 1.0, d))
 
     @triton.jit
-    def _index_row_terms(T, t_row, CW, row_mask, C, ignore_index, eps, HAS_CW: tl.constexpr):
+    def _index_row_terms(T, t_row, CW, cw_on, row_mask, C, ignore_index, eps, HAS_CW: tl.constexpr):
         """Per row of class-index targets: counted, good (a valid class), the safe class, w_y, the target's
-        coefficient (1 - eps) w_y and the smoothing term of the gradient."""
+        coefficient (1 - eps) w_y and the smoothing term of the gradient. cw_on: this head has class weights
+        (the per-head kernel's heads each have their own, or none; the shared-target kernels pass True)."""
         y = tl.load(T + t_row, mask=row_mask, other=ignore_index)
         counted = row_mask & (y != ignore_index)
         good = counted & (y >= 0) & (y < C)
         y_safe = tl.where(good, y, 0)
+        w_y = tl.where(good, 1.0, 0.0)
         if HAS_CW:
-            w_y = tl.load(CW + y_safe, mask=good, other=0.0)
-        else:
-            w_y = tl.where(good, 1.0, 0.0)
+            w_y = tl.where(cw_on, tl.load(CW + y_safe, mask=good & cw_on, other=0.0), w_y)
         target_coef = (1.0 - eps) * w_y
         smooth_row = tl.where(counted, eps / C, 0.0)
         return counted, good, y, y_safe, w_y, target_coef, smooth_row
 
     @triton.jit
-    def _write_grad_rows(X, x_row, SC, G, g_row, G_SC, T, t_row, T_SC, CW, C, row_mask, lse, coef, y_safe,
-                         target_coef, smooth_row, eps, smooth_coef, row_scale,
-                         PROB: tl.constexpr, HAS_CW: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _chunk_class_weights(CW, cols, col_mask, cw_on):
+        """w_c of a chunk of classes: the head's class weights, or 1 for a head without (cw_on False: CW is
+        never read). Lanes past C hold 0 or 1; every sum they could reach multiplies them by 0."""
+        return tl.where(cw_on, tl.load(CW + cols, mask=col_mask & cw_on, other=0.0), 1.0)
+
+    @triton.jit
+    def _write_grad_rows(X, x_row, SC, G, g_row, G_SC, T, t_row, T_SC, CW, cw_on, t_on, C, row_mask, lse, coef,
+                         y_safe, target_coef, smooth_row, eps, smooth_coef, row_scale,
+                         PROB: tl.constexpr, INDEX: tl.constexpr, HAS_CW: tl.constexpr, SMOOTH: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
         """One head's gradient for BLOCK_R rows, BLOCK_C columns at a time: the logits read once more (evicted
         first: not read again), the gradient scaled by row_scale and rounded once to the gradient's dtype.
-        Shared by the backward kernel and the forward kernel's grad-in-forward pass."""
+        Shared by the backward kernel and the forward kernels' grad-in-forward pass. cw_on / t_on: this head
+        has class weights / a probability target (per head in the per-head kernel, True in the others)."""
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             col_mask = cols < C
@@ -353,27 +434,29 @@ if _IMPORT_ERROR is None:
             wc = x  # placeholders, replaced below when used
             t = x
             if HAS_CW and (SMOOTH or PROB):
-                wc = tl.load(CW + cols, mask=col_mask, other=0.0)
+                wc = _chunk_class_weights(CW, cols, col_mask, cw_on)
             if PROB:
-                t = tl.load(T + (t_row[:, None] + cols64[None, :] * T_SC), mask=mask, other=0.0)
+                t = tl.load(T + (t_row[:, None] + cols64[None, :] * T_SC), mask=mask & t_on, other=0.0)
                 t = t.to(tl.float32)
             grad = _grad_chunk(x, t, wc, cols64, lse, coef, y_safe, target_coef, smooth_row, eps, smooth_coef,
-                               PROB, HAS_CW, SMOOTH)
+                               t_on, PROB, INDEX, HAS_CW, SMOOTH)
             grad = grad * row_scale[:, None]
             tl.store(G + (g_row[:, None] + cols64[None, :] * G_SC), grad.to(G.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _grad_chunk(x, t, wc, cols64, lse, coef, y_safe, target_coef, smooth_row, eps, smooth_coef,
-                    PROB: tl.constexpr, HAS_CW: tl.constexpr, SMOOTH: tl.constexpr):
+    def _grad_chunk(x, t, wc, cols64, lse, coef, y_safe, target_coef, smooth_row, eps, smooth_coef, t_on,
+                    PROB: tl.constexpr, INDEX: tl.constexpr, HAS_CW: tl.constexpr, SMOOTH: tl.constexpr):
         """d loss_row / d x for one [BLOCK_R, BLOCK_C] chunk, in fp32, before the row's scale (shared by the
-        backward kernel and the forward kernel's grad-in-forward pass)."""
+        backward kernel and the forward kernels' grad-in-forward pass). PROB / INDEX: some rows have
+        probability / class-index targets (both in a per-head launch mixing them: a row of one kind has 0 in
+        the other's terms: t_on False, or target_coef and smooth_row 0)."""
         grad = tl.exp(x - lse[:, None]) * coef[:, None]
         if PROB:
             t_smooth = (1.0 - eps) * t + smooth_coef
             if HAS_CW:
                 t_smooth = t_smooth * wc[None, :]
-            grad -= t_smooth
-        else:
+            grad -= tl.where(t_on, t_smooth, 0.0)
+        if INDEX:
             # p - 1 at the target, in fp32, before rounding to the logits' dtype.
             grad = tl.where(cols64[None, :] == y_safe[:, None], grad - target_coef[:, None], grad)
             if SMOOTH:
@@ -382,6 +465,85 @@ if _IMPORT_ERROR is None:
                 else:
                     grad -= smooth_row[:, None]
         return grad
+
+    @triton.jit
+    def _row_pass(X, x_row, SC, T, t_row, T_SC, CW, cw_on, t_on, C, row_mask, wt, t_max, t_arg,
+                  PROB: tl.constexpr, HAS_CW: tl.constexpr, SMOOTH: tl.constexpr, HITS: tl.constexpr,
+                  TARGET_STATS: tl.constexpr, EVICT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One head's pass over BLOCK_R rows, BLOCK_C classes at a time (online softmax). Returns lse, log s, the
+        max m (lse 0 and m 0 on masked rows: nothing is stored for them), the first argmax, sum_c w_c x_c
+        (smoothing), sum_c w_c t_c x_c (probability targets), and with TARGET_STATS the target's own sums
+        (wt = sum_c w_c t_c and its first argmax t_arg / max t_max), accumulated onto the values passed in
+        (the shared-target kernel takes them from head 0 only). cw_on / t_on: see _write_grad_rows."""
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        sum_exp = tl.zeros([BLOCK_R], tl.float32)
+        arg = tl.zeros([BLOCK_R], tl.int32)
+        wx = tl.zeros([BLOCK_R], tl.float32)  # sum_c w_c x_c (smoothing)
+        wtx = tl.zeros([BLOCK_R], tl.float32)  # sum_c w_c t_c x_c (probability targets)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            col_mask = cols < C
+            mask = row_mask[:, None] & col_mask[None, :]
+            cols64 = cols.to(tl.int64)
+            x = tl.load(X + (x_row[:, None] + cols64[None, :] * SC), mask=mask, other=float("-inf"),
+                        eviction_policy=EVICT)
+            x = x.to(tl.float32)
+            chunk_max = tl.max(x, 1)
+            m_new = tl.maximum(m, chunk_max)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows of -inf only: no NaN here
+            sum_exp = sum_exp * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
+            if HITS:
+                chunk_arg = tl.argmax(x, 1, tie_break_left=True).to(tl.int32) + c0
+                arg = tl.where(chunk_max > m, chunk_arg, arg)  # strictly greater: the first maximum
+            m = m_new
+            if SMOOTH or PROB:
+                x_zero = tl.where(mask, x, 0.0)  # masked elements hold -inf; these sums want 0
+            if HAS_CW and (SMOOTH or PROB):
+                wc = _chunk_class_weights(CW, cols, col_mask, cw_on)
+            if SMOOTH:
+                if HAS_CW:
+                    wx += tl.sum(x_zero * wc[None, :], 1)
+                else:
+                    wx += tl.sum(x_zero, 1)
+            if PROB:
+                t = tl.load(T + (t_row[:, None] + cols64[None, :] * T_SC), mask=mask & t_on, other=0.0)
+                t = t.to(tl.float32)
+                if HAS_CW:
+                    w_t = t * wc[None, :]
+                else:
+                    w_t = t
+                wtx += tl.sum(w_t * x_zero, 1)
+                if TARGET_STATS:
+                    wt += tl.sum(w_t, 1)
+                    if HITS:
+                        t_masked = tl.where(mask, t, float("-inf"))
+                        t_chunk_max = tl.max(t_masked, 1)
+                        t_chunk_arg = tl.argmax(t_masked, 1, tie_break_left=True).to(tl.int32) + c0
+                        t_arg = tl.where(t_chunk_max > t_max, t_chunk_arg, t_arg)
+                        t_max = tl.maximum(t_max, t_chunk_max)
+        log_s = tl.log(tl.where(row_mask, sum_exp, 1.0))
+        m = tl.where(row_mask, m, 0.0)
+        return m + log_s, log_s, m, arg, wx, wtx, wt, t_max, t_arg
+
+    @triton.jit
+    def _prob_row_loss(lse, coef, wtx, wx, row_mask, eps, smooth_coef, SMOOTH: tl.constexpr):
+        """A row's loss for a probability target: coef * lse - sum_c w_c t'_c x_c (coef = sum_c w_c t'_c)."""
+        loss = coef * lse - (1.0 - eps) * wtx
+        if SMOOTH:
+            loss -= smooth_coef * wx
+        return tl.where(row_mask, loss, 0.0)
+
+    @triton.jit
+    def _index_row_loss(X, x_row, SC, lse, log_s, m, wx, y_safe, counted, good, bad, target_coef, smooth_coef,
+                        weight_sum, SMOOTH: tl.constexpr):
+        """A row's loss for a class index (x_y read once more, only for valid targets); 0 where not counted,
+        NaN for an index outside [0, C)."""
+        x_y = tl.load(X + (x_row + y_safe * SC), mask=good, other=0.0).to(tl.float32)
+        loss = target_coef * (log_s - (x_y - m))
+        if SMOOTH:
+            loss += smooth_coef * (weight_sum * lse - wx)
+        loss = tl.where(counted, loss, 0.0)
+        return tl.where(bad, float("nan"), loss)
 
     @triton.jit
     def _denom_kernel(
@@ -431,15 +593,15 @@ if _IMPORT_ERROR is None:
         y_safe = tl.zeros([BLOCK_R], tl.int64)  # placeholders for probability targets
         target_coef = tl.zeros([BLOCK_R], tl.float32)
         smooth_row = tl.zeros([BLOCK_R], tl.float32)
+        wt = tl.zeros([BLOCK_R], tl.float32)  # sum_c w_c t_c (probability targets: head 0 computes it)
+        t_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        t_arg = tl.zeros([BLOCK_R], tl.int32)
         if PROB:
             counted = row_mask
             w_y = tl.where(row_mask, 1.0, 0.0)
-            wt = tl.zeros([BLOCK_R], tl.float32)  # sum_c w_c t_c (head 0 computes it)
-            t_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
-            t_arg = tl.zeros([BLOCK_R], tl.int32)
         else:
             counted, good, y, y_safe, w_y, target_coef, smooth_row = _index_row_terms(
-                T, t_row, CW, row_mask, C, ignore_index, eps, HAS_CW)
+                T, t_row, CW, True, row_mask, C, ignore_index, eps, HAS_CW)
             bad = counted != good  # a class index outside [0, C): never read, NaN loss
             coef = tl.where(good, target_coef + smooth_coef * weight_sum, 0.0)
             coef = tl.where(bad, float("nan"), coef)
@@ -463,80 +625,26 @@ if _IMPORT_ERROR is None:
             SC = _sel(h, SC0, SC1, SC2, SC3, SC4, SC5, SC6, SC7)
             SS = _sel(h, SS0, SS1, SS2, SS3, SS4, SS5, SS6, SS7)
             x_row = n64 * SN + s64 * SS
-            m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-            sum_exp = tl.zeros([BLOCK_R], tl.float32)
-            arg = tl.zeros([BLOCK_R], tl.int32)
-            wx = tl.zeros([BLOCK_R], tl.float32)  # sum_c w_c x_c (smoothing)
-            wtx = tl.zeros([BLOCK_R], tl.float32)  # sum_c w_c t_c x_c (probability targets)
-            for c0 in range(0, C, BLOCK_C):
-                cols = c0 + tl.arange(0, BLOCK_C)
-                col_mask = cols < C
-                mask = row_mask[:, None] & col_mask[None, :]
-                cols64 = cols.to(tl.int64)
-                x = tl.load(X + (x_row[:, None] + cols64[None, :] * SC), mask=mask, other=float("-inf"),
-                            eviction_policy=EVICT)
-                x = x.to(tl.float32)
-                chunk_max = tl.max(x, 1)
-                m_new = tl.maximum(m, chunk_max)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows of -inf only: no NaN here
-                sum_exp = sum_exp * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
-                if HITS:
-                    chunk_arg = tl.argmax(x, 1, tie_break_left=True).to(tl.int32) + c0
-                    arg = tl.where(chunk_max > m, chunk_arg, arg)  # strictly greater: the first maximum
-                m = m_new
-                if SMOOTH or PROB:
-                    x_zero = tl.where(mask, x, 0.0)  # masked elements hold -inf; these sums want 0
-                if HAS_CW and (SMOOTH or PROB):
-                    wc = tl.load(CW + cols, mask=col_mask, other=0.0)
-                if SMOOTH:
-                    if HAS_CW:
-                        wx += tl.sum(x_zero * wc[None, :], 1)
-                    else:
-                        wx += tl.sum(x_zero, 1)
-                if PROB:
-                    t = tl.load(T + (t_row[:, None] + cols64[None, :] * T_SC), mask=mask, other=0.0)
-                    t = t.to(tl.float32)
-                    if HAS_CW:
-                        w_t = t * wc[None, :]
-                    else:
-                        w_t = t
-                    wtx += tl.sum(w_t * x_zero, 1)
-                    if h == 0:
-                        wt += tl.sum(w_t, 1)
-                        if HITS:
-                            t_masked = tl.where(mask, t, float("-inf"))
-                            t_chunk_max = tl.max(t_masked, 1)
-                            t_chunk_arg = tl.argmax(t_masked, 1, tie_break_left=True).to(tl.int32) + c0
-                            t_arg = tl.where(t_chunk_max > t_max, t_chunk_arg, t_arg)
-                            t_max = tl.maximum(t_max, t_chunk_max)
-            # Rows past the end (masked) get lse 0 instead of -inf: nothing is stored for them.
-            log_s = tl.log(tl.where(row_mask, sum_exp, 1.0))
-            m = tl.where(row_mask, m, 0.0)
-            lse = m + log_s
+            lse, log_s, m, arg, wx, wtx, wt, t_max, t_arg = _row_pass(
+                X, x_row, SC, T, t_row, T_SC, CW, True, True, C, row_mask, wt, t_max, t_arg,
+                PROB, HAS_CW, SMOOTH, HITS, h == 0, EVICT, BLOCK_R, BLOCK_C)
             if PROB:
                 coef = (1.0 - eps) * wt + smooth_coef * weight_sum
-                loss = coef * lse - (1.0 - eps) * wtx
-                if SMOOTH:
-                    loss -= smooth_coef * wx
-                loss = tl.where(row_mask, loss, 0.0)
+                loss = _prob_row_loss(lse, coef, wtx, wx, row_mask, eps, smooth_coef, SMOOTH)
                 if HITS:
                     hit = row_mask & (arg == t_arg)
             else:
-                x_y = tl.load(X + (x_row + y_safe * SC), mask=good, other=0.0).to(tl.float32)
-                loss = target_coef * (log_s - (x_y - m))
-                if SMOOTH:
-                    loss += smooth_coef * (weight_sum * lse - wx)
-                loss = tl.where(counted, loss, 0.0)
-                loss = tl.where(bad, float("nan"), loss)
+                loss = _index_row_loss(X, x_row, SC, lse, log_s, m, wx, y_safe, counted, good, bad, target_coef,
+                                       smooth_coef, weight_sum, SMOOTH)
                 if HITS:
                     hit = good & (arg == y)
             if GRAD:
                 # Second pass over the row (just read: L2 / L1), the gradient with everything folded in.
                 G = _sel(h, G0, G1, G2, G3, G4, G5, G6, G7)
                 row_scale = scale * _sel(h, W0, W1, W2, W3, W4, W5, W6, W7)
-                _write_grad_rows(X, x_row, SC, G, g_row, G_SC, T, t_row, T_SC, CW, C, row_mask, lse, coef, y_safe,
-                                 target_coef, smooth_row, eps, smooth_coef, row_scale, PROB, HAS_CW, SMOOTH,
-                                 BLOCK_C)
+                _write_grad_rows(X, x_row, SC, G, g_row, G_SC, T, t_row, T_SC, CW, True, True, C, row_mask, lse,
+                                 coef, y_safe, target_coef, smooth_row, eps, smooth_coef, row_scale, PROB, not PROB,
+                                 HAS_CW, SMOOTH, BLOCK_C)
             if SAVE:
                 tl.store(LSE + (tl.cast(R, tl.int64) * h + r), lse, mask=row_mask)
             if RED == 0:
@@ -633,7 +741,7 @@ if _IMPORT_ERROR is None:
             counted = row_mask
         else:
             counted, good, y, y_safe, w_y, target_coef, smooth_row = _index_row_terms(
-                T, t_row, CW, row_mask, C, ignore_index, eps, HAS_CW)
+                T, t_row, CW, True, row_mask, C, ignore_index, eps, HAS_CW)
         # Rows that count for nothing get exactly zero (also when all are ignored and the divisor is 0).
         scale = tl.where(counted, g, 0.0)
         coef = tl.load(COEF + r, mask=row_mask, other=0.0)
@@ -647,8 +755,9 @@ if _IMPORT_ERROR is None:
             x_row = n64 * SN + s64 * SS
             lse = tl.load(LSE + (tl.cast(R, tl.int64) * h + r), mask=row_mask, other=0.0)
             row_scale = scale * _sel(h, W0, W1, W2, W3, W4, W5, W6, W7)
-            _write_grad_rows(X, x_row, SC, G, g_row, G_SC, T, t_row, T_SC, CW, C, row_mask, lse, coef, y_safe,
-                             target_coef, smooth_row, eps, smooth_coef, row_scale, PROB, HAS_CW, SMOOTH, BLOCK_C)
+            _write_grad_rows(X, x_row, SC, G, g_row, G_SC, T, t_row, T_SC, CW, True, True, C, row_mask, lse, coef,
+                             y_safe, target_coef, smooth_row, eps, smooth_coef, row_scale, PROB, not PROB, HAS_CW,
+                             SMOOTH, BLOCK_C)
 
     @triton.jit
     def _scale_loop(SRC, DST, NUMEL, g, BLOCK: tl.constexpr):
@@ -670,6 +779,243 @@ if _IMPORT_ERROR is None:
                 _scale_loop(SRC, DST, NUMEL, g, BLOCK)
         else:
             _scale_loop(SRC, DST, NUMEL, g, BLOCK)
+
+    # --- One target per head (compute_per_head): one launch per pass for all heads, from a head table --------
+
+    @triton.jit
+    def _head_fields(TABLE, h, FI: tl.constexpr):
+        """Head h's row of the head table: the integer fields of HeadDesc (csrc/multihead_ce.h) in its order,
+        pointers as integers (0 for none), then the range of the head's divisor partials (PH_FIELDS)."""
+        row = TABLE + h * FI
+        return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
+                tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), tl.load(row + 9),
+                tl.load(row + 10), tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), tl.load(row + 14),
+                tl.load(row + 15), tl.load(row + 16), tl.load(row + 17), tl.load(row + 18), tl.load(row + 19),
+                tl.load(row + 20))
+
+    @triton.jit
+    def _head_rows(first, local, nrows, S):
+        """Rows first + local of a head with S inner rows (of nrows from first): the mask, n and s (int64)."""
+        r = first + local.to(tl.int64)
+        n = r // S
+        return local < nrows, n, r - n * S
+
+    @triton.jit
+    def _head_divisor(DPART, d_first, d_count, BLOCK_D: tl.constexpr):
+        """A head's mean divisor: its pre-pass partials summed in a fixed order (the main and the finalize
+        kernels both call this, so the gradient and the loss divide by bitwise the same value)."""
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for j in range(0, d_count, BLOCK_D):
+            offs = j + tl.arange(0, BLOCK_D)
+            acc += tl.load(DPART + (d_first + offs), mask=offs < d_count, other=0.0)
+        return tl.sum(acc, 0)
+
+    @triton.jit
+    def _per_head_denom_kernel(TABLE, D_OFF, DPART, ignore_index, FI: tl.constexpr, BLOCK: tl.constexpr):
+        """Pre-pass of a grad-in-forward mean: DPART[q] = the sum of w_y over the counted targets of divisor item
+        q (head, first row, rows), in a fixed order; a head with a probability target counts its rows."""
+        q = tl.program_id(0).to(tl.int64)
+        item = TABLE + D_OFF + 3 * q
+        h, first, nrows = tl.load(item), tl.load(item + 1), tl.load(item + 2)
+        _, _, C, S, _, _, _, y_ptr, yN, yS, t_ptr, _, _, _, cw_ptr, _, _, _, _, _, _ = _head_fields(TABLE, h, FI)
+        Y = y_ptr.to(tl.pointer_type(tl.int64))
+        CW = cw_ptr.to(tl.pointer_type(tl.float32))
+        acc = tl.zeros([BLOCK], tl.float32)
+        for i in range(0, nrows, BLOCK):
+            row_mask, n, s = _head_rows(first, i + tl.arange(0, BLOCK), nrows, S)
+            w_y = _index_row_terms(Y, n * yN + s * yS, CW, cw_ptr != 0, row_mask & (y_ptr != 0), C, ignore_index,
+                                   0.0, True)[4]
+            acc += tl.where(t_ptr != 0, tl.where(row_mask, 1.0, 0.0), w_y)
+        tl.store(DPART + q, tl.sum(acc, 0))
+
+    @triton.jit
+    def _head_scalars(TABLE, FTABLE, DPART, h, FI: tl.constexpr, HAS_CW: tl.constexpr, SMOOTH: tl.constexpr,
+                      RED: tl.constexpr, GRAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Head h's constants of the call: W = the sum of its class weights (C without; summed here, as the host
+        never reads device values) and its gradient's scale on counted rows (grad_scale, the head weight, times
+        1 / its divisor for the mean). Once per program, or per tile and head for reduction none."""
+        row = TABLE + h * FI
+        weight_sum = tl.load(FTABLE + 3 * h)
+        if SMOOTH and HAS_CW:
+            cw_ptr = tl.load(row + 14)
+            if cw_ptr != 0:
+                weight_sum = _weight_sum(cw_ptr.to(tl.pointer_type(tl.float32)), tl.load(row + 2).to(tl.int32),
+                                         BLOCK_C)
+        scale = tl.load(FTABLE + 3 * h + 2)
+        if GRAD and RED == 1:
+            scale = scale * _inv(_head_divisor(DPART, tl.load(row + 19), tl.load(row + 20), BLOCK_D))
+        return weight_sum, scale
+
+    @triton.jit
+    def _per_head_tile(TABLE, h, weight_sum, scale, first, local, nrows, ignore_index, eps, ELEM: tl.constexpr,
+                       FI: tl.constexpr, PROB: tl.constexpr, INDEX: tl.constexpr, HAS_CW: tl.constexpr,
+                       SMOOTH: tl.constexpr, HITS: tl.constexpr, GRAD: tl.constexpr, EVICT: tl.constexpr,
+                       VEC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """BLOCK_R rows of head h (rows first + local, of nrows): each row's loss, whether it is counted, w_y
+        (the mean's divisor term), hit and invalid class index; with GRAD the rows' gradient times `scale`
+        (see _head_scalars). The head's fields are reloaded per tile (a few scalars, cached)."""
+        (x_ptr, _, C, S, sN, sC, sS, y_ptr, yN, yS, t_ptr, tN, tC, tS, cw_ptr, g_ptr, gN, gC, gS, _,
+         _) = _head_fields(TABLE, h, FI)
+        C = C.to(tl.int32)  # class indices as in the shared-target kernels (their C is an int32 argument)
+        X = x_ptr.to(tl.pointer_type(ELEM))
+        T = t_ptr.to(tl.pointer_type(ELEM))
+        G = g_ptr.to(tl.pointer_type(ELEM))
+        CW = cw_ptr.to(tl.pointer_type(tl.float32))
+        t_on = t_ptr != 0
+        cw_on = cw_ptr != 0
+        row_mask, n, s = _head_rows(first, local, nrows, S)
+        x_row = n * sN + s * sS
+        t_row = n * tN + s * tS
+        g_row = n * gN + s * gS
+        if VEC:
+            # What the host checked (_vector_width), told to the compiler, which cannot see it in the table's
+            # values: 16-byte aligned pointers, classes contiguous, rows and C multiples of VEC elements. So the
+            # class chunks move in 16-byte loads and stores.
+            C = tl.multiple_of(C, VEC)
+            X = tl.multiple_of(X, 16)
+            T = tl.multiple_of(T, 16)
+            G = tl.multiple_of(G, 16)
+            x_row = tl.multiple_of(x_row, VEC)
+            t_row = tl.multiple_of(t_row, VEC)
+            g_row = tl.multiple_of(g_row, VEC)
+            sC = 1
+            tC = 1
+            gC = 1
+        smooth_coef = eps / C
+        # Class-index terms, all 0 (nothing counted) for a head with a probability target (y_ptr 0).
+        counted, good, y, y_safe, w_y, target_coef, smooth_row = _index_row_terms(
+            y_ptr.to(tl.pointer_type(tl.int64)), n * yN + s * yS, CW, cw_on, row_mask & (y_ptr != 0), C,
+            ignore_index, eps, HAS_CW)
+        bad = counted != good  # a class index outside [0, C): never read, NaN loss and gradient
+        coef = tl.where(good, target_coef + smooth_coef * weight_sum, 0.0)
+        coef = tl.where(bad, float("nan"), coef)
+        wt = tl.zeros([BLOCK_R], tl.float32)
+        t_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        t_arg = tl.zeros([BLOCK_R], tl.int32)
+        lse, log_s, m, arg, wx, wtx, wt, t_max, t_arg = _row_pass(
+            X, x_row, sC, T, t_row, tC, CW, cw_on, t_on, C, row_mask, wt, t_max, t_arg,
+            PROB, HAS_CW, SMOOTH, HITS, True, EVICT, BLOCK_R, BLOCK_C)
+        loss = _index_row_loss(X, x_row, sC, lse, log_s, m, wx, y_safe, counted, good, bad, target_coef,
+                               smooth_coef, weight_sum, SMOOTH)
+        hit = good & (arg == y)
+        if PROB:
+            prob_coef = (1.0 - eps) * wt + smooth_coef * weight_sum
+            loss = tl.where(t_on, _prob_row_loss(lse, prob_coef, wtx, wx, row_mask, eps, smooth_coef, SMOOTH), loss)
+            coef = tl.where(t_on, prob_coef, coef)
+            counted = tl.where(t_on, row_mask, counted)
+            w_y = tl.where(t_on, tl.where(row_mask, 1.0, 0.0), w_y)  # probabilities: the mean is over rows
+            hit = tl.where(t_on, row_mask & (arg == t_arg), hit)
+        if GRAD:
+            _write_grad_rows(X, x_row, sC, G, g_row, gC, T, t_row, tC, CW, cw_on, t_on, C, row_mask, lse, coef,
+                             y_safe, target_coef, smooth_row, eps, smooth_coef, tl.where(counted, scale, 0.0), PROB,
+                             INDEX, HAS_CW, SMOOTH, BLOCK_C)
+        return loss, counted, w_y, hit, bad
+
+    @triton.jit
+    def _add_partials(acc, k, loss, counted, w_y, hit, bad, KP: tl.constexpr, HP: tl.constexpr):
+        """acc[k] += this tile's partial sums: counted rows, sum of w_y, loss, hits, invalid class indices."""
+        ks = tl.arange(0, KP)
+        vals = tl.where(ks == 0, tl.sum(counted.to(tl.float32), 0), 0.0)
+        vals = tl.where(ks == 1, tl.sum(w_y, 0), vals)
+        vals = tl.where(ks == 2, tl.sum(loss, 0), vals)
+        vals = tl.where(ks == 3, tl.sum(hit.to(tl.float32), 0), vals)
+        vals = tl.where(ks == 4, tl.sum(bad.to(tl.float32), 0), vals)
+        return tl.where((tl.arange(0, HP) == k)[:, None], acc + vals[None, :], acc)
+
+    @triton.jit
+    def _per_head_forward_kernel(
+        TABLE, F_OFF, W_OFF, REF, DPART, PART, LOSS_ROWS, H, ignore_index, eps,
+        FI: tl.constexpr, ALL_HEADS: tl.constexpr, PROB: tl.constexpr, INDEX: tl.constexpr, HAS_CW: tl.constexpr,
+        SMOOTH: tl.constexpr, RED: tl.constexpr, HITS: tl.constexpr, GRAD: tl.constexpr, KP: tl.constexpr,
+        HP: tl.constexpr, EVICT: tl.constexpr, VEC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        """Work item p = (head, first row, rows) of a per-head call, BLOCK_R rows at a time. ALL_HEADS
+        (reduction none: every head has the same rows, whose weighted losses are summed): the item's rows of
+        every head, head 0 .. H-1 in turn, and the summed rows are stored. PART[p * (H or 1) + k] = the partial
+        sums of the item's k-th head (see _add_partials); every column the finalize reads is written."""
+        pid = tl.program_id(0).to(tl.int64)
+        item = TABLE + W_OFF + 3 * pid
+        head, first, nrows = tl.load(item), tl.load(item + 1), tl.load(item + 2)
+        FTABLE = (TABLE + F_OFF).to(tl.pointer_type(tl.float32))
+        ELEM: tl.constexpr = REF.dtype.element_ty
+        acc = tl.zeros([HP, KP], tl.float32)
+        if ALL_HEADS:
+            for i in range(0, nrows, BLOCK_R):
+                local = i + tl.arange(0, BLOCK_R)
+                weighted = tl.zeros([BLOCK_R], tl.float32)
+                for h in range(0, H):
+                    weight_sum, scale = _head_scalars(TABLE, FTABLE, DPART, h, FI, HAS_CW, SMOOTH, RED, GRAD,
+                                                      BLOCK_C, BLOCK_D)
+                    loss, counted, w_y, hit, bad = _per_head_tile(
+                        TABLE, h, weight_sum, scale, first, local, nrows, ignore_index, eps, ELEM, FI, PROB, INDEX,
+                        HAS_CW, SMOOTH, HITS, GRAD, EVICT, VEC, BLOCK_R, BLOCK_C)
+                    weighted += tl.load(FTABLE + 3 * h + 1) * loss
+                    acc = _add_partials(acc, h, loss, counted, w_y, hit, bad, KP, HP)
+                tl.store(LOSS_ROWS + (first + local.to(tl.int64)), weighted, mask=local < nrows)
+        else:
+            weight_sum, scale = _head_scalars(TABLE, FTABLE, DPART, head, FI, HAS_CW, SMOOTH, RED, GRAD, BLOCK_C,
+                                              BLOCK_D)
+            for i in range(0, nrows, BLOCK_R):
+                loss, counted, w_y, hit, bad = _per_head_tile(
+                    TABLE, head, weight_sum, scale, first, i + tl.arange(0, BLOCK_R), nrows, ignore_index, eps,
+                    ELEM, FI, PROB, INDEX, HAS_CW, SMOOTH, HITS, GRAD, EVICT, VEC, BLOCK_R, BLOCK_C)
+                acc = _add_partials(acc, 0, loss, counted, w_y, hit, bad, KP, HP)
+        hs = tl.arange(0, HP)
+        ks = tl.arange(0, KP)
+        if ALL_HEADS:
+            segs = H
+        else:
+            segs = 1
+        tl.store(PART + ((pid * segs + hs)[:, None] * KP + ks[None, :]), acc,
+                 mask=(hs < segs)[:, None] & (ks < 5)[None, :])
+
+    @triton.jit
+    def _per_head_finalize_kernel(
+        TABLE, F_OFF, W_OFF, PART, NSEG, SEGS, DPART, LOSS, HEAD_LOSSES, HEAD_CORRECT, COUNT, INVALID, H,
+        FI: tl.constexpr, RED: tl.constexpr, HITS: tl.constexpr, USE_DPART: tl.constexpr, KP: tl.constexpr,
+        HP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One program: the NSEG partial rows of the per-head forward (SEGS per work item) summed per head in a
+        fixed order; each head's mean divides by its own divisor."""
+        hs = tl.arange(0, HP)
+        ks = tl.arange(0, KP)
+        is_int = (ks == 0) | (ks == 3) | (ks == 4)
+        f_acc = tl.zeros([HP, KP], tl.float32)
+        i_acc = tl.zeros([HP, KP], tl.int64)
+        for p0 in range(0, NSEG, BLOCK_P):
+            seg = p0 + tl.arange(0, BLOCK_P)
+            in_range = seg < NSEG
+            item = seg // SEGS
+            head = tl.load(TABLE + W_OFF + 3 * item.to(tl.int64), mask=in_range, other=0) + (seg - item * SEGS)
+            head = tl.where(in_range, head, -1)
+            v = tl.load(PART + (seg.to(tl.int64)[:, None] * KP + ks[None, :]),
+                        mask=in_range[:, None] & (ks < 5)[None, :], other=0.0)
+            mine = tl.where((head[:, None] == hs[None, :])[:, :, None], v[:, None, :], 0.0)  # [P, HP, KP]
+            f_acc += tl.sum(mine, 0)
+            i_acc += tl.sum(tl.where(is_int[None, None, :], mine, 0.0).to(tl.int64), 0)
+        loss_h = tl.sum(tl.where(ks[None, :] == 2, f_acc, 0.0), 1)
+        if USE_DPART:  # the divisors the gradients were computed with
+            denom = tl.zeros([HP], tl.float32)
+            for h in range(0, H):
+                row = TABLE + h * FI
+                denom = tl.where(hs == h, _head_divisor(DPART, tl.load(row + 19), tl.load(row + 20), BLOCK_D), denom)
+        else:
+            denom = tl.sum(tl.where(ks[None, :] == 1, f_acc, 0.0), 1)
+        is_head = hs < H
+        FTABLE = (TABLE + F_OFF).to(tl.pointer_type(tl.float32))
+        weights = tl.load(FTABLE + 3 * hs + 1, mask=is_head, other=0.0)
+        if RED == 2:
+            head_losses = loss_h
+        else:
+            head_losses = _div(tl.where(is_head, loss_h, 0.0), tl.where(is_head, denom, 1.0))
+        if RED != 0:
+            tl.store(LOSS, tl.sum(tl.where(is_head, weights * head_losses, 0.0), 0))
+        tl.store(HEAD_LOSSES + hs, head_losses, mask=is_head)
+        if HITS:
+            tl.store(HEAD_CORRECT + hs, tl.sum(tl.where(ks[None, :] == 3, i_acc, 0), 1), mask=is_head)
+        tl.store(COUNT + hs, tl.sum(tl.where(ks[None, :] == 0, i_acc, 0), 1), mask=is_head)
+        tl.store(INVALID, tl.sum(tl.sum(tl.where(ks[None, :] == 4, i_acc, 0), 1), 0))
 
     def _configs(narrow: bool):
         """The deliberate config lists. BLOCK_R is not tuned: it fixes the number of partial sums."""
@@ -1043,6 +1389,240 @@ if _IMPORT_ERROR is None:
                                        traced=_is_traced(grad_loss), one_buffer=True)
             shape = ctx.head_shape
             return none + tuple(g if g.shape == shape else g.view(shape) for g in grads)
+
+    def _per_head_plan(heads, targets, class_weights, label_smoothing, reduction, want_hits, grad) -> dict:
+        """The non-tensor part of a per-head call's launches (static shapes only): the work items (head, first
+        row, rows) of the main kernel, the divisor pre-pass's items, each head's range of divisor partials, the
+        constexprs."""
+        H = len(heads)
+        rows_of = [x.shape[0] * x.shape[2] for x in heads]
+        max_c = max(x.shape[1] for x in heads)
+        wide = max_c > NARROW_MAX_C
+        block_c = WIDE_BLOCK_C if wide else max(16, _next_pow2(max_c))  # one tile shape for every head
+        block_r = max(1, PH_TILE // block_c)
+        all_heads = reduction == NONE
+        if all_heads:  # every head has the same rows: an item is those rows of every head
+            step = min(max(1, _cdiv(rows_of[0], block_r) // PH_PROGRAMS) * block_r, PH_MAX_ROWS)
+            spans = [(0, step, rows_of[0])]
+        else:
+            # Items of about equal work (tiles x class chunks), so that a big head and a small one are spread
+            # over the grid in proportion to their size, not one program per head.
+            chunks = [_cdiv(x.shape[1], block_c) for x in heads]
+            work = sum(_cdiv(R, block_r) * k for R, k in zip(rows_of, chunks))
+            quantum = max(1, work // PH_PROGRAMS)
+            spans = [(h, min(max(1, quantum // k) * block_r, PH_MAX_ROWS), R)
+                     for h, (R, k) in enumerate(zip(rows_of, chunks))]
+        items = [(h, r0, min(step, R - r0)) for h, step, R in spans for r0 in range(0, R, step)]
+        use_dpart = grad and reduction == MEAN
+        ditems, dranges = [], []
+        for h, R in enumerate(rows_of):
+            programs, rows = _denom_plan(R) if use_dpart else (0, 0)
+            dranges.append((len(ditems), programs))
+            ditems += [(h, q * rows, min(rows, R - q * rows)) for q in range(programs)]
+        block_d = max(16, min(DENOM_MAX_PROGRAMS, _next_pow2(max(n for _, n in dranges))))
+        prob = [t.dim() == 3 for t in targets]
+        flags = dict(PROB=any(prob), INDEX=not all(prob), HAS_CW=any(cw is not None for cw in class_weights),
+                     SMOOTH=label_smoothing != 0.0, RED=reduction, HITS=want_hits, KP=8, BLOCK_D=block_d)
+        return dict(
+            H=H, items=[v for item in items + ditems for v in item], P=len(items), Q=len(ditems), dranges=dranges,
+            segs=H if all_heads else 1,
+            forward=dict(flags, ALL_HEADS=all_heads, GRAD=grad, HP=max(2, _next_pow2(H)) if all_heads else 2,
+                         EVICT="evict_last" if grad else "", BLOCK_R=block_r, BLOCK_C=block_c,
+                         num_warps=8),
+            finalize=dict(RED=reduction, HITS=want_hits, USE_DPART=use_dpart, KP=8, HP=max(2, _next_pow2(H)),
+                          BLOCK_P=64, BLOCK_D=block_d),
+        )
+
+    def _per_head_grads(inputs, heads, one_buffer: bool):
+        """Every head's gradient, laid out like its head (a class-innermost head gets a class-innermost
+        gradient, as _grad_buffer does): in one flat buffer (eager: backward scales them all in one launch) or
+        one tensor each (the op's outputs may not alias). Returns the buffer (None unless one_buffer), the
+        (N, C, S) views the kernel writes, and the same in the heads' shapes."""
+        flat = heads[0].new_empty((sum(x.numel() for x in heads),)) if one_buffer else None
+        rows, views, offset = [], [], 0
+        for x, x3 in zip(inputs, heads):
+            N, C, S = x3.shape
+            part = flat[offset: offset + x3.numel()] if one_buffer else x3.new_empty((x3.numel(),))
+            offset += x3.numel()
+            g3 = part.view(N, S, C).permute(0, 2, 1) if S > 1 and x3.stride(1) == 1 else part.view(N, C, S)
+            rows.append(g3)
+            views.append(g3.view(x.shape))
+        return flat, rows, views
+
+    def _vector_width(heads, targets, grads) -> int:
+        """Elements per 16 bytes when every head, probability target and gradient may be read and written in
+        16-byte vectors (aligned, classes contiguous, row strides and C multiples of that), else 0. A fact of
+        the call's pointers, so it is checked per call (a constexpr: two compiled variants at most)."""
+        vec = 16 // heads[0].element_size()
+
+        def aligned(t):
+            sN, sC, sS = t.stride()
+            return sC == 1 and t.data_ptr() % 16 == 0 and sN % vec == 0 and (t.shape[2] == 1 or sS % vec == 0)
+
+        return vec if all(x.shape[1] % vec == 0 and aligned(x) and (t.dim() == 2 or aligned(t))
+                          and (g is None or aligned(g)) for x, t, g in zip(heads, targets, grads)) else 0
+
+    def _head_table(plan, heads, targets, class_weights, grads, head_weights) -> torch.Tensor:
+        """The call's table as one int64 tensor on the heads' device (one host-to-device copy): PH_FIELDS per
+        head (HeadDesc's integer fields and the head's divisor partials), the work items, the divisor items,
+        then HeadDesc's float fields (weight_sum, weight, grad_scale) per head as float32 bits. weight_sum holds
+        C; for a head with class weights the kernel sums them on the device (the host never reads device
+        values). grad_scale is the head weight; the kernel divides it by the head's divisor for the mean."""
+        ints, floats = [], []
+        for x, t, cw, g, w, drange in zip(heads, targets, class_weights, grads, head_weights, plan["dranges"]):
+            index = t.dim() == 2
+            ints += [x.data_ptr(), *x.shape, *x.stride()]
+            ints += [t.data_ptr(), *t.stride(), 0, 0, 0, 0] if index else [0, 0, 0, t.data_ptr(), *t.stride()]
+            ints.append(cw.data_ptr() if cw is not None else 0)
+            ints += [g.data_ptr(), *g.stride()] if g is not None else [0, 0, 0, 0]
+            ints += drange
+            floats += [float(x.shape[1]), float(w), float(w)]
+        floats += [0.0] * (len(floats) % 2)  # whole int64 words
+        table = torch.cat([torch.tensor(ints + plan["items"], dtype=torch.int64),
+                           torch.tensor(floats, dtype=torch.float32).view(torch.int64)])
+        device = heads[0].device
+        if device.type != "cpu":  # pinned: an asynchronous copy (no wait for the stream's queued work)
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("auxfuse: the triton backend's per-head call cannot be captured in a CUDA graph "
+                                   "(its head table is copied from a host buffer); run the heads one call each")
+            table = table.pin_memory().to(device, non_blocking=True)
+        return table
+
+    def _per_head_impl(inputs, targets, class_weights, head_weights, ignore_index: int, label_smoothing: float,
+                       reduction: int, want_hits: bool, grad: bool, one_buffer: bool = True):
+        """The launches of a per-head call: the divisor pre-pass (grad-in-forward mean), the main kernel over
+        the work items, the finalize. Returns loss (() or (N, S)), head_losses, head_correct ((0,) unless
+        want_hits), count (H,), invalid, and with grad the gradient buffer (one_buffer) and each head's
+        gradient in its shape."""
+        heads = [as_rows(x) for x in inputs]
+        options = (label_smoothing, reduction, want_hits, grad)
+        key = ("per_head", tuple((tuple(x.shape), x.stride()) for x in heads),
+               tuple((tuple(t.shape), t.stride()) for t in targets), tuple(cw is None for cw in class_weights),
+               heads[0].dtype, heads[0].device, *options)
+        plan = _cached_plan(lambda: _per_head_plan(heads, targets, class_weights, *options), key, False)
+        flat, grads, views = (_per_head_grads(inputs, heads, one_buffer) if grad
+                              else (None, [None] * len(heads), []))
+        table = _head_table(plan, heads, targets, class_weights, grads, head_weights)
+        H, P, Q = plan["H"], plan["P"], plan["Q"]
+        offsets = dict(W_OFF=H * PH_FIELDS, F_OFF=H * PH_FIELDS + 3 * (P + Q))
+        device = heads[0].device
+        f32 = dict(dtype=torch.float32, device=device)
+        i64 = dict(dtype=torch.int64, device=device)
+        loss = torch.empty(tuple(heads[0].shape[::2]) if reduction == NONE else (), **f32)
+        head_losses = torch.empty((H,), **f32)
+        head_correct = torch.empty((H if want_hits else 0,), **i64)
+        count = torch.empty((H,), **i64)
+        invalid = torch.empty((), **i64)
+        part = torch.empty((P * plan["segs"], 8), **f32)
+        dpart = torch.empty((max(Q, 1),), **f32)
+        common = dict(TABLE=table, FI=PH_FIELDS)
+        if Q:  # grad-in-forward mean: the divisors before the gradients
+            _run(_per_head_denom_kernel, (Q,), dict(common, D_OFF=offsets["W_OFF"] + 3 * P, DPART=dpart,
+                                                     ignore_index=ignore_index, BLOCK=DENOM_BLOCK), traced=False)
+        _run(_per_head_forward_kernel, (P,), dict(
+            common, **offsets, **plan["forward"], VEC=_vector_width(heads, targets, grads), REF=heads[0],
+            DPART=dpart, PART=part, LOSS_ROWS=loss, H=H, ignore_index=ignore_index, eps=float(label_smoothing)),
+            traced=False)
+        _run(_per_head_finalize_kernel, (1,), dict(
+            common, **offsets, **plan["finalize"], PART=part, NSEG=P * plan["segs"], SEGS=plan["segs"],
+            DPART=dpart, LOSS=loss, HEAD_LOSSES=head_losses, HEAD_CORRECT=head_correct, COUNT=count,
+            INVALID=invalid, H=H), traced=False)
+        return loss, head_losses, head_correct, count, invalid, flat, views
+
+    class _PerHeadFunction(torch.autograd.Function):
+        """compute_per_head's autograd: the gradients computed in the forward (one flat buffer), times
+        grad_output in backward: one scale launch for mean / sum (nothing moves when it is 1.0), a per-row
+        multiply broadcast over the classes for none."""
+
+        @staticmethod
+        def forward(ctx, options, targets, class_weights, *inputs):
+            loss, head_losses, head_correct, count, invalid, flat, views = _per_head_impl(
+                inputs, targets, class_weights, *options, grad=True)
+            ctx.set_materialize_grads(False)
+            ctx.mark_non_differentiable(head_losses, head_correct, count, invalid)
+            ctx.save_for_backward(flat)
+            ctx.views = [(v.shape, v.stride(), v.storage_offset()) for v in views]
+            ctx.reduction = options[3]
+            return loss, head_losses, head_correct, count, invalid
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad_loss, *unused):
+            if grad_loss is None:
+                return (None,) * (3 + len(ctx.views))
+            (flat,) = ctx.saved_tensors
+            # In place only where this backward is the buffer's last reader and values are real.
+            in_place = not torch._C._autograd._get_current_graph_task_keep_graph() and not (
+                _is_traced(grad_loss) or _is_traced(flat))
+            if ctx.reduction != NONE:
+                flat = scale_gradients(flat, grad_loss, in_place)
+                grads = [flat.as_strided(*view) for view in ctx.views]
+            else:
+                grads = []
+                for size, stride, offset in ctx.views:
+                    g = flat.as_strided(size, stride, offset)
+                    scale = grad_loss.reshape(size[0], 1, *size[2:]).to(g.dtype)
+                    grads.append(g.mul_(scale) if in_place else g * scale)
+            return (None, None, None, *grads)
+
+    # Traced calls (torch.compile, make_fx): an opaque custom op, not a triton_op, because the head table needs
+    # the tensors' data_ptr()s, which only the real call has; its fake kernel gives the shapes. cudagraph_unsafe:
+    # a CUDA graph replay would read the table's host buffer again, long after it was freed.
+    @torch.library.custom_op("auxfuse::triton_per_head_forward", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+    def _per_head_op(
+        heads: list[torch.Tensor],
+        targets: list[torch.Tensor],
+        class_weights: list[Optional[torch.Tensor]],
+        head_weights: list[float],
+        ignore_index: int,
+        label_smoothing: float,
+        reduction: int,
+        want_hits: bool,
+        grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """loss, head_losses, head_correct ((0,) unless want_hits), count (H,), invalid and (grad) each head's
+        gradient, weight and divisor folded in, one tensor per head."""
+        out = _per_head_impl(heads, targets, class_weights, head_weights, ignore_index, label_smoothing, reduction,
+                             want_hits, grad, one_buffer=False)
+        return (*out[:5], out[6])
+
+    @_per_head_op.register_fake
+    def _per_head_fake(heads, targets, class_weights, head_weights, ignore_index, label_smoothing, reduction,
+                       want_hits, grad):
+        H, device = len(heads), heads[0].device
+        rows = [as_rows(x) for x in heads]
+        f32 = dict(dtype=torch.float32, device=device)
+        i64 = dict(dtype=torch.int64, device=device)
+        return (
+            torch.empty(tuple(rows[0].shape[::2]) if reduction == NONE else (), **f32),
+            torch.empty((H,), **f32),
+            torch.empty((H if want_hits else 0,), **i64),
+            torch.empty((H,), **i64),
+            torch.empty((), **i64),
+            _per_head_grads(heads, rows, one_buffer=False)[2] if grad else [],
+        )
+
+    def _per_head_setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*output[1:5], *output[5])
+        ctx.reduction = inputs[6]
+        # backward returns the inputs' structure as register_autograd flattens it: a list (of None) for each
+        # list of tensors only (class_weights with a None in it is one input)
+        ctx.no_grads = [[None] * len(x) if isinstance(x, list) and all(isinstance(v, torch.Tensor) for v in x)
+                        else None for x in inputs[1:]]
+        ctx.save_for_backward(*output[5])
+
+    def _per_head_op_backward(ctx, grad_loss, *unused):
+        grads = ctx.saved_tensors
+        if grad_loss is None or not grads:
+            return None, *ctx.no_grads
+        if ctx.reduction == NONE:  # (N, S): per row, broadcast over the classes
+            grads = [g * grad_loss.reshape(g.shape[0], 1, *g.shape[2:]).to(g.dtype) for g in grads]
+        else:
+            grads = [g * grad_loss.to(g.dtype) for g in grads]
+        return list(grads), *ctx.no_grads
+
+    _per_head_op.register_autograd(_per_head_op_backward, setup_context=_per_head_setup_context)
 
     @torch.library.triton_op("auxfuse::triton_multihead_ce_forward", mutates_args=())
     def _forward_op(

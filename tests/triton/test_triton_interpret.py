@@ -724,14 +724,6 @@ def compile_sm90() -> list[dict]:
     the compiler needs to vectorize). Needs TRITON_INTERPRET unset (the interpreter does not compile).
     Returns one record per compiled kernel: its name, case, num_warps and constexprs, and what its streaming
     loops hold (tests/sass.py; empty when cuobjdump is missing)."""
-    import tempfile
-
-    import sass
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.autotuner import Autotuner
-
     assert not tb.INTERPRET
     launches = []
     case = None
@@ -785,13 +777,28 @@ def compile_sm90() -> list[dict]:
                     tb.scale_gradients(out[8], torch.ones(()), in_place)
     finally:
         tb._run = original
+    return compile_launches(launches)
+
+
+def compile_launches(launches) -> list[dict]:
+    """Compile recorded launches (case, kernel, args, kwargs), with every autotune config, to sm_90 cubin as
+    Triton's JIT would, and read their machine code (see compile_sm90; also used by test_triton_per_head.py)."""
+    import tempfile
+
+    import sass
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.autotuner import Autotuner
+
     records = []
     cuobjdump = sass.find_tool("cuobjdump")
     scratch = tempfile.TemporaryDirectory(prefix="auxfuse-sm90-")  # removed on cleanup() or when collected
     cubin = os.path.join(scratch.name, "kernel.cubin")
     for case, kernel, args, kwargs in launches:
         fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
-        configs = kernel.configs if isinstance(kernel, Autotuner) else [triton.Config({}, num_warps=4)]
+        configs = kernel.configs if isinstance(kernel, Autotuner) else [
+            triton.Config({}, num_warps=kwargs.get("num_warps", 4))]  # a fixed launch: its own num_warps
         for config in configs:
             values = {**dict(zip(fn.arg_names, args)), **kwargs, **config.kwargs}
             signature, constexprs, attrs = {}, {}, {}
