@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one script to run on a bare GPU machine (repository copied there, no internet):
-#   versions -> build the extension in place (CUDA kernels for sm_90) -> GPU tests -> benchmark -> host
-#   overhead -> last, the table of issues #4 and #5's targets, met or missed (gpu_bench.py --verdict).
+#   versions -> build the extension in place (CUDA kernels for sm_90) -> GPU tests -> benchmark -> per-head
+#   targets and linear + CE (python -m auxfuse bench) -> host overhead -> last, the table of issues #4 and #5's
+#   targets, met or missed (gpu_bench.py --verdict).
 #
 #   bash benchmarks/gpu_check.sh                 # logs, junit and gpu_results.json go to $OUT when set
 #   PYTHON=/path/to/python3 bash benchmarks/gpu_check.sh
@@ -11,7 +12,7 @@
 # benchmark to say which backends could not run); the exit status is that of the first failing step.
 # Expected time on an H200: build ~1-2 min, GPU tests ~2-3 min, Triton tests 2 min at most (capped), benchmark
 # ~3-4 min (no new measurement starts after AUXFUSE_BENCH_BUDGET_S, default 130 s; torch.compile warm-ups
-# dominate), host overhead ~30 s.
+# dominate), per-head and linear + CE 2 min at most (capped), host overhead ~30 s.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 
@@ -126,6 +127,14 @@ RESULTS_JSON="${OUT_DIR:-${TMPDIR:-/tmp}}/gpu_results.json"
 rm -f "$RESULTS_JSON"  # the verdict below must never read an older run's results
 timeout "$BENCH_TIMEOUT_S" "$PY" benchmarks/gpu_bench.py "${BENCH_ARGS[@]}" --json "$RESULTS_JSON" 2>&1 \
   | log_to gpu_bench.log || note_failure bench $?
+
+# Issues #18 and #19: one target per head (deep supervision, multi-token, multi-task) and the fused linear + CE,
+# each against the naive loop and torch.compile of it, with max_memory_allocated per provider.
+section "per-head targets and linear + CE: python -m auxfuse bench"
+PER_HEAD_JSON="${OUT_DIR:-${TMPDIR:-/tmp}}/per_head_bench.json"
+timeout "${AUXFUSE_PER_HEAD_BENCH_TIMEOUT_S:-120}" "$PY" -m auxfuse bench --device cuda \
+  --shapes deep_supervision,multi_token,multi_task,linear --dtype bfloat16 --mode forward+backward --seconds 1.5 \
+  --passes 1 --json "$PER_HEAD_JSON" --plot "" 2>&1 | log_to per_head_bench.log || note_failure per-head-bench $?
 
 section "host overhead: benchmarks/test_bench_host.py"
 HOST_JSON=()
