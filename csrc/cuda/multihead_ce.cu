@@ -642,22 +642,26 @@ __device__ __forceinline__ RowTarget read_row_target(const CommonParams& p, int6
 // One head's row in the forward: loss and hit (both on the group's leader only, 0 elsewhere) and log-sum-exp (every
 // thread); with GRAD, the row's gradient written to grow (class stride gC). x: the row's logits (class stride cs);
 // trow: the probability target's row (class stride tC), or nullptr for the class index in rt; cw: class weights or
-// nullptr; W: their sum (C without); grad_scale: head weight x the reduction's scale (1 / denom for mean).
+// nullptr; W: their sum (C without). With GRAD the gradient row grad_row() (class stride gC) is written, scaled by
+// grad_scale x head_weight() (the reduction's scale, 1 / denom for mean, times the head's weight). Both are
+// callables evaluated only after the scan, so that nothing more than the caller's own state stays live in
+// registers across the streaming loops (tests/test_cuda_codegen.py checks that no spill reaches them).
 struct RowResult {
   float loss;
   bool hit;
-  float lse;
+  float m, s;  // the row's max and sum of exp(x - max): log-sum-exp m + log(s)
 };
 
-template <typename T, int G, int BLOCK, bool GRAD>
+template <typename T, int G, int BLOCK, bool GRAD, typename WeightFn, typename GradRowFn>
 __device__ __forceinline__ RowResult forward_row(const T* __restrict__ x, int64_t cs, int C, int lane,
                                                  const RowTarget& rt, const T* __restrict__ trow, int64_t tC,
                                                  const float* __restrict__ cw, float W, float eps, float grad_scale,
-                                                 T* __restrict__ grow, int64_t gC, ReduceScratch& scratch) {
+                                                 const WeightFn& head_weight, const GradRowFn& grad_row,
+                                                 int64_t gC, ReduceScratch& scratch) {
   const bool leader = lane == 0;
   const bool need_xs = eps != 0.f;
   RowState st = state_empty();
-  RowResult res{0.f, false, 0.f};
+  RowResult res{0.f, false, 0.f, 0.f};
   if (trow == nullptr) {
     float xs = 0.f;
     scan_row_index<T, G>(x, cs, C, lane, need_xs, cw, st, xs);
@@ -671,8 +675,8 @@ __device__ __forceinline__ RowResult forward_row(const T* __restrict__ x, int64_
       res.hit = !rt.bad && st.arg == rt.y;
     }
     if constexpr (GRAD) {  // the row was just read: the second read comes from L1 / L2
-      const float sc = rt.counted ? grad_scale : 0.f;
-      write_index_grad<T, G>(x, cs, grow, gC, C, lane, st.m + __logf(st.s), rt.bad, rt.y, k, sc,
+      const float sc = rt.counted ? grad_scale * head_weight() : 0.f;
+      write_index_grad<T, G>(x, cs, grad_row(), gC, C, lane, st.m + __logf(st.s), rt.bad, rt.y, k, sc,
                              need_xs ? cw : nullptr);
     }
   } else {
@@ -687,11 +691,12 @@ __device__ __forceinline__ RowResult forward_row(const T* __restrict__ x, int64_
       res.hit = st.arg >= 0 && st.arg == ps.target_argmax;
     }
     if constexpr (GRAD) {
-      write_row_prob<T, G>(x, cs, trow, tC, grow, gC, C, lane, (st.m + __logf(st.s)) * kLog2e, lse_coef, grad_scale,
-                           eps, cw);
+      write_row_prob<T, G>(x, cs, trow, tC, grad_row(), gC, C, lane, (st.m + __logf(st.s)) * kLog2e, lse_coef,
+                           grad_scale * head_weight(), eps, cw);
     }
   }
-  res.lse = st.m + __logf(st.s);
+  res.m = st.m;
+  res.s = st.s;
   return res;
 }
 
@@ -764,15 +769,15 @@ __global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>()) multihea
     for (int h = 0; h < p.H; ++h) {
       const T* x = static_cast<const T*>(p.heads[h]) + off;
       const RowResult res = forward_row<T, G, BLOCK, GRAD>(
-          x, cs, C, lane, rt, trow, p.pC, p.class_weight, W, eps, grad_scale * p.head_weight[h],
-          GRAD ? grad + h * fp.gH + n * fp.gN + s * fp.gS : nullptr, fp.gC, scratch);
+          x, cs, C, lane, rt, trow, p.pC, p.class_weight, W, eps, grad_scale, [&] { return p.head_weight[h]; },
+          [&] { return grad + h * fp.gH + n * fp.gN + s * fp.gS; }, fp.gC, scratch);
       const float loss = res.loss;
       const bool hit = res.hit;
       if (leader) {
         acc_loss[h] += loss;
         acc_hits[h] += hit ? 1 : 0;
         weighted_row_loss += p.head_weight[h] * loss;
-        if (fp.lse != nullptr) fp.lse[h * p.R + r] = res.lse;
+        if (fp.lse != nullptr) fp.lse[h * p.R + r] = res.m + __logf(res.s);
       }
     }
     if (leader) {
@@ -1073,9 +1078,9 @@ __global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>())
       const bool prob = d.t != nullptr;
       const float W = !pp.denom_only && eps != 0.f ? class_weight_sum<BLOCK>(d.cw, C, scratch)
                                                    : static_cast<float>(C);
+      // The gradient's scale: 1 / the head's denominator (mean) here, times d.grad_scale (w_h) in forward_row.
       const float grad_scale =
-          GRAD && pp.reduction == auxfuse::kReductionMean ? __fdiv_rn(1.f, pp.denom_in[h]) * d.grad_scale
-                                                          : d.grad_scale;
+          GRAD && pp.reduction == auxfuse::kReductionMean ? __fdiv_rn(1.f, pp.denom_in[h]) : 1.f;
       const float head_weight = d.weight;
       for (int64_t r = first + group; r < end; r += kGroups) {
         int64_t n, s;
@@ -1092,7 +1097,7 @@ __global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>())
         if (!pp.denom_only) {
           const RowResult res = forward_row<T, G, BLOCK, GRAD>(
               d.x + n * d.sN + s * d.sS, cs, C, lane, rt, trow, d.tC, d.cw, W, eps, grad_scale,
-              GRAD ? d.grad + n * d.gN + s * d.gS : nullptr, d.gC, scratch);
+              [&] { return d.grad_scale; }, [&] { return d.grad + n * d.gN + s * d.gS; }, d.gC, scratch);
           loss = res.loss;
           hit = res.hit;
         }
