@@ -971,7 +971,6 @@ struct PerHeadParams {
                                // sums class weights itself (the host cannot read them without a sync).
   const WorkSpan* spans;       // on the device, item_begin increasing
   int num_spans;
-  int64_t items;               // items of all spans
   int H;
   float eps;
   int64_t ignore_index;
@@ -1059,59 +1058,62 @@ __global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>())
     acc_hits = acc_count = acc_invalid = 0;
   };
 
-  for (int64_t item = blockIdx.x; item < pp.items; item += grid) {
-    int j = 0;
-    while (j + 1 < pp.num_spans && pp.spans[j + 1].item_begin <= item) ++j;
+  // Items blockIdx.x, blockIdx.x + grid, ... in increasing order, span by span (no search for an item's span).
+  for (int j = 0; j < pp.num_spans; ++j) {
     const WorkSpan sp = pp.spans[j];
-    const int64_t first = (item - sp.item_begin) * sp.rows_per_item;
-    const int64_t end = first + sp.rows_per_item < sp.rows ? first + sp.rows_per_item : sp.rows;
-    for (int h = sp.head_begin; h < sp.head_end; ++h) {
-      if (h != pending) {
-        if (pending >= 0) flush();
-        pending = h;
-      }
-      __syncthreads();  // every thread is done with the previous head's description
-      if (tid == 0) d = table[h];
-      __syncthreads();
-      const int C = static_cast<int>(d.C);
-      const int64_t cs = G == 1 ? d.sC : 1;  // the host picks G > 1 only when every head has contiguous classes
-      const bool prob = d.t != nullptr;
-      const float W = !pp.denom_only && eps != 0.f ? class_weight_sum<BLOCK>(d.cw, C, scratch)
-                                                   : static_cast<float>(C);
-      // The gradient's scale: 1 / the head's denominator (mean) here, times d.grad_scale (w_h) in forward_row.
-      const float grad_scale =
-          GRAD && pp.reduction == auxfuse::kReductionMean ? __fdiv_rn(1.f, pp.denom_in[h]) : 1.f;
-      const float head_weight = d.weight;
-      for (int64_t r = first + group; r < end; r += kGroups) {
-        int64_t n, s;
-        split_row(r, d.S, n, s);
-        RowTarget rt{-1, 0, true, false, 1.f};
-        const T* trow = nullptr;
-        if (prob) {
-          trow = d.t + n * d.tN + s * d.tS;
-        } else {
-          rt = row_target(d.y[n * d.yN + s * d.yS], C, d.cw, pp.ignore_index);
+    const int64_t span_end = sp.item_begin + (sp.rows + sp.rows_per_item - 1) / sp.rows_per_item;
+    const int64_t skip = (static_cast<int64_t>(blockIdx.x) - sp.item_begin % grid + grid) % grid;
+    for (int64_t item = sp.item_begin + skip; item < span_end; item += grid) {
+      const int64_t first = (item - sp.item_begin) * sp.rows_per_item;
+      const int64_t end = first + sp.rows_per_item < sp.rows ? first + sp.rows_per_item : sp.rows;
+      for (int h = sp.head_begin; h < sp.head_end; ++h) {
+        if (h != pending) {
+          if (pending >= 0) flush();
+          pending = h;
         }
-        float loss = 0.f;
-        bool hit = false;
-        if (!pp.denom_only) {
-          const RowResult res = forward_row<T, G, BLOCK, GRAD>(
-              d.x + n * d.sN + s * d.sS, cs, C, lane, rt, trow, d.tC, d.cw, W, eps, grad_scale,
-              [&] { return d.grad_scale; }, [&] { return d.grad + n * d.gN + s * d.gS; }, d.gC, scratch);
-          loss = res.loss;
-          hit = res.hit;
-        }
-        if (leader) {
-          acc_loss += loss;
-          acc_hits += hit ? 1 : 0;
-          if (rt.counted) {
-            acc_count += 1;
-            acc_denom += rt.w_y;
+        __syncthreads();  // every thread is done with the previous head's description
+        if (tid == 0) d = table[h];
+        __syncthreads();
+        const int C = static_cast<int>(d.C);
+        const int64_t cs = G == 1 ? d.sC : 1;  // the host picks G > 1 only when every head has contiguous classes
+        const bool prob = d.t != nullptr;
+        const float W = !pp.denom_only && eps != 0.f ? class_weight_sum<BLOCK>(d.cw, C, scratch)
+                                                     : static_cast<float>(C);
+        // The gradient's scale: 1 / the head's denominator (mean) here, times d.grad_scale (w_h) in forward_row.
+        const float grad_scale =
+            GRAD && pp.reduction == auxfuse::kReductionMean ? __fdiv_rn(1.f, pp.denom_in[h]) : 1.f;
+        const float head_weight = d.weight;
+        for (int64_t r = first + group; r < end; r += kGroups) {
+          int64_t n, s;
+          split_row(r, d.S, n, s);
+          RowTarget rt{-1, 0, true, false, 1.f};
+          const T* trow = nullptr;
+          if (prob) {
+            trow = d.t + n * d.tN + s * d.tS;
+          } else {
+            rt = row_target(d.y[n * d.yN + s * d.yS], C, d.cw, pp.ignore_index);
           }
-          acc_invalid += rt.bad ? 1 : 0;
-          if (pp.loss_rows != nullptr) {  // none: this group owns row r of every head of the item
-            const float before = h == sp.head_begin ? 0.f : pp.loss_rows[r];
-            pp.loss_rows[r] = before + head_weight * loss;
+          float loss = 0.f;
+          bool hit = false;
+          if (!pp.denom_only) {
+            const RowResult res = forward_row<T, G, BLOCK, GRAD>(
+                d.x + n * d.sN + s * d.sS, cs, C, lane, rt, trow, d.tC, d.cw, W, eps, grad_scale,
+                [&] { return d.grad_scale; }, [&] { return d.grad + n * d.gN + s * d.gS; }, d.gC, scratch);
+            loss = res.loss;
+            hit = res.hit;
+          }
+          if (leader) {
+            acc_loss += loss;
+            acc_hits += hit ? 1 : 0;
+            if (rt.counted) {
+              acc_count += 1;
+              acc_denom += rt.w_y;
+            }
+            acc_invalid += rt.bad ? 1 : 0;
+            if (pp.loss_rows != nullptr) {  // none: this group owns row r of every head of the item
+              const float before = h == sp.head_begin ? 0.f : pp.loss_rows[r];
+              pp.loss_rows[r] = before + head_weight * loss;
+            }
           }
         }
       }
@@ -1674,7 +1676,6 @@ PerHeadResult per_head_forward_impl(Launcher& launcher, at::TensorList heads_in,
       PerHeadParams pre = pp;
       pre.spans = reinterpret_cast<const WorkSpan*>(base + table_bytes + spans_bytes);
       pre.num_spans = static_cast<int>(pre_spans.size());
-      pre.items = pre_items;
       pre.denom_only = true;
       pre.loss = nullptr;
       pre.loss_rows = nullptr;
@@ -1684,7 +1685,6 @@ PerHeadResult per_head_forward_impl(Launcher& launcher, at::TensorList heads_in,
     }
     pp.spans = reinterpret_cast<const WorkSpan*>(base + table_bytes);
     pp.num_spans = static_cast<int>(spans.size());
-    pp.items = items;
     launcher.template per_head<T>(mapping, grid, pp, grad_mode == auxfuse::kGradInForward);
   });
   return {loss, head_losses, head_correct, count, denom, grads_out, invalid};
