@@ -357,3 +357,26 @@ def test_argument_checks(emu):
         run(emu, heads, [targets[0], targets[1][:3], targets[2]], [1.0, 0.5, 0.3])
     with pytest.raises(RuntimeError, match="head 2"):
         run(emu, heads, targets, [1.0, 0.5, 0.3], class_weights=[None, None, torch.ones(5)])
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_strided_heads_and_targets(emu, reduction):
+    """Multi-token targets as shifted slices of one token tensor (row-strided), a transposed head (class-strided:
+    a thread per row for the launch), a row-sliced head: each head and target read with its own strides."""
+    N, T, C = 6, 3, 37
+    tokens = torch.randint(0, C, (N, T + 2), generator=generator("tokens"))
+    tokens[1, 2] = -100
+    targets = [tokens[:, h:h + 1].squeeze(1) for h in range(T)]  # strides (T + 2,)
+    heads = [randn((N, C), torch.float32, "strided-0"),
+             randn((C, N), torch.float32, "strided-1").t(),
+             randn((2 * N, C), torch.float32, "strided-2")[::2]]
+    assert not targets[0].is_contiguous() and heads[1].stride(1) != 1
+    out = check(emu, heads, targets, [1.0, 0.5, 0.3], reduction=reduction, label_smoothing=0.1)
+    assert out[5][1].shape == (N, C)
+
+
+def test_fp16(emu):
+    heads, targets, cws = multi_task(torch.float16)
+    check(emu, heads, targets, [1.0, 0.7, 0.4], class_weights=cws, label_smoothing=0.1)
+    heads, targets = pyramid(torch.float16, ignore_index=-100)
+    check(emu, heads, targets, [1.0, 0.5, 0.25], reduction="sum")
