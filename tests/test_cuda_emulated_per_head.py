@@ -380,3 +380,9 @@ def test_fp16(emu):
     check(emu, heads, targets, [1.0, 0.7, 0.4], class_weights=cws, label_smoothing=0.1)
     heads, targets = pyramid(torch.float16, ignore_index=-100)
     check(emu, heads, targets, [1.0, 0.5, 0.25], reduction="sum")
+
+
+def test_errors_name_the_head(emu):
+    heads, targets = multi_token(torch.float32, ignore_index=None)
+    with pytest.raises(RuntimeError, match=r"auxfuse: head 1: class-index targets must be int64"):
+        run(emu, heads, [targets[0], targets[1].int(), targets[2]], [1.0, 0.5, 0.3])

@@ -34,6 +34,12 @@
 // scale_grad_kernel: it reads grad_output on the device and returns at once when it is 1 (loss.backward()),
 // else scales the gradient in place (one more read and write: a GradScaler's scale costs a pass).
 //
+// One target per head (multihead_ce_per_head_forward; heads of their own N, C, S, targets and class weights): ONE
+// launch of multihead_ce_per_head_kernel for all heads (plus the same target-only pre-pass for mean with gradients),
+// on the same per-row code (forward_row) and mappings, the mapping chosen per call from the widest head and
+// whether every head's classes are contiguous; the head table (HeadDesc) and the work items go to the device in
+// one asynchronous copy. See that kernel's section below.
+//
 // No CUB: the reductions are an online-softmax merge (max, sum, first argmax) and fixed-order partial sums,
 // a few warp shuffles and one shared-memory pass written out here, and that keeps the whole file plain
 // CUDA C++ that the CPU emulation below can compile (CUB's device code cannot run there).
@@ -64,6 +70,7 @@
 #include <algorithm>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -671,7 +678,8 @@ __device__ __forceinline__ RowResult forward_row(const T* __restrict__ x, int64_
     if (leader && rt.counted) {
       const SoftmaxState<float> ss{st.m, st.s, static_cast<int64_t>(st.arg)};
       const float x_y = load_float(x + static_cast<int64_t>(rt.y_read) * cs);
-      res.loss = rt.bad ? NAN : auxfuse::index_target_row_loss<float>(ss, auxfuse::log_acc(ss.sum), x_y - st.m, xs, W, k);
+      res.loss = rt.bad ? NAN
+                        : auxfuse::index_target_row_loss<float>(ss, auxfuse::log_acc(ss.sum), x_y - st.m, xs, W, k);
       res.hit = !rt.bad && st.arg == rt.y;
     }
     if constexpr (GRAD) {  // the row was just read: the second read comes from L1 / L2
@@ -1532,8 +1540,11 @@ PerHeadResult per_head_forward_impl(Launcher& launcher, at::TensorList heads_in,
     try {
       shapes.push_back(auxfuse::check_inputs(rows.heads, rows.target, cw, {head_weights[h]}, reduction));
       check_kernel_limits(rows.heads, shapes.back());
-    } catch (const c10::Error& e) {
-      TORCH_CHECK(false, "auxfuse: head ", h, ": ", e.what_without_backtrace());
+    } catch (const c10::Error& e) {  // the same message, naming the head
+      std::string message = e.msg();
+      const std::string prefix = "auxfuse: ";
+      if (message.compare(0, prefix.size(), prefix) == 0) message.erase(0, prefix.size());
+      TORCH_CHECK(false, "auxfuse: head ", h, ": ", message);
     }
     heads.push_back(rows.heads[0]);
     targets.push_back(rows.target);

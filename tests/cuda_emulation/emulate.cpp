@@ -1,8 +1,9 @@
 // The CUDA kernels of csrc/cuda/multihead_ce.cu, compiled as C++ and run on CPU threads (cuda_shim.h), behind
 // ops of their own: torch.ops.auxfuse_emu.multihead_ce_forward / multihead_ce_per_head_forward /
 // multihead_ce_backward on CPU tensors, with auxfuse's schemas (csrc/op_schemas.h). The host logic is the CUDA
-// backend's own (forward_impl / per_head_forward_impl / backward_impl); only the launcher differs. The grid caps are lowered so that small problems exercise the
-// grid-stride loops and a last block that sums several partials. Built and used by tests/test_cuda_emulated.py.
+// backend's own (forward_impl / per_head_forward_impl / backward_impl); only the launcher differs. The grid caps
+// are lowered so that small problems exercise the grid-stride loops and a last block that sums several partials.
+// Built (tests/cuda_emulation/loader.py) and used by tests/test_cuda_emulated.py and test_cuda_emulated_per_head.py.
 #define AUXFUSE_MAX_FORWARD_BLOCKS 3
 #define AUXFUSE_MAX_BACKWARD_BLOCKS 2
 #include "cuda_shim.h"
