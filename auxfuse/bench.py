@@ -90,6 +90,35 @@ class PerHeadShape:
         return f"{self.name} " + "+".join("x".join(str(d) for d in s) for s in self.logits_shapes)
 
 
+@dataclass(frozen=True)
+class LinearShape:
+    """Fused linear + cross-entropy (multi-token heads): `heads` hidden states (rows, hidden) through one shared
+    (vocab, hidden) projection, labels shifted by 0, 1, ... per head, DeepSeek's weights. Its "heads" in a step
+    are the leaves that get gradients: the hidden states and the projection.
+
+    Example:
+        >>> str(LinearShape("linear", 4, 2048, 256, 32000))
+        'linear 4x2048x256->32000'
+    """
+
+    name: str
+    heads: int
+    rows: int
+    hidden: int
+    vocab: int
+
+    @property
+    def numel(self) -> int:  # the logits a naive sum holds
+        return self.heads * self.rows * self.vocab
+
+    @property
+    def weights(self) -> tuple:
+        return tuple(auxfuse.deepseek_mtp_weights(self.heads - 1))
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.heads}x{self.rows}x{self.hidden}->{self.vocab}"
+
+
 def _per_head_shapes(pyramid: int, tokens: int, vocab: int) -> list[PerHeadShape]:
     scales = tuple((2, 21, pyramid // 2**i, pyramid // 2**i) for i in range(4))
     return [
@@ -109,6 +138,7 @@ SHAPES = {
         Shape("lm", 2, 4096, 32000),
         Shape("lm", 4, 4096, 32000),
         *_per_head_shapes(pyramid=128, tokens=2048, vocab=32000),
+        LinearShape("linear", 4, 2048, 256, 32000),
     ],
     "cuda": [
         Shape("inception", 2, 256, 1000),
@@ -117,9 +147,10 @@ SHAPES = {
         Shape("lm", 2, 8192, 128256),
         Shape("lm", 4, 8192, 128256),
         *_per_head_shapes(pyramid=512, tokens=8192, vocab=128256),
+        LinearShape("linear", 4, 8192, 4096, 128256),
     ],
 }
-CPU_OPT_IN = ("lm", "multi_token")
+CPU_OPT_IN = ("lm", "multi_token", "linear")
 HEAD_WEIGHTS = {2: [1.0, 0.4], 3: [1.0, 0.3, 0.3], 4: [1.0, 0.3, 0.3, 0.3]}
 
 
@@ -130,7 +161,7 @@ def weights_of(shape) -> list[float]:
         >>> weights_of(Shape("googlenet", 3, 256, 1000))
         [1.0, 0.3, 0.3]
     """
-    return list(shape.weights) if isinstance(shape, PerHeadShape) else HEAD_WEIGHTS[shape.heads]
+    return list(shape.weights) if isinstance(shape, (PerHeadShape, LinearShape)) else HEAD_WEIGHTS[shape.heads]
 MODES = ("forward", "forward+backward")
 
 
@@ -144,6 +175,12 @@ def make_inputs(shape, dtype: torch.dtype, device: str, seed: int = 0):
         (3, (256, 1000), (256,))
     """
     g = torch.Generator(device=device).manual_seed(seed)
+    if isinstance(shape, LinearShape):
+        hiddens = [torch.randn(shape.rows, shape.hidden, generator=g, device=device).to(dtype).requires_grad_()
+                   for _ in range(shape.heads)]
+        projection = (torch.randn(shape.vocab, shape.hidden, generator=g, device=device) * 0.05).to(dtype)
+        labels = torch.randint(0, shape.vocab, (shape.rows,), generator=g, device=device)
+        return [*hiddens, projection.requires_grad_()], auxfuse.shifted_targets(labels, shape.heads)
     if isinstance(shape, PerHeadShape):
         heads = [torch.randn(s, generator=g, device=device).to(dtype).requires_grad_() for s in shape.logits_shapes]
         if shape.kind == "shifted":
@@ -171,21 +208,40 @@ def naive_sum(heads, target, weights):
     return sum(w * F.cross_entropy(x, t) for w, x, t in zip(weights, heads, targets))
 
 
+def naive_linear_sum(leaves, targets, weights):
+    """The linear + cross-entropy users write: F.linear then F.cross_entropy per head (LinearShape's inputs:
+    the hidden states, then the shared projection).
+
+    Example:
+        >>> leaves, targets = make_inputs(LinearShape("linear", 2, 8, 4, 10), torch.float32, "cpu")
+        >>> loss = naive_linear_sum(leaves, targets, [1.0, 0.3])
+    """
+    *hiddens, projection = leaves
+    return sum(w * F.cross_entropy(F.linear(x, projection), t) for w, x, t in zip(weights, hiddens, targets))
+
+
 _compiled_by_signature: dict = {}
 
 
-def _compiled_naive_sum(heads, target, weights):
-    """torch.compile of the naive sum, one compiled copy per input signature. Dynamo keeps compiled graphs, and
-    counts its recompile limit (8), per code object: past the limit one shared function would silently run
-    the naive sum eagerly, so every signature gets its own copy of the function's code."""
-    targets = target if isinstance(target, list) else [target]
-    signature = (tuple((h.shape, h.dtype, h.device) for h in heads), tuple(t.shape for t in targets),
-                 tuple(weights), torch.is_grad_enabled())
-    compiled = _compiled_by_signature.get(signature)
-    if compiled is None:
-        code_copy = types.FunctionType(naive_sum.__code__.replace(), naive_sum.__globals__, naive_sum.__name__)
-        compiled = _compiled_by_signature[signature] = torch.compile(code_copy, dynamic=False)
-    return compiled(heads, target, weights)
+def _compiled(fn: Callable) -> Callable:
+    """torch.compile of `fn` (a naive sum), one compiled copy per input signature. Dynamo keeps compiled graphs,
+    and counts its recompile limit (8), per code object: past the limit one shared function would silently
+    run the naive sum eagerly, so every signature gets its own copy of the function's code."""
+
+    def call(heads, target, weights):
+        targets = target if isinstance(target, list) else [target]
+        signature = (fn.__name__, tuple((h.shape, h.dtype, h.device) for h in heads),
+                     tuple(t.shape for t in targets), tuple(weights), torch.is_grad_enabled())
+        compiled = _compiled_by_signature.get(signature)
+        if compiled is None:
+            code_copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
+            compiled = _compiled_by_signature[signature] = torch.compile(code_copy, dynamic=False)
+        return compiled(heads, target, weights)
+
+    return call
+
+
+_compiled_naive_sum = _compiled(naive_sum)
 
 
 def _liger_loop():
@@ -201,13 +257,54 @@ def _liger_loop():
     return loss
 
 
-def providers(device: str, dtype: torch.dtype) -> dict[str, Optional[Callable]]:
-    """name -> loss function(heads, target, weights), for every provider that can run on this device.
+def linear_providers(device: str) -> dict[str, Callable]:
+    """name -> loss function(leaves, targets, weights) of a LinearShape: the naive loop, torch.compile of it,
+    auxfuse's fused linear + cross-entropy on each of its backends that runs here, and the three matmuls of
+    every head alone (the floor: logits, the hidden states' gradient, the projection's gradient).
+
+    Example:
+        >>> list(linear_providers("cpu"))
+        ['naive eager', 'torch.compile(naive)', 'auxfuse[cpu]', 'auxfuse[torch]', 'matmuls (floor)']
+    """
+    from auxfuse.linear import LINEAR_BACKENDS
+
+    result: dict[str, Callable] = {NAIVE: naive_linear_sum, "torch.compile(naive)": _compiled(naive_linear_sum)}
+    available = auxfuse.available_backends()
+    for name in AUTO_ORDER[device]:
+        if name in LINEAR_BACKENDS and available[name] is None:
+            result[f"auxfuse[{name}]"] = (
+                lambda leaves, targets, weights, _b=name: auxfuse.multi_head_linear_cross_entropy(
+                    leaves[:-1], leaves[-1], targets, weights, backend=_b))
+
+    result["matmuls (floor)"] = linear_floor
+    return result
+
+
+def linear_floor(leaves, targets, weights, mode: str = "forward+backward") -> None:
+    """The matmuls of a linear + cross-entropy alone, without autograd: per head the logits, and for
+    forward+backward the hidden states' and the projection's gradients (a whole step: see step_fn)."""
+    *hiddens, projection = leaves
+    with torch.no_grad():
+        for x in hiddens:
+            z = x @ projection.t()
+            if mode != "forward":
+                z @ projection
+                z.t() @ x
+
+
+linear_floor.whole_step = True
+
+
+def providers(device: str, dtype: torch.dtype, shape=None) -> dict[str, Optional[Callable]]:
+    """name -> loss function(heads, target, weights), for every provider that can run on this device (for a
+    LinearShape, `linear_providers`).
 
     Example:
         >>> list(providers("cpu", torch.float32))[:2]
         ['naive eager', 'torch.compile(naive)']
     """
+    if isinstance(shape, LinearShape):
+        return linear_providers(device)
     result: dict[str, Optional[Callable]] = {"naive eager": naive_sum, "torch.compile(naive)": _compiled_naive_sum}
     available = auxfuse.available_backends()
     for name in AUTO_ORDER[device]:  # the backends that take tensors on this device
@@ -245,7 +342,10 @@ def step_fn(loss_fn: Callable, heads, target, weights, mode: str) -> Callable[[]
         >>> step = step_fn(naive_sum, heads, target, [1.0, 0.4], "forward+backward")
         >>> step()  # one loss and its gradients
     """
-    if mode == "forward":
+    if getattr(loss_fn, "whole_step", False):  # it times itself as a step of this mode (linear_floor)
+        def run():
+            loss_fn(heads, target, weights, mode)
+    elif mode == "forward":
         def run():
             with torch.no_grad():
                 loss_fn(heads, target, weights)
@@ -356,6 +456,54 @@ def time_interleaved(steps: dict[str, Callable[[], None]], device: str, seconds:
     return timing
 
 
+_PEAK_SCRIPT = """
+import gc, json, torch
+from auxfuse import bench
+
+
+def status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+torch.set_num_threads({threads})
+shape, dtype = bench.LinearShape(**{shape!r}), getattr(torch, {dtype!r})
+loss_fn = bench.providers("cpu", dtype, shape)[{provider!r}]
+small = bench.LinearShape(shape.name, shape.heads, 8, shape.hidden, 64)
+bench.step_fn(loss_fn, *bench.make_inputs(small, dtype, "cpu"), list(small.weights), {mode!r})()  # load the code
+leaves, targets = bench.make_inputs(shape, dtype, "cpu")
+step = bench.step_fn(loss_fn, leaves, targets, list(shape.weights), {mode!r})
+gc.collect()
+with open("/proc/self/clear_refs", "w") as f:  # 5: reset the peak RSS (VmHWM) to the current RSS
+    f.write("5")
+before = status_kib("VmRSS")
+step()
+print(json.dumps({{"extra_MiB": (status_kib("VmHWM") - before) / 1024}}))
+"""
+
+
+def cpu_peak_extra_mib(shape: LinearShape, dtype: torch.dtype, provider: str, mode: str = "forward+backward") -> float:
+    """One step of `provider` on `shape` in a fresh process (after one on a tiny shape, which loads the code it
+    runs): the process's peak RSS during the step (Linux's VmHWM, reset just before it) over its RSS before it,
+    in MiB. The gradients of the hidden states and projection are part of it (every provider makes them).
+
+    Example:
+        >>> cpu_peak_extra_mib(LinearShape("linear", 4, 4096, 256, 32000), torch.float32, NAIVE)  # doctest: +SKIP
+        3001.2
+    """
+    import subprocess
+    import sys
+
+    script = _PEAK_SCRIPT.format(shape=asdict(shape), dtype=str(dtype).replace("torch.", ""), provider=provider,
+                                 mode=mode, threads=torch.get_num_threads())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
+    if result.returncode != 0:
+        raise RuntimeError(f"the peak-memory process failed: {result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["extra_MiB"]
+
+
 @dataclass
 class Row:
     """One provider's result on one case: times in ms per call, speed-ups over the naive sum taken round by
@@ -428,6 +576,9 @@ class CaseTimer:
                     step()
                     torch.cuda.synchronize()
                     row.peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+                elif first_pass and isinstance(self.shape, LinearShape) and (name == NAIVE or "auxfuse" in name):
+                    # Memory is what the linear + CE is for: the CPU's peak RSS, a process per provider.
+                    row.peak_mib = cpu_peak_extra_mib(self.shape, self.dtype, name, self.mode)
                 steps[name] = step
             except Exception as error:  # one failing provider is reported, not fatal
                 row.error = f"{type(error).__name__}: {str(error)[:200]}"
@@ -493,7 +644,7 @@ def run_bench(device: str, dtypes: list, shapes: list, modes: list, seconds: flo
     """
     from tqdm import tqdm
 
-    timers = [CaseTimer(s, d, device, m, providers(device, d)) for s in shapes for d in dtypes for m in modes]
+    timers = [CaseTimer(s, d, device, m, providers(device, d, s)) for s in shapes for d in dtypes for m in modes]
     min_rounds = math.ceil(5 / passes)  # at least 5 rounds per case over all the passes
     with tqdm(total=passes * len(timers), desc="auxfuse bench", disable=not progress, dynamic_ncols=True) as bar:
         for _ in range(passes):
@@ -593,7 +744,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", action="append", choices=MODES, help="repeatable; default both")
     parser.add_argument("--shapes", default=None,
                         help="comma-separated shape names (inception, googlenet, segmentation, lm, deep_supervision, "
-                             "multi_token, multi_task); default all but lm and multi_token on the CPU, all on CUDA")
+                             "multi_token, multi_task, linear); default all but lm, multi_token and linear on the CPU, "
+                             "all on CUDA")
     parser.add_argument("--seconds", type=float, default=3.0,
                         help="time budget per case (shape, dtype, mode), warm-up and compile not counted")
     parser.add_argument("--passes", type=int, default=5,

@@ -55,12 +55,11 @@ bool is_traced(const at::Tensor& t) {
 // grad_mode 1's backward: the gradient computed in the forward (weights and the mean's divisor folded in), times
 // grad_output. Multiplied only when needed: loss.backward() (grad_output 1 on a freed graph) launches nothing.
 // A `none` loss is (N, S): its gradient is broadcast over the classes as (N, 1, d1, ..., dk). `grads` is
-// (H, *head shape) for the shared-target op and one head's (*head shape) for the per-head op.
-at::Tensor scaled_saved_grad(at::Tensor grads, const at::Tensor& grad_loss, int64_t reduction) {
+// (H, *head shape) for the shared-target op (`stacked`) and one head's (*head shape) for the per-head op.
+at::Tensor scaled_saved_grad(at::Tensor grads, const at::Tensor& grad_loss, int64_t reduction, bool stacked) {
   const auto scale = [&] {
     if (reduction != kReductionNone) return grad_loss.to(grads.scalar_type());
-    const int64_t lead = grads.dim() - grad_loss.dim() - 1;  // 1 for (H, N, C, ...), 0 for (N, C, ...)
-    std::vector<int64_t> sizes(grads.sizes().begin() + lead, grads.sizes().end());
+    std::vector<int64_t> sizes(grads.sizes().begin() + (stacked ? 1 : 0), grads.sizes().end());
     sizes[1] = 1;
     return grad_loss.reshape(sizes).to(grads.scalar_type());
   };
@@ -75,6 +74,36 @@ at::Tensor scaled_saved_grad(at::Tensor grads, const at::Tensor& grad_loss, int6
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   scale_grad.call(grads, grad_loss);  // nothing when grad_output is 1, found out on the device for CUDA
   return grads;
+}
+
+// The gradient w.r.t. a probability target (it is differentiable in PyTorch: distillation from a trained
+// teacher, PyTorch's own OpInfo samples). Per row and class: d loss / d t_c = (1 - eps) * w_c * (lse - x_c)
+// = -(1 - eps) * w_c * log_softmax(x)_c, times each head's weight, summed over the heads that read the target,
+// times the row's scale (grad_output; / denom for mean). Composed of ATen ops from the saved logits: the kernels
+// keep their single pass for the common case, targets without gradient.
+at::Tensor prob_target_grad(at::TensorList heads, at::ArrayRef<double> head_weights, const at::Tensor& class_weight,
+                            double label_smoothing, int64_t reduction, const at::Tensor& denom,
+                            const at::Tensor& grad_loss, const at::Tensor& target) {
+  const auto acc_type = at::toOpMathType(heads[0].scalar_type());
+  at::Tensor sum;
+  for (size_t h = 0; h < heads.size(); ++h) {
+    const at::Tensor term = at::log_softmax(heads[h].to(acc_type), 1) * (-head_weights[h]);
+    sum = sum.defined() ? sum + term : term;
+  }
+  sum = sum * (1.0 - label_smoothing);
+  std::vector<int64_t> sizes(heads[0].dim(), 1);  // (1, C, 1, ...) for the class weights, (N, 1, d1, ...) per row
+  if (class_weight.defined()) {
+    sizes[1] = heads[0].size(1);
+    sum = sum * class_weight.view(sizes);
+  }
+  at::Tensor scale = grad_loss.to(acc_type);
+  if (reduction == kReductionMean) scale = scale / denom;
+  if (reduction == kReductionNone) {
+    sizes.assign(heads[0].sizes().begin(), heads[0].sizes().end());
+    sizes[1] = 1;
+    scale = scale.reshape(sizes);
+  }
+  return (sum * scale).to(target.scalar_type());
 }
 
 class MultiheadCrossEntropy : public torch::autograd::Function<MultiheadCrossEntropy> {
@@ -97,16 +126,16 @@ class MultiheadCrossEntropy : public torch::autograd::Function<MultiheadCrossEnt
     ctx->saved_data["num_heads"] = static_cast<int64_t>(heads.size());
     ctx->saved_data["grad_mode"] = grad_mode;
     ctx->saved_data["reduction"] = reduction;
-    if (grad_mode == kGradInForward) {
-      ctx->save_for_backward({saved});
-    } else if (grad_mode == kSaveLse) {
-      ctx->saved_data["head_weights"] = head_weights.vec();
-      ctx->saved_data["ignore_index"] = ignore_index;
-      ctx->saved_data["label_smoothing"] = label_smoothing;
-      variable_list to_save{saved, denom, target, class_weight.value_or(at::Tensor())};
-      to_save.insert(to_save.end(), heads.begin(), heads.end());
-      ctx->save_for_backward(std::move(to_save));
-    }
+    ctx->saved_data["head_weights"] = head_weights.vec();
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    // grad_mode 1: the gradient buffer; 2: what the backward op reads. A probability target that requires grad
+    // also keeps the logits (prob_target_grad).
+    const bool target_grad = target.is_floating_point() && target.requires_grad();
+    ctx->saved_data["target_grad"] = target_grad;
+    variable_list to_save{saved, denom, target, class_weight.value_or(at::Tensor())};
+    if (grad_mode == kSaveLse || target_grad) to_save.insert(to_save.end(), heads.begin(), heads.end());
+    ctx->save_for_backward(std::move(to_save));
     return {loss, head_losses, head_correct, count, denom, saved, invalid};
   }
 
@@ -116,24 +145,31 @@ class MultiheadCrossEntropy : public torch::autograd::Function<MultiheadCrossEnt
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     variable_list grad_inputs(num_heads + kOtherInputs);
     const at::Tensor& grad_loss = grad_outputs[0];
-    if (!grad_loss.defined() || grad_mode == kNoGrad) {
+    if (!grad_loss.defined()) {
+      return grad_inputs;
+    }
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &denom = saved[1], &target = saved[2], &class_weight = saved[3];
+    const std::vector<at::Tensor> heads(saved.begin() + 4, saved.end());
+    const std::vector<double> head_weights = ctx->saved_data["head_weights"].toDoubleVector();
+    const double label_smoothing = ctx->saved_data["label_smoothing"].toDouble();
+    if (ctx->saved_data["target_grad"].toBool()) {
+      grad_inputs[num_heads] = prob_target_grad(heads, head_weights, class_weight, label_smoothing, reduction, denom,
+                                                grad_loss, target);
+    }
+    if (grad_mode == kNoGrad) {
       return grad_inputs;
     }
     at::Tensor grads;
     if (grad_mode == kGradInForward) {
-      grads = scaled_saved_grad(ctx->get_saved_variables()[0], grad_loss, reduction);
+      grads = scaled_saved_grad(saved[0], grad_loss, reduction, /*stacked=*/true);
     } else {
       static const auto op = c10::Dispatcher::singleton()
                                  .findSchemaOrThrow("auxfuse::multihead_ce_backward", "")
                                  .typed<BackwardSignature>();
-      const variable_list saved = ctx->get_saved_variables();
-      const at::Tensor& class_weight = saved[3];
-      const std::vector<at::Tensor> heads(saved.begin() + 4, saved.end());
-      const std::vector<double> head_weights = ctx->saved_data["head_weights"].toDoubleVector();
-      grads = op.call(grad_loss, heads, saved[2],
+      grads = op.call(grad_loss, heads, target,
                       class_weight.defined() ? std::optional<at::Tensor>(class_weight) : std::nullopt, head_weights,
-                      ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["label_smoothing"].toDouble(),
-                      reduction, saved[0], saved[1]);
+                      ctx->saved_data["ignore_index"].toInt(), label_smoothing, reduction, saved[0], denom);
     }
     for (int64_t h = 0; h < num_heads; ++h) {
       grad_inputs[h] = grads.select(0, h);  // (H, *head shape): see grads_in_head_shape
@@ -142,12 +178,11 @@ class MultiheadCrossEntropy : public torch::autograd::Function<MultiheadCrossEnt
   }
 };
 
-using PerHeadResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>,
-                                 at::Tensor>;
 using PerHeadSignature = PerHeadResult(at::TensorList, at::TensorList, const c10::List<std::optional<at::Tensor>>&,
                                        at::ArrayRef<double>, int64_t, double, int64_t, int64_t);
 
-// The per-head op (grad_mode 0 or 1): its backward hands out each head's saved gradient times grad_output.
+// The per-head op (grad_mode 0 or 1): its backward hands out each head's saved gradient times grad_output (and
+// prob_target_grad for probability targets that require grad).
 // Outputs are flattened for autograd as loss, head_losses, head_correct, count, denom, invalid, grads...
 class PerHeadCrossEntropy : public torch::autograd::Function<PerHeadCrossEntropy> {
  public:
@@ -171,9 +206,26 @@ class PerHeadCrossEntropy : public torch::autograd::Function<PerHeadCrossEntropy
     variable_list out{loss, head_losses, head_correct, count, denom, invalid};
     out.insert(out.end(), grads.begin(), grads.end());
     ctx->mark_non_differentiable(variable_list(out.begin() + 1, out.end()));
-    ctx->saved_data["num_heads"] = static_cast<int64_t>(heads.size());
+    const int64_t H = heads.size();
+    ctx->saved_data["num_heads"] = H;
     ctx->saved_data["reduction"] = reduction;
-    ctx->save_for_backward(grads);  // empty for grad_mode 0
+    ctx->saved_data["num_grads"] = static_cast<int64_t>(grads.size());  // 0 for grad_mode 0
+    // Probability targets that require grad (prob_target_grad): their head, target, class weight and head weight.
+    std::vector<int64_t> target_grad_heads;
+    std::vector<double> target_grad_weights;
+    variable_list to_save(grads.begin(), grads.end());
+    to_save.push_back(denom);
+    for (int64_t h = 0; h < H; ++h) {
+      if (targets[h].is_floating_point() && targets[h].requires_grad()) {
+        target_grad_heads.push_back(h);
+        target_grad_weights.push_back(head_weights[h]);
+        to_save.insert(to_save.end(), {heads[h], targets[h], class_weights.get(h).value_or(at::Tensor())});
+      }
+    }
+    ctx->saved_data["target_grad_heads"] = target_grad_heads;
+    ctx->saved_data["target_grad_weights"] = target_grad_weights;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->save_for_backward(std::move(to_save));
     return out;
   }
 
@@ -184,9 +236,22 @@ class PerHeadCrossEntropy : public torch::autograd::Function<PerHeadCrossEntropy
     // then the five non-tensor arguments.
     variable_list grad_inputs(2 * num_heads + 6);
     const at::Tensor& grad_loss = grad_outputs[0];
-    const variable_list grads = ctx->get_saved_variables();
-    if (!grad_loss.defined() || grads.empty()) return grad_inputs;
-    for (int64_t h = 0; h < num_heads; ++h) grad_inputs[h] = scaled_saved_grad(grads[h], grad_loss, reduction);
+    if (!grad_loss.defined()) return grad_inputs;
+    const variable_list saved = ctx->get_saved_variables();
+    const int64_t num_grads = ctx->saved_data["num_grads"].toInt();
+    for (int64_t h = 0; h < num_grads; ++h) {
+      grad_inputs[h] = scaled_saved_grad(saved[h], grad_loss, reduction, /*stacked=*/false);
+    }
+    const at::Tensor& denom = saved[num_grads];
+    const std::vector<int64_t> target_grad_heads = ctx->saved_data["target_grad_heads"].toIntVector();
+    const std::vector<double> target_grad_weights = ctx->saved_data["target_grad_weights"].toDoubleVector();
+    for (size_t i = 0; i < target_grad_heads.size(); ++i) {
+      const int64_t h = target_grad_heads[i];
+      const at::Tensor &head = saved[num_grads + 1 + 3 * i], &target = saved[num_grads + 2 + 3 * i];
+      grad_inputs[num_heads + h] =
+          prob_target_grad({head}, {target_grad_weights[i]}, saved[num_grads + 3 + 3 * i],
+                           ctx->saved_data["label_smoothing"].toDouble(), reduction, denom[h], grad_loss, target);
+    }
     return grad_inputs;
   }
 };

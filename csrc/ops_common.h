@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/List.h>
 #include <c10/util/accumulate.h>
 
 #include <tuple>
@@ -145,6 +146,82 @@ inline ForwardOutputs allocate_forward_outputs(at::TensorList heads, const Probl
   } else {
     TORCH_CHECK(grad_mode == kNoGrad, "auxfuse: bad grad_mode ", grad_mode);
     out.saved = at::empty({0}, acc_options);
+  }
+  return out;
+}
+
+
+// ---------------------------------------------------------------------------------------------------------
+// multihead_ce_per_head_forward: one target and class weight per head (contract in auxfuse.cpp).
+
+using PerHeadResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>,
+                                 at::Tensor>;
+
+// Each head with its own target and class weight, as the kernels read them: (N, C, S) and (N, S) / (N, C, S)
+// views (as_row_views, one head at a time), and each head's shape.
+struct PerHeadViews {
+  std::vector<at::Tensor> heads, targets;
+  std::vector<c10::optional<at::Tensor>> class_weights;
+  std::vector<ProblemShape> shapes;
+};
+
+inline PerHeadViews check_per_head_inputs(at::TensorList heads_in, at::TensorList targets_in,
+                                          const c10::List<c10::optional<at::Tensor>>& class_weights,
+                                          at::ArrayRef<double> head_weights, int64_t reduction, int64_t grad_mode) {
+  const size_t H = heads_in.size();
+  TORCH_CHECK(H > 0, "auxfuse: at least one head is needed");
+  TORCH_CHECK(targets_in.size() == H && class_weights.size() == H && head_weights.size() == H, "auxfuse: ", H,
+              " heads need as many targets, class weights and head weights; got ", targets_in.size(), ", ",
+              class_weights.size(), " and ", head_weights.size());
+  TORCH_CHECK(grad_mode == kNoGrad || grad_mode == kGradInForward,
+              "auxfuse: multihead_ce_per_head_forward takes grad_mode 0 or 1, not ", grad_mode);
+  PerHeadViews v;
+  for (size_t h = 0; h < H; ++h) {
+    TORCH_CHECK(heads_in[h].scalar_type() == heads_in[0].scalar_type() && heads_in[h].device() == heads_in[0].device(),
+                "auxfuse: head ", h, " differs from head 0 in dtype or device");
+    const RowViews rows = as_row_views({heads_in[h]}, targets_in[h]);
+    const c10::optional<at::Tensor> cw = class_weights.get(h);
+    ProblemShape shape = check_inputs(rows.heads, rows.target, cw, {head_weights[h]}, reduction);
+    v.heads.push_back(rows.heads[0]);
+    v.targets.push_back(rows.target);
+    v.class_weights.push_back(cw);
+    v.shapes.push_back(shape);
+  }
+  if (reduction == kReductionNone) {
+    for (size_t h = 1; h < H; ++h) {
+      TORCH_CHECK(v.shapes[h].batch == v.shapes[0].batch && v.shapes[h].spatial == v.shapes[0].spatial,
+                  "auxfuse: reduction none sums the heads' rows: head ", h, " has ", v.shapes[h].batch, " x ",
+                  v.shapes[h].spatial, " rows, head 0 ", v.shapes[0].batch, " x ", v.shapes[0].spatial);
+    }
+  }
+  return v;
+}
+
+struct PerHeadOutputs {
+  at::Tensor loss, head_losses, head_correct, count, denom, invalid;
+  std::vector<at::Tensor> grads;  // (N, C, S) views laid out like the heads (grad_mode 1)
+
+  PerHeadResult result(at::TensorList heads_in) const {
+    std::vector<at::Tensor> shaped;
+    for (size_t h = 0; h < grads.size(); ++h) shaped.push_back(grads[h].view(heads_in[h].sizes()));
+    return {loss, head_losses, head_correct, count, denom, shaped, invalid};
+  }
+};
+
+inline PerHeadOutputs allocate_per_head_outputs(const PerHeadViews& v, int64_t reduction, int64_t grad_mode) {
+  const at::Tensor& h0 = v.heads[0];
+  const int64_t H = v.heads.size();
+  const auto acc_options = h0.options().dtype(at::toOpMathType(h0.scalar_type()));
+  PerHeadOutputs out;
+  out.loss = reduction == kReductionNone ? at::empty({v.shapes[0].batch, v.shapes[0].spatial}, acc_options)
+                                         : at::empty({}, acc_options);
+  out.head_losses = at::empty({H}, acc_options);
+  out.head_correct = at::empty({H}, h0.options().dtype(at::kLong));
+  out.count = at::empty({H}, h0.options().dtype(at::kLong));
+  out.denom = at::empty({H}, acc_options);
+  out.invalid = at::empty({}, h0.options().dtype(at::kLong));
+  if (grad_mode == kGradInForward) {
+    for (const at::Tensor& head : v.heads) out.grads.push_back(allocate_head_grads({head}).select(0, 0));
   }
   return out;
 }

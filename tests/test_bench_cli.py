@@ -103,3 +103,18 @@ def test_per_head_shapes_run():
         rows = bench.measure_case(shape, torch.float32, "cpu", "forward+backward",
                                   {bench.NAIVE: bench.naive_sum}, seconds=0.02, round_ms=1.0)
         assert rows[0].rounds >= 5 and rows[0].error is None
+
+
+def test_linear_shape_rows_and_peak_memory():
+    """The fused linear + CE case: every provider times, the floor runs without autograd, and the CPU peak
+    memory of a provider comes from a process of its own (the naive sum holds every head's logits: more)."""
+    shape = bench.LinearShape("linear", 2, 64, 16, 500)
+    rows = {r.provider: r for r in bench.measure_case(shape, torch.float32, "cpu", "forward+backward",
+                                                      bench.providers("cpu", torch.float32, shape),
+                                                      seconds=0.05, round_ms=1.0, min_rounds=3)}
+    assert {bench.NAIVE, "torch.compile(naive)", "auxfuse[cpu]", "auxfuse[torch]", "matmuls (floor)"} <= set(rows)
+    assert all(r.error is None and r.rounds >= 3 for r in rows.values())
+    assert rows[bench.NAIVE].peak_mib is not None and rows["matmuls (floor)"].peak_mib is None
+    big = bench.LinearShape("linear", 4, 1024, 16, 32000)  # 4 x 1024 x 32000 fp32 logits: 500 MiB in the naive sum
+    naive, fused = (bench.cpu_peak_extra_mib(big, torch.float32, p) for p in (bench.NAIVE, "auxfuse[cpu]"))
+    assert naive > 400 and fused < naive / 4

@@ -269,3 +269,137 @@ def test_a_list_of_numbers_is_no_per_head_target():
         auxfuse.multi_head_cross_entropy((torch.randn(2, 3), torch.randn(2, 3)), [0, 1])
     with pytest.raises(TypeError, match=r"not dict of float"):
         auxfuse.multi_head_cross_entropy({"out": torch.randn(2, 3)}, {"out": 1.0})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fused per-head op (torch.ops.auxfuse.multihead_ce_per_head_forward): one call for all heads.
+
+needs_cpu_kernel = pytest.mark.skipif(AVAILABLE["cpu"] is not None, reason=str(AVAILABLE["cpu"]))
+
+
+@needs_cpu_kernel
+def test_per_head_targets_take_one_call(monkeypatch):
+    """Every head picks the cpu backend: the front end calls the fused op once, never the one-head path."""
+    calls = []
+    fused = torch.ops.auxfuse.multihead_ce_per_head_forward
+
+    def counting(*args):
+        calls.append(len(args[0]))
+        return fused(*args)
+
+    monkeypatch.setattr(torch.ops.auxfuse, "multihead_ce_per_head_forward", counting)
+    monkeypatch.setattr(type(auxfuse.backends.BACKENDS["cpu"]), "compute",
+                        lambda self, problem: pytest.fail("one call per head"))
+    g = generator("one call")
+    heads, targets = _pyramid(torch.float32, g)
+    check_per_head("cpu", heads, targets, [1.0, 0.5, 0.25, 0.0])
+    assert calls == [4]
+
+
+@needs_cpu_kernel
+def test_per_head_op_balances_a_large_and_a_small_head():
+    """A 64 x 64 head beside an 8 x 8 head and a classifier: blocks of every size from one queue; bitwise the
+    same result with one thread as with two (the block partition does not depend on the thread count)."""
+    g = generator("large and small")
+    heads = [torch.randn(2, 21, 64, 64, generator=g) * 4, torch.randn(2, 21, 8, 8, generator=g),
+             torch.randn(24, 300, generator=g)]
+    targets = [torch.randint(0, 21, (2, 64, 64), generator=g), torch.randint(0, 21, (2, 8, 8), generator=g),
+               torch.randint(0, 300, (24,), generator=g)]
+    targets[0][0, :5] = -100
+    check_per_head("cpu", heads, targets, [1.0, 0.5, 0.3], label_smoothing=0.1)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            inputs = [h.clone().requires_grad_(True) for h in heads]
+            loss = auxfuse.multi_head_cross_entropy(inputs, targets, [1.0, 0.5, 0.3], backend="cpu")
+            results.append((loss.detach(), torch.autograd.grad(loss, inputs)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+@needs_cpu_kernel
+def test_per_head_op_none_over_heads_of_other_layouts():
+    """reduction='none' sums rows of heads that the kernel takes by different paths (a channels_last head: rows
+    contiguous along the classes; a contiguous one: strided classes) and target kinds (probabilities)."""
+    g = generator("none layouts")
+    a = torch.randn(2, 6, 5, 4, generator=g).to(memory_format=torch.channels_last)
+    b = torch.randn(2, 6, 5, 4, generator=g)
+    c = torch.randn(2, 3, 5, 4, generator=g)
+    targets = [torch.randint(0, 6, (2, 5, 4), generator=g), torch.randint(0, 6, (2, 5, 4), generator=g),
+               torch.softmax(torch.randn(2, 3, 5, 4, generator=g), 1)]
+    targets[1][1, 2] = -100
+    check_per_head("cpu", [a, b, c], targets, [1.0, 0.4, 0.2], reduction="none", label_smoothing=0.05)
+
+
+@needs_cpu_kernel
+def test_per_head_op_invalid_class_index_names_the_head():
+    g = generator("invalid")
+    heads = {"out": torch.randn(2, 4, 3, 3, generator=g), "aux": torch.randn(2, 4, 2, 2, generator=g)}
+    targets = {"out": torch.randint(0, 4, (2, 3, 3), generator=g), "aux": torch.randint(0, 4, (2, 2, 2), generator=g)}
+    targets["aux"][1, 1, 0] = 7
+    with pytest.raises(ValueError, match=r"head 'aux': target value 7 is outside \[0, 4\)"):
+        auxfuse.multi_head_cross_entropy(heads, targets, backend="cpu")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("grad_mode", [0, 1])
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_per_head_op_opcheck(grad_mode, reduction):
+    """The op's schema, fake kernel and autograd registration agree with its CPU kernel."""
+    g = generator(("opcheck", grad_mode, reduction))
+    same_rows = reduction == 0
+    heads = [torch.randn(3, 5, 2, 2, generator=g, requires_grad=True),
+             torch.randn(3, 7, 2, 2, generator=g, requires_grad=True) if same_rows
+             else torch.randn(4, 7, generator=g, requires_grad=True)]
+    targets = [torch.randint(0, 5, (3, 2, 2), generator=g),
+               torch.randint(0, 7, (3, 2, 2) if same_rows else (4,), generator=g)]
+    class_weights = [None, torch.rand(7, generator=g) + 0.5]
+    torch.library.opcheck(torch.ops.auxfuse.multihead_ce_per_head_forward,
+                          (heads, targets, class_weights, [1.0, 0.3], -100, 0.1, reduction, grad_mode))
+
+
+@needs_cpu_kernel
+def test_compile_fullgraph_per_head_cpu():
+    """torch.compile(fullgraph=True) traces the fused per-head op (its fake kernel) with a gradient."""
+    g = generator("compile cpu")
+    heads = [torch.randn(2, 3, 8, 8, generator=g, requires_grad=True), torch.randn(5, 11, generator=g,
+                                                                                    requires_grad=True)]
+    targets = [torch.randint(0, 3, (2, 8, 8), generator=g), torch.randint(0, 11, (5,), generator=g)]
+
+    def fn(a, b):
+        return auxfuse.multi_head_cross_entropy((a, b), targets, (1.0, 0.5), backend="cpu", label_smoothing=0.1)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = compiled(*heads)
+    ref_in = [h.detach().double().requires_grad_(True) for h in heads]
+    want = naive_per_head(ref_in, targets, (1.0, 0.5), label_smoothing=0.1)
+    assert_matches_reference(got, want, torch.float32)
+    for a, b, h in zip(torch.autograd.grad(got, heads), torch.autograd.grad(want, ref_in), heads):
+        assert_matches_reference(a, b, torch.float32, h.shape[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gradient_wrt_probability_targets_per_head(backend, reduction):
+    """Probability targets that require grad (a teacher's soft labels being trained) get their gradient: every
+    head's target, with label smoothing and class weights, against the float64 naive loop."""
+    g = generator(("target grad", backend, reduction))
+    heads = [torch.randn(6, 9, generator=g, requires_grad=True), torch.randn(6, 4, 3, generator=g,
+                                                                             requires_grad=True)]
+    targets = [torch.softmax(torch.randn(6, 9, generator=g), 1).requires_grad_(True),
+               torch.softmax(torch.randn(6, 4, 3, generator=g), 1).requires_grad_(True)]
+    class_weights = [None, torch.rand(4, generator=g) + 0.5]
+    options = dict(reduction=reduction, label_smoothing=0.1)
+    ours = auxfuse.multi_head_cross_entropy(heads, targets, [1.0, 0.4], weight=class_weights, backend=backend,
+                                            **options)
+    ref_in = [x.detach().double().requires_grad_(True) for x in heads + targets]
+    ref = sum(w * F.cross_entropy(x, t, weight=None if cw is None else cw.double(), **options)  # targets attached
+              for w, x, t, cw in zip([1.0, 0.4], ref_in[:2], ref_in[2:], class_weights))
+    assert_matches_reference(ours, ref, torch.float32)
+    for a, b, x in zip(torch.autograd.grad(ours, heads + targets), torch.autograd.grad(ref, ref_in), heads * 2):
+        assert_matches_reference(a, b, torch.float32, x.shape[1])

@@ -23,6 +23,7 @@ torch.compile and meta tensors) and chooses the grad_mode per call:
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 import torch
@@ -37,6 +38,7 @@ except ImportError as error:  # the package still works, on the torch backend
     _LOAD_ERROR = f"the compiled extension auxfuse._C could not be imported ({error})"
 
 NO_GRAD, GRAD_IN_FORWARD, SAVE_LSE = 0, 1, 2
+_HEAD_INDEX = re.compile(r"auxfuse: head (\d+): ")
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CUDA_MAX_HEADS = 16  # the CUDA kernels take the heads' pointers by value in the launch parameters
 CUDA_ROW_IN_CACHE_MAX_CLASSES = 2048  # kWarpMaxClasses in the .cu: above, a block per row
@@ -165,8 +167,6 @@ class NativeBackend:
                 reasons.append(f"the CUDA kernels take {[str(d) for d in CUDA_DTYPES]}, not {problem.dtype}")
             if len(problem.inputs) > CUDA_MAX_HEADS:
                 reasons.append(f"the CUDA kernels take at most {CUDA_MAX_HEADS} heads, got {len(problem.inputs)}")
-        if problem.prob_target and problem.target.requires_grad:
-            reasons.append("gradients w.r.t. probability targets are computed by the torch backend only")
         if problem.class_weight is not None and problem.class_weight.requires_grad:
             reasons.append("gradients w.r.t. class weights are computed by the torch backend only")
         return reasons
@@ -209,16 +209,23 @@ class NativeBackend:
         """Every head with its own target and class weight (one one-head Problem each, validated) in one call
         of the fused op; count is per head, (H,)."""
         needs_grad = any(p.needs_grad for p in problems)
-        loss, head_losses, head_correct, count, _, _, invalid = torch.ops.auxfuse.multihead_ce_per_head_forward(
-            [p.inputs[0] for p in problems],
-            [p.input_target for p in problems],
-            [p.class_weight for p in problems],
-            [p.head_weights[0] for p in problems],
-            problems[0].ignore_index,
-            problems[0].label_smoothing,
-            problems[0].reduction_code,
-            GRAD_IN_FORWARD if needs_grad else NO_GRAD,
-        )
+        try:
+            loss, head_losses, head_correct, count, _, _, invalid = torch.ops.auxfuse.multihead_ce_per_head_forward(
+                [p.inputs[0] for p in problems],
+                [p.input_target for p in problems],
+                [p.class_weight for p in problems],
+                [p.head_weights[0] for p in problems],
+                problems[0].ignore_index,
+                problems[0].label_smoothing,
+                problems[0].reduction_code,
+                GRAD_IN_FORWARD if needs_grad else NO_GRAD,
+            )
+        except ValueError as error:  # the kernel names a head by its index (an invalid class index): say its name
+            found = _HEAD_INDEX.match(str(error))
+            if found is None:
+                raise
+            name = problems[int(found.group(1))].names[0]
+            raise ValueError(f"auxfuse: head {name!r}: {str(error)[found.end():]}") from None
         return BackendResult(loss, head_losses, head_correct, count, invalid)
 
 

@@ -16,6 +16,10 @@ struct CpuKernels {
                          const c10::optional<at::Tensor>& class_weight, at::ArrayRef<double> head_weights,
                          int64_t ignore_index, double label_smoothing, int64_t reduction, const at::Tensor& lse,
                          const at::Tensor& denom);
+  // multihead_ce_per_head_forward on inputs checked and outputs allocated by dispatch.cpp.
+  void (*forward_per_head)(const PerHeadViews& inputs, const PerHeadOutputs& outputs,
+                           at::ArrayRef<double> head_weights, int64_t ignore_index, double label_smoothing,
+                           int64_t reduction);
 };
 
 namespace DEFAULT {

@@ -1,13 +1,17 @@
-// Fused CPU kernels of auxfuse::multihead_ce_forward and auxfuse::multihead_ce_backward (schema and output
-// contract: csrc/auxfuse.cpp; per-row formulas: csrc/multihead_ce.h).
+// Fused CPU kernels of auxfuse::multihead_ce_forward, multihead_ce_per_head_forward and multihead_ce_backward
+// (schema and output contract: csrc/auxfuse.cpp; per-row formulas and the head table: csrc/multihead_ce.h).
 //
-// Structure
-//   1. A pre-pass over the class-index targets: counted rows, the mean's divisor and the first out-of-range
-//      target, which raises a ValueError before any output is allocated or written.
-//   2. One at::parallel_for over fixed blocks of work, handed to the threads dynamically. A block is a range of
-//      rows (or of spatial tiles) for every head; each block writes its rows' outputs and one partial (loss sum
-//      in double, top-1 hits) per head into its own slot; the partials are reduced afterwards in block order.
-//   Two layouts, chosen from the heads' strides:
+// Structure. Both forward ops describe their heads as a head table (one HeadDesc per head: logits, sizes,
+// strides, target, class weights, loss weight, outputs); the shared-target op's heads all point at one target.
+//   1. A pre-pass over each head's class-index targets (once for heads that share them): counted rows, the
+//      mean's divisor and the first out-of-range target, which raises a ValueError before anything is written.
+//   2. One at::parallel_for over fixed blocks of work, handed to the threads dynamically from one queue. Heads
+//      are grouped (consecutive heads with the same rows, layout and kind of target: every head of the shared
+//      op); a block is a range of rows (or of spatial tiles) for every head of its group, about kBlockElements
+//      logits, so the blocks of a 128 x 128 head and of a 16 x 16 head balance across the threads. Each block
+//      writes its rows' outputs and one partial (loss sum in double, top-1 hits) per head into its own slot;
+//      the partials are reduced afterwards in block order.
+//   Two layouts, chosen per head from its strides:
 //   - row path (classifier heads, S == 1, or channels_last, class stride 1): one row at a time, vectorized
 //     along the classes. Pass 1 reads the row (max; for probability targets the target's max and weighted
 //     sum), pass 2 computes e = exp(x - max) once per logit, sums it (and the weighted sums of x - max that
@@ -46,6 +50,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "kernels.h"
@@ -149,71 +154,64 @@ inline acc_t nan_value() {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// The problem, as raw pointers and strides.
+// The problem: the head table (HeadDesc, csrc/multihead_ce.h) and the options every head shares.
+
+// The table entry, as a type of this compiled copy (the anonymous namespace of its CPU_CAPABILITY): the vector
+// functions of std::vector<Head> are then this copy's own, never linked into another copy or baseline code.
+template <typename scalar_t>
+struct Head : HeadDesc<scalar_t, at::opmath_type<scalar_t>> {};
 
 template <typename scalar_t>
 struct Args {
   using acc_t = at::opmath_type<scalar_t>;
-  int64_t H, N, C, S;
-  std::vector<const scalar_t*> x;  // per head, element (n, c, s) at n*sN + c*sC + s*sS
-  int64_t sN, sC, sS;
-  bool prob;
-  const int64_t* y;  // class-index target (n, s) at n*yN + s*yS
-  int64_t yN, yS;
-  const scalar_t* t;  // probability target (n, c, s) at n*tN + c*tC + s*tS
-  int64_t tN, tC, tS;
-  const acc_t* cw;  // class weights (C,), or nullptr
-  acc_t W;          // sum of class weights (C without)
+  std::vector<Head<scalar_t>> head;
   int64_t ignore_index;
   acc_t eps;
   int64_t reduction;
-  std::vector<acc_t> hw;  // head weights
-
-  bool row_path() const { return S == 1 || sC == 1; }
-  acc_t w(int64_t c) const { return cw ? cw[c] : acc_t(1); }
 };
 
+// The row path takes heads whose rows are contiguous along the classes (classifiers, S == 1, or channels_last);
+// the spatial path the others, (N, C, S) with a strided class dimension (segmentation).
+template <typename Head>
+bool row_path(const Head& d) {
+  return d.S == 1 || d.sC == 1;
+}
+
+// One head's entry of the table, from its (N, C, S) view, its target view and class weights. The gradient and
+// log-sum-exp pointers are set once the outputs exist, the grad scale once the targets are counted.
 template <typename scalar_t>
-Args<scalar_t> make_args(at::TensorList heads, const at::Tensor& target, const c10::optional<at::Tensor>& class_weight,
-                         at::ArrayRef<double> head_weights, int64_t ignore_index, double label_smoothing,
-                         int64_t reduction, const ProblemShape& shape) {
+Head<scalar_t> describe_head(const at::Tensor& head, const at::Tensor& target,
+                             const c10::optional<at::Tensor>& class_weight, double head_weight,
+                             const ProblemShape& shape) {
   using acc_t = at::opmath_type<scalar_t>;
-  Args<scalar_t> a;
-  a.H = shape.heads;
-  a.N = shape.batch;
-  a.C = shape.classes;
-  a.S = shape.spatial;
-  for (const auto& h : heads) a.x.push_back(h.const_data_ptr<scalar_t>());
-  a.sN = heads[0].stride(0);
-  a.sC = heads[0].stride(1);
-  a.sS = heads[0].stride(2);
-  a.prob = shape.prob_target;
-  a.y = nullptr;
-  a.t = nullptr;
-  a.yN = a.yS = a.tN = a.tC = a.tS = 0;
-  if (a.prob) {
-    a.t = target.const_data_ptr<scalar_t>();
-    a.tN = target.stride(0);
-    a.tC = target.stride(1);
-    a.tS = target.stride(2);
+  Head<scalar_t> d{};
+  d.x = head.const_data_ptr<scalar_t>();
+  d.N = shape.batch;
+  d.C = shape.classes;
+  d.S = shape.spatial;
+  d.sN = head.stride(0);
+  d.sC = head.stride(1);
+  d.sS = head.stride(2);
+  if (shape.prob_target) {
+    d.t = target.const_data_ptr<scalar_t>();
+    d.tN = target.stride(0);
+    d.tC = target.stride(1);
+    d.tS = target.stride(2);
   } else {
-    a.y = target.const_data_ptr<int64_t>();
-    a.yN = target.stride(0);
-    a.yS = target.stride(1);
+    d.y = target.const_data_ptr<int64_t>();
+    d.yN = target.stride(0);
+    d.yS = target.stride(1);
   }
-  a.cw = class_weight.has_value() ? class_weight->const_data_ptr<acc_t>() : nullptr;
-  if (a.cw) {
-    double sum = 0;
-    for (int64_t c = 0; c < a.C; ++c) sum += static_cast<double>(a.cw[c]);
-    a.W = static_cast<acc_t>(sum);
-  } else {
-    a.W = static_cast<acc_t>(a.C);
+  d.cw = class_weight.has_value() ? class_weight->const_data_ptr<acc_t>() : nullptr;
+  double weight_sum = static_cast<double>(d.C);
+  if (d.cw) {
+    weight_sum = 0;
+    for (int64_t c = 0; c < d.C; ++c) weight_sum += static_cast<double>(d.cw[c]);
   }
-  a.ignore_index = ignore_index;
-  a.eps = static_cast<acc_t>(label_smoothing);
-  a.reduction = reduction;
-  for (double w : head_weights) a.hw.push_back(static_cast<acc_t>(w));
-  return a;
+  d.weight_sum = static_cast<acc_t>(weight_sum);
+  d.weight = static_cast<acc_t>(head_weight);
+  d.grad_scale = d.weight;
+  return d;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -227,11 +225,12 @@ struct TargetStats {
 // The void label of Pascal VOC-style masks: an invalid index that gets a hint (ignore_index=255).
 constexpr int64_t kVoidLabel = 255;
 
-template <typename scalar_t>
-TargetStats scan_targets(const Args<scalar_t>& a) {
-  const int64_t rows = a.N * a.S;
+// `head`: the head's index in the message (the per-head op), or -1.
+template <typename Head>
+TargetStats scan_targets(const Head& d, int64_t ignore_index, int64_t head = -1) {
+  const int64_t rows = d.rows();
   TargetStats stats;
-  if (a.prob) {
+  if (d.prob()) {
     stats.count = rows;
     stats.denom = static_cast<double>(rows);
     return stats;
@@ -247,14 +246,14 @@ TargetStats scan_targets(const Args<scalar_t>& a) {
       double denom = 0;
       const int64_t r1 = std::min(rows, (b + 1) * kBlock);
       for (int64_t r = b * kBlock; r < r1; ++r) {
-        const int64_t y = a.y[(r / a.S) * a.yN + (r % a.S) * a.yS];
-        if (y == a.ignore_index) continue;
-        if (y < 0 || y >= a.C) {
+        const int64_t y = d.y[(r / d.S) * d.yN + (r % d.S) * d.yS];
+        if (y == ignore_index) continue;
+        if (y < 0 || y >= d.C) {
           if (first_bad < 0) first_bad = r;
           continue;
         }
         ++count;
-        denom += a.cw ? static_cast<double>(a.cw[y]) : 1.0;
+        denom += d.cw ? static_cast<double>(d.cw[y]) : 1.0;
       }
       counts[b] = count;
       denoms[b] = denom;
@@ -264,11 +263,12 @@ TargetStats scan_targets(const Args<scalar_t>& a) {
   for (int64_t b = 0; b < blocks; ++b) {
     if (bad[b] >= 0) {
       const int64_t r = bad[b];
-      const int64_t y = a.y[(r / a.S) * a.yN + (r % a.S) * a.yS];
+      const int64_t y = d.y[(r / d.S) * d.yN + (r % d.S) * d.yS];
       // The same words as the Python check in auxfuse/functional.py.
-      TORCH_CHECK_VALUE(false, "auxfuse: target value ", y, " is outside [0, ", a.C, ") and is not ignore_index (",
-                        a.ignore_index, ") (flattened position ", r, "); every class index must name one of the ",
-                        a.C, " classes",
+      const std::string which = head >= 0 ? "head " + std::to_string(head) + ": " : "";
+      TORCH_CHECK_VALUE(false, "auxfuse: ", which, "target value ", y, " is outside [0, ", d.C, ") and is not ignore_index (",
+                        ignore_index, ") (flattened position ", r, "); every class index must name one of the ",
+                        d.C, " classes",
                         y == kVoidLabel ? "; segmentation masks often mark void pixels 255: pass ignore_index=255"
                                         : "");
     }
@@ -277,6 +277,27 @@ TargetStats scan_targets(const Args<scalar_t>& a) {
   }
   return stats;
 }
+
+// Every head's counts; a head reading the same targets with the same classes and class weights as the head
+// before it (the shared-target op) reuses that head's scan. `name_heads`: errors say which head (per-head op).
+template <typename scalar_t>
+std::vector<TargetStats> scan_head_targets(const Args<scalar_t>& a, bool name_heads) {
+  std::vector<TargetStats> stats;
+  for (size_t h = 0; h < a.head.size(); ++h) {
+    const auto& d = a.head[h];
+    if (h > 0) {
+      const auto& p = a.head[h - 1];
+      if (d.y == p.y && d.t == p.t && d.yN == p.yN && d.yS == p.yS && d.N == p.N && d.S == p.S && d.C == p.C &&
+          d.cw == p.cw) {
+        stats.push_back(stats.back());
+        continue;
+      }
+    }
+    stats.push_back(scan_targets(d, a.ignore_index, name_heads ? static_cast<int64_t>(h) : -1));
+  }
+  return stats;
+}
+
 
 // ---------------------------------------------------------------------------------------------------------
 // Row path: one row, contiguous along the classes.
@@ -497,134 +518,193 @@ void parallel_blocks(int64_t blocks, const F& worker) {
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(next_block); });
 }
 
-// Per-block partials: each block's unweighted loss sum (double) and top-1 hits, per head.
+// Per-block partials: each block's unweighted loss sum (double) and top-1 hits, per head (0 for the heads a
+// block does not cover).
 struct Partials {
   std::vector<double> loss;
   std::vector<int64_t> hits;
   Partials(int64_t blocks, int64_t heads) : loss(blocks * heads, 0.0), hits(blocks * heads, 0) {}
 };
 
-template <typename acc_t>
-struct ForwardOut {
-  acc_t* loss_rows;  // reduction none: (N * S) rows, else nullptr
-  void* grad;        // grad_mode 1: (H, N, C, S) laid out like the heads, else nullptr
-  acc_t* lse;        // grad_mode 2: (H, N * S), else nullptr
-  acc_t grad_scale_denom;  // 1 / denom for mean, 1 otherwise
-};
-
 constexpr int64_t kBlockElements = 32768;  // logits of all heads per block (fixes the partition)
 
-template <typename scalar_t, bool kProb>
-void forward_rows(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<scalar_t>>& out, Partials& part,
-                  int64_t rows_per_block, int64_t blocks) {
+// The unit of the block partition: consecutive heads with the same rows (N, S), path and kind of target, cut
+// into blocks of rows (row path) or of spatial tiles (spatial path) covering every head of the group, so that a
+// shared target is read once per block for all heads. Heads of other sizes are groups of their own; every block
+// holds about kBlockElements logits and the blocks of all groups are handed out from one queue, so a 128 x 128
+// head and a 16 x 16 head are balanced across the threads.
+struct Group {
+  int64_t h0, h1;  // heads [h0, h1)
+  bool rows;       // row path, else spatial tiles
+  bool prob;
+  int64_t width;        // spatial path: positions per tile
+  int64_t units;        // rows, or tiles
+  int64_t per_block;    // units per block
+  int64_t first_block;  // the group's blocks are [first_block, first_block + blocks)
+  int64_t blocks;
+};
+
+template <typename scalar_t>
+int64_t tile_width(int64_t C, int64_t S);
+
+template <typename scalar_t>
+std::vector<Group> make_groups(const Args<scalar_t>& a) {
+  std::vector<Group> groups;
+  const int64_t H = a.head.size();
+  int64_t first_block = 0;
+  for (int64_t h0 = 0; h0 < H;) {
+    const auto& d = a.head[h0];
+    int64_t h1 = h0 + 1, classes = d.C, max_classes = d.C;
+    while (h1 < H && a.head[h1].N == d.N && a.head[h1].S == d.S && row_path(a.head[h1]) == row_path(d) &&
+           a.head[h1].prob() == d.prob()) {
+      classes += a.head[h1].C;
+      max_classes = std::max(max_classes, a.head[h1].C);
+      ++h1;
+    }
+    Group g{h0, h1, row_path(d), d.prob(), 1, d.rows(), 1, first_block, 0};
+    if (g.rows) {
+      g.per_block = std::max<int64_t>(1, kBlockElements / classes);
+    } else {
+      g.width = tile_width<scalar_t>(max_classes, d.S);
+      g.units = d.N * ((d.S + g.width - 1) / g.width);
+      g.per_block = std::max<int64_t>(1, kBlockElements / (classes * g.width));
+    }
+    g.blocks = (g.units + g.per_block - 1) / g.per_block;
+    first_block += g.blocks;
+    groups.push_back(g);
+    h0 = h1;
+  }
+  return groups;
+}
+
+// A worker's buffers, sized for the largest head.
+template <typename scalar_t>
+struct Scratch {
   using acc_t = at::opmath_type<scalar_t>;
-  using io = IO<scalar_t>;
-  constexpr int kW = io::kW;
-  const int64_t C = a.C, S = a.S, H = a.H;
-  const int64_t rows = a.N * S;
-  const int64_t C_pad = (C + kW - 1) / kW * kW;
+  std::unique_ptr<acc_t[]> exps;  // row path: a row's exponentials (C rounded up to kW); spatial: C x kW
+  std::vector<scalar_t> x_row, t_row;  // strided rows copied contiguous
+  explicit Scratch(const Args<scalar_t>& a) {
+    constexpr int kW = IO<scalar_t>::kW;
+    int64_t exps_size = 0, strided = 0;
+    for (const auto& d : a.head) {
+      exps_size = std::max(exps_size, row_path(d) ? (d.C + kW - 1) / kW * kW : d.C * kW);
+      if (row_path(d) && (d.sC != 1 || (d.prob() && d.tC != 1))) strided = std::max(strided, d.C);
+    }
+    exps.reset(new acc_t[exps_size]);
+    x_row.resize(strided);
+    t_row.resize(strided);
+  }
+};
+
+template <typename Head>
+auto logit_row(const Head& d, int64_t r) {
+  return d.x + (r / d.S) * d.sN + (r % d.S) * d.sS;
+}
+
+template <typename Head>
+auto grad_row(const Head& d, int64_t r) {
+  return d.grad ? d.grad + (r / d.S) * d.gN + (r % d.S) * d.gS : nullptr;
+}
+
+// The rows [r0, r1) of the heads of group g: loss, hits, log-sum-exp, gradient (each as the head table asks).
+// `after` / `after_grad`: the row this worker processes next after the block, prefetched while the last one is
+// computed (a new row's first pass otherwise waits on memory at every 4 KiB page).
+template <typename scalar_t, bool kProb>
+void forward_row_block(const Args<scalar_t>& a, const Group& g, int64_t r0, int64_t r1, const scalar_t* after,
+                       scalar_t* after_grad, Scratch<scalar_t>& scratch, double* loss_part, int64_t* hits_part,
+                       at::opmath_type<scalar_t>* loss_rows) {
+  using acc_t = at::opmath_type<scalar_t>;
   const bool need_wx = a.eps != acc_t(0);
-  scalar_t* grad = static_cast<scalar_t*>(out.grad);
-  parallel_blocks(blocks, [&](const auto& next_block) {
-    std::unique_ptr<acc_t[]> ebuf(grad ? new acc_t[C_pad] : nullptr);
-    std::vector<scalar_t> xbuf(a.sC != 1 ? C : 0), tbuf(kProb && a.tC != 1 ? C : 0);
-    acc_t* e = ebuf.get();
-    // The row after (h, r) in this worker's order, for prefetching (contiguous rows only). The next block is
-    // taken one block ahead so that the last row of a block can prefetch the first row of the next.
-    const auto row_ptr = [&](int64_t h, int64_t r) { return a.x[h] + (r / S) * a.sN + (r % S) * a.sS; };
-    int64_t b_next = next_block();
-    for (int64_t b = b_next; b < blocks; b = b_next) {
-      b_next = next_block();
-      const int64_t r0 = b * rows_per_block, r1 = std::min(rows, r0 + rows_per_block);
-      for (int64_t h = 0; h < H; ++h) {
-        const acc_t scale = a.hw[h] * out.grad_scale_denom;
-        double loss_sum = 0;
-        int64_t hits = 0;
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t n = r / S, s = r % S;
-          const scalar_t* x = contiguous_row(a.x[h] + n * a.sN + s * a.sS, a.sC, C, xbuf);
-          const scalar_t* next = nullptr;
-          scalar_t* next_grad = nullptr;
-          if (a.sC == 1) {
-            int64_t h_next = h, r_next = r + 1;
-            if (r + 1 >= r1) {
-              h_next = h + 1 < H ? h + 1 : 0;
-              r_next = h + 1 < H ? r0 : b_next * rows_per_block;
-            }
-            if (h_next != 0 || r_next < rows) {
-              next = row_ptr(h_next, r_next);
-              if (grad) next_grad = grad + (h_next * rows + r_next) * C;
-            }
-          }
-          scalar_t* g = grad ? grad + (h * rows + r) * C : nullptr;
-          acc_t row_loss = 0;
-          if (kProb) {
-            const scalar_t* t = contiguous_row(a.t + n * a.tN + s * a.tS, a.tC, C, tbuf);
-            const RowPass1<acc_t> p1 = row_pass1<scalar_t, true>(x, t, a.cw, C);
-            const RowPass2<acc_t> p2 = row_pass2<scalar_t, true, true>(x, t, a.cw, C, p1.max, e, next, next_grad);
-            const acc_t sum = p2.sum;
-            // The row's formulas with every logit shifted by the max (the loss is shift-invariant): max 0 and the
-            // sums relative to the max, so nothing cancels for large logits.
-            ProbRowSums<acc_t> sums{p1.wt, p2.wtd, p2.wd, p1.tmax, 0};
-            const acc_t lse_coef = prob_target_lse_coef(sums, a.W, a.eps, C);
-            const SoftmaxState<acc_t> st{acc_t(0), sum, 0};
-            const bool finite = std::isfinite(p1.max);
-            row_loss = finite ? prob_target_row_loss(st, log_acc(sum), sums, lse_coef, a.eps, C) : nan_value<acc_t>();
-            hits += first_index_of(x, C, p1.max) == first_index_of(t, C, p1.tmax);
-            if (g) {
-              const acc_t ga = finite ? scale * lse_coef / sum : nan_value<acc_t>();
-              row_write_prob_grad(g, e, t, a.cw, C, ga, scale * (acc_t(1) - a.eps), scale * a.eps / acc_t(C));
-            }
-            if (out.lse) out.lse[h * rows + r] = p1.max + std::log(sum);
+  acc_t* e = scratch.exps.get();
+  for (int64_t h = g.h0; h < g.h1; ++h) {
+    const auto& d = a.head[h];
+    const int64_t C = d.C;
+    const acc_t scale = d.grad_scale;
+    double loss_sum = 0;
+    int64_t hits = 0;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / d.S, s = r % d.S;
+      const scalar_t* x = contiguous_row(logit_row(d, r), d.sC, C, scratch.x_row);
+      const scalar_t* next = nullptr;
+      scalar_t* next_grad = nullptr;
+      if (d.sC == 1) {
+        if (r + 1 < r1) {
+          next = logit_row(d, r + 1);
+          next_grad = grad_row(d, r + 1);
+        } else if (h + 1 < g.h1) {
+          next = logit_row(a.head[h + 1], r0);
+          next_grad = grad_row(a.head[h + 1], r0);
+        } else {
+          next = after;
+          next_grad = after_grad;
+        }
+      }
+      scalar_t* gr = grad_row(d, r);
+      acc_t row_loss = 0;
+      if (kProb) {
+        const scalar_t* t = contiguous_row(d.t + n * d.tN + s * d.tS, d.tC, C, scratch.t_row);
+        const RowPass1<acc_t> p1 = row_pass1<scalar_t, true>(x, t, d.cw, C);
+        const RowPass2<acc_t> p2 =
+            row_pass2<scalar_t, true, true>(x, t, d.cw, C, p1.max, gr ? e : nullptr, next, next_grad);
+        const acc_t sum = p2.sum;
+        // The row's formulas with every logit shifted by the max (the loss is shift-invariant): max 0 and the
+        // sums relative to the max, so nothing cancels for large logits.
+        ProbRowSums<acc_t> sums{p1.wt, p2.wtd, p2.wd, p1.tmax, 0};
+        const acc_t lse_coef = prob_target_lse_coef(sums, d.weight_sum, a.eps, C);
+        const SoftmaxState<acc_t> st{acc_t(0), sum, 0};
+        const bool finite = std::isfinite(p1.max);
+        row_loss = finite ? prob_target_row_loss(st, log_acc(sum), sums, lse_coef, a.eps, C) : nan_value<acc_t>();
+        hits += first_index_of(x, C, p1.max) == first_index_of(t, C, p1.tmax);
+        if (gr) {
+          const acc_t ga = finite ? scale * lse_coef / sum : nan_value<acc_t>();
+          row_write_prob_grad(gr, e, t, d.cw, C, ga, scale * (acc_t(1) - a.eps), scale * a.eps / acc_t(C));
+        }
+        if (d.lse) d.lse[r] = p1.max + std::log(sum);
+      } else {
+        const int64_t y = d.y[n * d.yN + s * d.yS];
+        const bool counted = y != a.ignore_index;
+        if (!counted && !d.lse) {
+          if (gr) write_ignored_row_grad(gr, x, C);
+        } else {
+          const RowPass1<acc_t> p1 = row_pass1<scalar_t, false>(x, nullptr, d.cw, C);
+          acc_t* row_exps = counted && gr ? e : nullptr;
+          const RowPass2<acc_t> p2 =
+              need_wx && counted
+                  ? row_pass2<scalar_t, true, false>(x, nullptr, d.cw, C, p1.max, row_exps, next, next_grad)
+                  : row_pass2<scalar_t, false, false>(x, nullptr, d.cw, C, p1.max, row_exps, next, next_grad);
+          const acc_t sum = p2.sum;
+          if (d.lse) d.lse[r] = p1.max + std::log(sum);
+          if (!counted) {
+            if (gr) write_ignored_row_grad(gr, x, C);
           } else {
-            const int64_t y = a.y[n * a.yN + s * a.yS];
-            const bool counted = y != a.ignore_index;
-            if (!counted && !out.lse) {
-              if (g) write_ignored_row_grad(g, x, C);
-            } else {
-              const RowPass1<acc_t> p1 = row_pass1<scalar_t, false>(x, nullptr, a.cw, C);
-              RowPass2<acc_t> p2;
-              if (need_wx && counted) {
-                p2 = row_pass2<scalar_t, true, false>(x, nullptr, a.cw, C, p1.max, e, next, next_grad);
-              } else {
-                p2 = row_pass2<scalar_t, false, false>(x, nullptr, a.cw, C, p1.max, counted ? e : nullptr, next,
-                                                          next_grad);
-              }
-              const acc_t sum = p2.sum;
-              if (out.lse) out.lse[h * rows + r] = p1.max + std::log(sum);
-              if (!counted) {
-                if (g) write_ignored_row_grad(g, x, C);
-              } else {
-                const bool finite = std::isfinite(p1.max);
-                const acc_t w_y = a.w(y);
-                const RowCoeffs<acc_t> k = index_target_coeffs(w_y, a.W, a.eps, C);
-                // Shifted by the max, as above: max 0, x_y - m, and sum_c w_c (x_c - m).
-                const SoftmaxState<acc_t> st{acc_t(0), sum, 0};
-                const acc_t x_y = static_cast<acc_t>(x[y]);
-                row_loss = finite ? index_target_row_loss(st, log_acc(sum), x_y - p1.max, p2.wd, a.W, k)
-                                  : nan_value<acc_t>();
-                hits += first_index_of(x, C, p1.max) == y;
-                if (g) {
-                  const acc_t ga = finite ? scale * k.lse_coef / sum : nan_value<acc_t>();
-                  const acc_t gb = scale * k.smooth_coef;
-                  row_write_index_grad(g, e, a.cw, C, ga, gb);
-                  // The true class, from fp32 / fp64: p_y * a - b * w_y - (1 - eps) * w_y * scale.
-                  g[y] = static_cast<scalar_t>(e[y] * ga - gb * w_y - scale * k.target_coef);
-                }
-              }
+            const bool finite = std::isfinite(p1.max);
+            const acc_t w_y = d.class_weight(y);
+            const RowCoeffs<acc_t> k = index_target_coeffs(w_y, d.weight_sum, a.eps, C);
+            // Shifted by the max, as above: max 0, x_y - m, and sum_c w_c (x_c - m).
+            const SoftmaxState<acc_t> st{acc_t(0), sum, 0};
+            const acc_t x_y = static_cast<acc_t>(x[y]);
+            row_loss = finite ? index_target_row_loss(st, log_acc(sum), x_y - p1.max, p2.wd, d.weight_sum, k)
+                              : nan_value<acc_t>();
+            hits += first_index_of(x, C, p1.max) == y;
+            if (gr) {
+              const acc_t ga = finite ? scale * k.lse_coef / sum : nan_value<acc_t>();
+              const acc_t gb = scale * k.smooth_coef;
+              row_write_index_grad(gr, e, d.cw, C, ga, gb);
+              // The true class, from fp32 / fp64: p_y * a - b * w_y - (1 - eps) * w_y * scale.
+              gr[y] = static_cast<scalar_t>(e[y] * ga - gb * w_y - scale * k.target_coef);
             }
-          }
-          loss_sum += static_cast<double>(row_loss);
-          if (out.loss_rows) {
-            const acc_t weighted = a.hw[h] * row_loss;
-            out.loss_rows[r] = h == 0 ? weighted : out.loss_rows[r] + weighted;
           }
         }
-        part.loss[b * H + h] = loss_sum;
-        part.hits[b * H + h] = hits;
+      }
+      loss_sum += static_cast<double>(row_loss);
+      if (loss_rows) {
+        const acc_t weighted = d.weight * row_loss;
+        loss_rows[r] = h == g.h0 ? weighted : loss_rows[r] + weighted;
       }
     }
-  });
+    loss_part[h] = loss_sum;
+    hits_part[h] = hits;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -665,162 +745,275 @@ int64_t tile_width(int64_t C, int64_t S) {
 }
 
 template <typename scalar_t, bool kProb>
-void forward_tiles(const Args<scalar_t>& a, const ForwardOut<at::opmath_type<scalar_t>>& out, Partials& part,
-                   int64_t width, int64_t tiles_per_block, int64_t blocks) {
+void forward_tile_block(const Args<scalar_t>& a, const Group& g, int64_t u0, int64_t u1,
+                        Scratch<scalar_t>& scratch, double* loss_part, int64_t* hits_part,
+                        at::opmath_type<scalar_t>* loss_rows) {
   using T = Tile<scalar_t>;
   using Vec = typename T::Vec;
   using acc_t = typename T::acc_t;
   constexpr int kW = T::kW;
-  const int64_t C = a.C, S = a.S, H = a.H, N = a.N;
-  const int64_t rows = N * S;
+  const int64_t S = a.head[g.h0].S, width = g.width;
   const int64_t tiles_per_n = (S + width - 1) / width;
-  const int64_t tiles = N * tiles_per_n;
   const bool need_wx = a.eps != acc_t(0);
-  scalar_t* grad = static_cast<scalar_t*>(out.grad);
   const Vec ninf(-std::numeric_limits<acc_t>::infinity());
-  parallel_blocks(blocks, [&](const auto& next_block) {
-    // One vector of kW rows at a time goes through all three passes with its running values in registers;
-    // its logits (then their exponentials) wait in `ev` (C x kW: in L1 for segmentation class counts).
-    std::unique_ptr<acc_t[]> ebuf(new acc_t[C * kW]);
-    acc_t* ev = ebuf.get();
-    // Per-lane values for the scalar epilogue (the row math of multihead_ce.h), stored from the registers.
-    acc_t vmax[kW], vidx[kW], vsum[kW], vlog[kW], vwx[kW], vwt[kW], vwtx[kW], vtidx[kW];
-    acc_t la[kW], lb[kW], lfix[kW], ly[kW], xy[kW];
-    for (int64_t b = next_block(); b < blocks; b = next_block()) {
-      const int64_t u0 = b * tiles_per_block, u1 = std::min(tiles, u0 + tiles_per_block);
-      for (int64_t h = 0; h < H; ++h) {
-        const acc_t scale = a.hw[h] * out.grad_scale_denom;
-        double loss_sum = 0;
-        int64_t hits = 0;
-        for (int64_t u = u0; u < u1; ++u) {
-          const int64_t n = u / tiles_per_n, s0 = (u % tiles_per_n) * width;
-          const int valid = static_cast<int>(std::min(width, S - s0));
-          const int nv = (valid + kW - 1) / kW;
-          const scalar_t* xb = a.x[h] + n * a.sN + s0 * a.sS;
-          const scalar_t* tb = kProb ? a.t + n * a.tN + s0 * a.tS : nullptr;
-          for (int j = 0; j < nv; ++j) {
-            const int o = j * kW;
-            const int lanes = std::min(kW, valid - o);
-            // Pass 1: per-lane max and first argmax over the classes (NaN wins, like argmax); for probability
-            // targets the target's argmax and sum_c w_c t_c.
-            Vec m(ninf), idx(0), wt(0), tm(ninf), tidx(0);
-            for (int64_t c = 0; c < C; ++c) {
-              const Vec cv(static_cast<acc_t>(c));
-              const Vec xv = T::load(xb + c * a.sC, a.sS, j, valid);
-              xv.store(ev + c * kW);
-              const Vec gt = (xv > m) | (xv.isnan() & (m == m));
-              m = Vec::blendv(m, xv, gt);
-              idx = Vec::blendv(idx, cv, gt);
-              if (kProb) {
-                const Vec tv = T::load(tb + c * a.tC, a.tS, j, valid);
-                wt = at::vec::fmadd(Vec(a.w(c)), tv, wt);
-                const Vec tgt = (tv > tm) | (tv.isnan() & (tm == tm));
-                tm = Vec::blendv(tm, tv, tgt);
-                tidx = Vec::blendv(tidx, cv, tgt);
-              }
-            }
-            if (!kProb) {  // the logit at each lane's target, before pass 2 overwrites `ev`
-              for (int l = 0; l < kW; ++l) {
-                const int64_t y = l < lanes ? a.y[n * a.yN + (s0 + o + l) * a.yS] : a.ignore_index;
-                const bool counted = y != a.ignore_index;
-                ly[l] = counted ? static_cast<acc_t>(y) : acc_t(-1);
-                xy[l] = counted ? ev[y * kW + l] : acc_t(0);
-              }
-            }
-            // Pass 2: exponentials (kept for pass 3) and their sum; the weighted sums the loss needs relative to
-            // the max, d = x - m (no cancellation against the log-sum-exp for large logits).
-            Vec sum(0), wx(0), wtx(0);
-            for (int64_t c = 0; c < C; ++c) {
-              const Vec d = Vec::loadu(ev + c * kW) - m;
-              const Vec e = vexp(d);
-              if (grad) e.store(ev + c * kW);
-              sum = sum + e;
-              if (need_wx || kProb) {
-                const Vec wd = Vec(a.w(c)) * d;
-                if (need_wx) wx = wx + wd;
-                if (kProb) wtx = at::vec::fmadd(wd, T::load(tb + c * a.tC, a.tS, j, valid), wtx);
-              }
-            }
-            m.store(vmax);
-            idx.store(vidx);
-            sum.store(vsum);
-            sum.log().store(vlog);
-            wx.store(vwx);
-            wt.store(vwt);
-            wtx.store(vwtx);
-            tidx.store(vtidx);
-            // Per-lane epilogue: loss, hits, lse, gradient coefficients.
-            for (int l = 0; l < kW; ++l) {
-              la[l] = lb[l] = lfix[l] = 0;
-              if (l >= lanes) continue;
-              const int64_t r = n * S + s0 + o + l;
-              const acc_t ml = vmax[l], sl = vsum[l];
-              const bool finite = std::isfinite(ml);
-              const int64_t argmax = static_cast<int64_t>(vidx[l]);
-              if (out.lse) out.lse[h * rows + r] = ml + vlog[l];
-              acc_t row_loss = 0;
-              if (kProb) {
-                ProbRowSums<acc_t> sums{vwt[l], vwtx[l], vwx[l], 0, 0};
-                const acc_t lse_coef = prob_target_lse_coef(sums, a.W, a.eps, C);
-                row_loss = finite ? prob_target_row_loss(SoftmaxState<acc_t>{0, sl, 0}, vlog[l], sums, lse_coef,
-                                                         a.eps, C)
-                                  : nan_value<acc_t>();
-                hits += argmax == static_cast<int64_t>(vtidx[l]);
-                la[l] = finite ? scale * lse_coef / sl : nan_value<acc_t>();
-                lb[l] = scale * (acc_t(1) - a.eps);
-                lfix[l] = scale * a.eps / acc_t(C);
-              } else if (ly[l] >= 0) {
-                const int64_t y = static_cast<int64_t>(ly[l]);
-                const acc_t w_y = a.w(y);
-                const RowCoeffs<acc_t> k = index_target_coeffs(w_y, a.W, a.eps, C);
-                row_loss = finite ? index_target_row_loss(SoftmaxState<acc_t>{0, sl, 0}, vlog[l], xy[l] - ml, vwx[l],
-                                                          a.W, k)
-                                  : nan_value<acc_t>();
-                hits += argmax == y;
-                la[l] = finite ? scale * k.lse_coef / sl : nan_value<acc_t>();
-                lb[l] = scale * k.smooth_coef;
-                lfix[l] = scale * k.target_coef;
-              }
-              loss_sum += static_cast<double>(row_loss);
-              if (out.loss_rows) {
-                const acc_t weighted = a.hw[h] * row_loss;
-                out.loss_rows[r] = h == 0 ? weighted : out.loss_rows[r] + weighted;
-              }
-            }
-            if (!grad) continue;
-            // Pass 3: the gradient from the kept exponentials, every element written once:
-            //   index: e * a - b * w_c - [c == y] * fix;  probability: e * a - (b * t_c + fix) * w_c.
-            scalar_t* gb = grad + h * rows * C + n * C * S + s0;
-            const Vec av = Vec::loadu(la), bv = Vec::loadu(lb), fv = Vec::loadu(lfix);
-            const Vec yv = kProb ? Vec(0) : Vec::loadu(ly);
-            for (int64_t c = 0; c < C; ++c) {
-              const Vec wv(a.w(c));
-              const Vec e = Vec::loadu(ev + c * kW);
-              Vec gv;
-              if (kProb) {
-                gv = at::vec::fmsub(e, av, at::vec::fmadd(bv, T::load(tb + c * a.tC, a.tS, j, valid), fv) * wv);
-              } else {
-                gv = at::vec::fmsub(e, av, bv * wv);
-                gv = gv - Vec::blendv(Vec(0), fv, yv == Vec(static_cast<acc_t>(c)));
-              }
-              T::store(gb + c * S, j, valid, gv);
-            }
+  // One vector of kW rows at a time goes through all three passes with its running values in registers;
+  // its logits (then their exponentials) wait in `ev` (C x kW: in L1 for segmentation class counts).
+  acc_t* ev = scratch.exps.get();
+  // Per-lane values for the scalar epilogue (the row math of multihead_ce.h), stored from the registers.
+  acc_t vmax[kW], vidx[kW], vsum[kW], vlog[kW], vwx[kW], vwt[kW], vwtx[kW], vtidx[kW];
+  acc_t la[kW], lb[kW], lfix[kW], ly[kW], xy[kW];
+  for (int64_t h = g.h0; h < g.h1; ++h) {
+    const auto& d = a.head[h];
+    const int64_t C = d.C;
+    const acc_t scale = d.grad_scale;
+    double loss_sum = 0;
+    int64_t hits = 0;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t n = u / tiles_per_n, s0 = (u % tiles_per_n) * width;
+      const int valid = static_cast<int>(std::min(width, S - s0));
+      const int nv = (valid + kW - 1) / kW;
+      const scalar_t* xb = d.x + n * d.sN + s0 * d.sS;
+      const scalar_t* tb = kProb ? d.t + n * d.tN + s0 * d.tS : nullptr;
+      for (int j = 0; j < nv; ++j) {
+        const int o = j * kW;
+        const int lanes = std::min(kW, valid - o);
+        // Pass 1: per-lane max and first argmax over the classes (NaN wins, like argmax); for probability
+        // targets the target's argmax and sum_c w_c t_c.
+        Vec m(ninf), idx(0), wt(0), tm(ninf), tidx(0);
+        for (int64_t c = 0; c < C; ++c) {
+          const Vec cv(static_cast<acc_t>(c));
+          const Vec xv = T::load(xb + c * d.sC, d.sS, j, valid);
+          xv.store(ev + c * kW);
+          const Vec gt = (xv > m) | (xv.isnan() & (m == m));
+          m = Vec::blendv(m, xv, gt);
+          idx = Vec::blendv(idx, cv, gt);
+          if (kProb) {
+            const Vec tv = T::load(tb + c * d.tC, d.tS, j, valid);
+            wt = at::vec::fmadd(Vec(d.class_weight(c)), tv, wt);
+            const Vec tgt = (tv > tm) | (tv.isnan() & (tm == tm));
+            tm = Vec::blendv(tm, tv, tgt);
+            tidx = Vec::blendv(tidx, cv, tgt);
           }
         }
-        part.loss[b * H + h] = loss_sum;
-        part.hits[b * H + h] = hits;
+        if (!kProb) {  // the logit at each lane's target, before pass 2 overwrites `ev`
+          for (int l = 0; l < kW; ++l) {
+            const int64_t y = l < lanes ? d.y[n * d.yN + (s0 + o + l) * d.yS] : a.ignore_index;
+            const bool counted = y != a.ignore_index;
+            ly[l] = counted ? static_cast<acc_t>(y) : acc_t(-1);
+            xy[l] = counted ? ev[y * kW + l] : acc_t(0);
+          }
+        }
+        // Pass 2: exponentials (kept for pass 3) and their sum; the weighted sums the loss needs relative to
+        // the max, x - m (no cancellation against the log-sum-exp for large logits).
+        Vec sum(0), wx(0), wtx(0);
+        for (int64_t c = 0; c < C; ++c) {
+          const Vec shifted = Vec::loadu(ev + c * kW) - m;
+          const Vec e = vexp(shifted);
+          if (d.grad) e.store(ev + c * kW);
+          sum = sum + e;
+          if (need_wx || kProb) {
+            const Vec wd = Vec(d.class_weight(c)) * shifted;
+            if (need_wx) wx = wx + wd;
+            if (kProb) wtx = at::vec::fmadd(wd, T::load(tb + c * d.tC, d.tS, j, valid), wtx);
+          }
+        }
+        m.store(vmax);
+        idx.store(vidx);
+        sum.store(vsum);
+        sum.log().store(vlog);
+        wx.store(vwx);
+        wt.store(vwt);
+        wtx.store(vwtx);
+        tidx.store(vtidx);
+        // Per-lane epilogue: loss, hits, lse, gradient coefficients.
+        for (int l = 0; l < kW; ++l) {
+          la[l] = lb[l] = lfix[l] = 0;
+          if (l >= lanes) continue;
+          const int64_t r = n * S + s0 + o + l;
+          const acc_t ml = vmax[l], sl = vsum[l];
+          const bool finite = std::isfinite(ml);
+          const int64_t argmax = static_cast<int64_t>(vidx[l]);
+          if (d.lse) d.lse[r] = ml + vlog[l];
+          acc_t row_loss = 0;
+          if (kProb) {
+            ProbRowSums<acc_t> sums{vwt[l], vwtx[l], vwx[l], 0, 0};
+            const acc_t lse_coef = prob_target_lse_coef(sums, d.weight_sum, a.eps, C);
+            row_loss = finite ? prob_target_row_loss(SoftmaxState<acc_t>{0, sl, 0}, vlog[l], sums, lse_coef,
+                                                     a.eps, C)
+                              : nan_value<acc_t>();
+            hits += argmax == static_cast<int64_t>(vtidx[l]);
+            la[l] = finite ? scale * lse_coef / sl : nan_value<acc_t>();
+            lb[l] = scale * (acc_t(1) - a.eps);
+            lfix[l] = scale * a.eps / acc_t(C);
+          } else if (ly[l] >= 0) {
+            const int64_t y = static_cast<int64_t>(ly[l]);
+            const acc_t w_y = d.class_weight(y);
+            const RowCoeffs<acc_t> k = index_target_coeffs(w_y, d.weight_sum, a.eps, C);
+            row_loss = finite ? index_target_row_loss(SoftmaxState<acc_t>{0, sl, 0}, vlog[l], xy[l] - ml, vwx[l],
+                                                      d.weight_sum, k)
+                              : nan_value<acc_t>();
+            hits += argmax == y;
+            la[l] = finite ? scale * k.lse_coef / sl : nan_value<acc_t>();
+            lb[l] = scale * k.smooth_coef;
+            lfix[l] = scale * k.target_coef;
+          }
+          loss_sum += static_cast<double>(row_loss);
+          if (loss_rows) {
+            const acc_t weighted = d.weight * row_loss;
+            loss_rows[r] = h == g.h0 ? weighted : loss_rows[r] + weighted;
+          }
+        }
+        if (!d.grad) continue;
+        // Pass 3: the gradient from the kept exponentials, every element written once:
+        //   index: e * a - b * w_c - [c == y] * fix;  probability: e * a - (b * t_c + fix) * w_c.
+        scalar_t* gb = d.grad + n * d.gN + s0 * d.gS;
+        const Vec av = Vec::loadu(la), bv = Vec::loadu(lb), fv = Vec::loadu(lfix);
+        const Vec yv = kProb ? Vec(0) : Vec::loadu(ly);
+        for (int64_t c = 0; c < C; ++c) {
+          const Vec wv(d.class_weight(c));
+          const Vec e = Vec::loadu(ev + c * kW);
+          Vec gv;
+          if (kProb) {
+            gv = at::vec::fmsub(e, av, at::vec::fmadd(bv, T::load(tb + c * d.tC, d.tS, j, valid), fv) * wv);
+          } else {
+            gv = at::vec::fmsub(e, av, bv * wv);
+            gv = gv - Vec::blendv(Vec(0), fv, yv == Vec(static_cast<acc_t>(c)));
+          }
+          T::store(gb + c * d.gC, j, valid, gv);
+        }
       }
     }
-  });
+    loss_part[h] = loss_sum;
+    hits_part[h] = hits;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Forward op.
+// Forward: every head of the table in one parallel region, then the fixed-order reduction over the blocks.
 
-ForwardResult forward_cpu(
-    at::TensorList heads_in, const at::Tensor& target_in, const c10::optional<at::Tensor>& class_weight,
-    at::ArrayRef<double> head_weights, int64_t ignore_index, double label_smoothing, int64_t reduction,
-    int64_t grad_mode) {
+struct HeadTotals {
+  std::vector<double> loss;  // per head: the sum of its rows' unweighted losses
+  std::vector<int64_t> hits;
+};
+
+// `loss_rows`: for reduction none the (N * S) rows every head adds its weighted loss to (the heads then share N
+// and S), else nullptr.
+template <typename scalar_t>
+HeadTotals run_forward(const Args<scalar_t>& a, at::opmath_type<scalar_t>* loss_rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const std::vector<Group> groups = make_groups(a);
+  const int64_t H = a.head.size();
+  const int64_t blocks = groups.back().first_block + groups.back().blocks;
+  // With several groups over the same rows (heads of other layouts or target kinds), every group after the
+  // first sums into rows of its own, added in group order afterwards: no row is written by two threads.
+  std::vector<std::vector<acc_t>> group_rows_storage;
+  std::vector<acc_t*> group_rows(groups.size(), loss_rows);
+  if (loss_rows) {
+    for (size_t i = 1; i < groups.size(); ++i) {
+      group_rows_storage.emplace_back(a.head[0].rows());
+      group_rows[i] = group_rows_storage.back().data();
+    }
+  }
+  const auto group_of = [&groups](int64_t b) {
+    size_t i = 0;
+    while (b >= groups[i].first_block + groups[i].blocks) ++i;
+    return i;
+  };
+  Partials part(blocks, H);
+  parallel_blocks(blocks, [&](const auto& next_block) {
+    Scratch<scalar_t> scratch(a);
+    // The next block is taken one ahead, so that the last row of a block can prefetch the first of the next.
+    int64_t b_next = next_block();
+    for (int64_t b = b_next; b < blocks; b = b_next) {
+      b_next = next_block();
+      const size_t gi = group_of(b);
+      const Group& g = groups[gi];
+      const int64_t u0 = (b - g.first_block) * g.per_block, u1 = std::min(g.units, u0 + g.per_block);
+      double* loss_part = part.loss.data() + b * H;
+      int64_t* hits_part = part.hits.data() + b * H;
+      if (g.rows) {
+        const scalar_t* after = nullptr;
+        scalar_t* after_grad = nullptr;
+        if (b_next < blocks && groups[group_of(b_next)].rows) {
+          const Group& gn = groups[group_of(b_next)];
+          const int64_t r = (b_next - gn.first_block) * gn.per_block;
+          after = logit_row(a.head[gn.h0], r);
+          after_grad = grad_row(a.head[gn.h0], r);
+        }
+        if (g.prob) {
+          forward_row_block<scalar_t, true>(a, g, u0, u1, after, after_grad, scratch, loss_part, hits_part,
+                                            group_rows[gi]);
+        } else {
+          forward_row_block<scalar_t, false>(a, g, u0, u1, after, after_grad, scratch, loss_part, hits_part,
+                                             group_rows[gi]);
+        }
+      } else if (g.prob) {
+        forward_tile_block<scalar_t, true>(a, g, u0, u1, scratch, loss_part, hits_part, group_rows[gi]);
+      } else {
+        forward_tile_block<scalar_t, false>(a, g, u0, u1, scratch, loss_part, hits_part, group_rows[gi]);
+      }
+    }
+  });
+  for (const std::vector<acc_t>& rows : group_rows_storage) {
+    for (size_t r = 0; r < rows.size(); ++r) loss_rows[r] += rows[r];
+  }
+  HeadTotals totals{std::vector<double>(H, 0.0), std::vector<int64_t>(H, 0)};
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      totals.loss[h] += part.loss[b * H + h];
+      totals.hits[h] += part.hits[b * H + h];
+    }
+  }
+  return totals;
+}
+
+// Points head h's table entry at its outputs: its gradient `grad` (N, C, S), laid out like the head (the row
+// path writes rows contiguous along the classes, the spatial path planes contiguous along S), or its
+// log-sum-exp rows `lse`; and folds the mean's divisor into its gradient scale.
+template <typename scalar_t>
+void attach_outputs(Head<scalar_t>& d, const at::Tensor& grad,
+                    at::opmath_type<scalar_t>* lse, const TargetStats& stats, int64_t reduction) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (grad.defined()) {
+    d.grad = grad.data_ptr<scalar_t>();
+    d.gN = grad.stride(0);
+    d.gC = grad.stride(1);
+    d.gS = grad.stride(2);
+    TORCH_INTERNAL_ASSERT(row_path(d) ? (d.gC == 1 || d.C == 1) : d.gS == 1);
+  }
+  d.lse = lse;
+  if (reduction == kReductionMean) d.grad_scale = d.weight * (acc_t(1) / static_cast<acc_t>(stats.denom));
+}
+
+// The reduced outputs: each head's loss (its sum, or its mean over its own divisor) and hits, and the total.
+template <typename scalar_t>
+void write_totals(const Args<scalar_t>& a, const HeadTotals& totals, const std::vector<TargetStats>& stats,
+                  const at::Tensor& loss, const at::Tensor& head_losses, const at::Tensor& head_correct) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t* head_loss = head_losses.data_ptr<acc_t>();
+  int64_t* hits = head_correct.data_ptr<int64_t>();
+  double total = 0;
+  for (size_t h = 0; h < a.head.size(); ++h) {
+    const double head = a.reduction == kReductionSum ? totals.loss[h] : totals.loss[h] / stats[h].denom;
+    total += static_cast<double>(a.head[h].weight) * head;
+    head_loss[h] = static_cast<acc_t>(head);
+    hits[h] = totals.hits[h];
+  }
+  if (a.reduction != kReductionNone) *loss.data_ptr<acc_t>() = static_cast<acc_t>(total);
+}
+
+template <typename scalar_t>
+Args<scalar_t> make_args(int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  Args<scalar_t> a;
+  a.ignore_index = ignore_index;
+  a.eps = static_cast<at::opmath_type<scalar_t>>(label_smoothing);
+  a.reduction = reduction;
+  return a;
+}
+
+ForwardResult forward_cpu(at::TensorList heads_in, const at::Tensor& target_in,
+                          const c10::optional<at::Tensor>& class_weight, at::ArrayRef<double> head_weights,
+                          int64_t ignore_index, double label_smoothing, int64_t reduction, int64_t grad_mode) {
   const RowViews rows = as_row_views(heads_in, target_in);
   const at::TensorList heads = rows.heads;
   const at::Tensor& target = rows.target;
@@ -830,78 +1023,56 @@ ForwardResult forward_cpu(
   ForwardOutputs outs;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, heads[0].scalar_type(), "auxfuse_multihead_ce_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Args<scalar_t> a =
-        make_args<scalar_t>(heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction, shape);
-    // Validates the targets: raises before any output exists.
-    const TargetStats stats = scan_targets(a);
+    Args<scalar_t> a = make_args<scalar_t>(ignore_index, label_smoothing, reduction);
+    for (size_t h = 0; h < heads.size(); ++h) {
+      a.head.push_back(describe_head<scalar_t>(heads[h], target, class_weight, head_weights[h], shape));
+    }
+    // Validates the targets (one scan: every head reads the same): raises before any output exists.
+    const std::vector<TargetStats> stats = scan_head_targets(a, /*name_heads=*/false);
     outs = allocate_forward_outputs(heads, shape, reduction, grad_mode);
-    const acc_t denom = static_cast<acc_t>(stats.denom);
-    ForwardOut<acc_t> fo;
-    fo.loss_rows = reduction == kReductionNone ? outs.loss.data_ptr<acc_t>() : nullptr;
-    fo.grad = grad_mode == kGradInForward ? outs.saved.data_ptr() : nullptr;
-    fo.lse = grad_mode == kSaveLse ? outs.saved.data_ptr<acc_t>() : nullptr;
-    fo.grad_scale_denom = reduction == kReductionMean ? acc_t(1) / denom : acc_t(1);
-    const int64_t rows = a.N * a.S;
-    int64_t blocks = 0;
-    Partials* part = nullptr;
-    Partials storage(0, 0);
-    if (a.row_path()) {
-      if (fo.grad) {
-        TORCH_INTERNAL_ASSERT(outs.saved.stride(2) == 1 || a.C == 1);
-      }
-      const int64_t rows_per_block = std::max<int64_t>(1, kBlockElements / (a.H * a.C));
-      blocks = (rows + rows_per_block - 1) / rows_per_block;
-      storage = Partials(blocks, a.H);
-      part = &storage;
-      if (a.prob) {
-        forward_rows<scalar_t, true>(a, fo, *part, rows_per_block, blocks);
-      } else {
-        forward_rows<scalar_t, false>(a, fo, *part, rows_per_block, blocks);
-      }
-    } else {
-      if (fo.grad) {
-        TORCH_INTERNAL_ASSERT(outs.saved.is_contiguous());
-      }
-      const int64_t width = tile_width<scalar_t>(a.C, a.S);
-      const int64_t tiles = a.N * ((a.S + width - 1) / width);
-      const int64_t tiles_per_block = std::max<int64_t>(1, kBlockElements / (a.H * a.C * width));
-      blocks = (tiles + tiles_per_block - 1) / tiles_per_block;
-      storage = Partials(blocks, a.H);
-      part = &storage;
-      if (a.prob) {
-        forward_tiles<scalar_t, true>(a, fo, *part, width, tiles_per_block, blocks);
-      } else {
-        forward_tiles<scalar_t, false>(a, fo, *part, width, tiles_per_block, blocks);
-      }
+    for (size_t h = 0; h < heads.size(); ++h) {
+      attach_outputs(a.head[h], grad_mode == kGradInForward ? outs.saved.select(0, h) : at::Tensor(),
+                     grad_mode == kSaveLse ? outs.saved.data_ptr<acc_t>() + h * shape.rows() : nullptr, stats[h],
+                     reduction);
     }
-    // Fixed-order reduction of the block partials.
-    std::vector<double> head_sum(a.H, 0.0);
-    std::vector<int64_t> head_hits(a.H, 0);
-    for (int64_t b = 0; b < blocks; ++b) {
-      for (int64_t h = 0; h < a.H; ++h) {
-        head_sum[h] += part->loss[b * a.H + h];
-        head_hits[h] += part->hits[b * a.H + h];
-      }
-    }
-    acc_t* head_losses = outs.head_losses.data_ptr<acc_t>();
-    int64_t* head_correct = outs.head_correct.data_ptr<int64_t>();
-    double weighted = 0;
-    for (int64_t h = 0; h < a.H; ++h) {
-      weighted += static_cast<double>(a.hw[h]) * head_sum[h];
-      head_losses[h] = reduction == kReductionSum ? static_cast<acc_t>(head_sum[h])
-                                                  : static_cast<acc_t>(head_sum[h] / stats.denom);
-      head_correct[h] = head_hits[h];
-    }
-    if (reduction == kReductionMean) {
-      *outs.loss.data_ptr<acc_t>() = static_cast<acc_t>(weighted / stats.denom);
-    } else if (reduction == kReductionSum) {
-      *outs.loss.data_ptr<acc_t>() = static_cast<acc_t>(weighted);
-    }
-    *outs.count.data_ptr<int64_t>() = stats.count;
-    *outs.denom.data_ptr<acc_t>() = denom;
+    const HeadTotals totals = run_forward(a, reduction == kReductionNone ? outs.loss.data_ptr<acc_t>() : nullptr);
+    write_totals(a, totals, stats, outs.loss, outs.head_losses, outs.head_correct);
+    *outs.count.data_ptr<int64_t>() = stats[0].count;
+    *outs.denom.data_ptr<acc_t>() = static_cast<acc_t>(stats[0].denom);
     *outs.invalid.data_ptr<int64_t>() = 0;  // scan_targets raised for any
   });
   return outs.result(heads_in, grad_mode);
+}
+
+// The per-head op's kernel. Its inputs are checked and its outputs allocated by the caller (dispatch.cpp, baseline
+// code): this file is compiled once per instruction-set level, and an inline function of std::vector<at::Tensor>
+// instantiated here could be linked into baseline code with AVX instructions in it (tests/test_cpu_capability.py).
+void forward_per_head_cpu(const PerHeadViews& v, const PerHeadOutputs& outs, at::ArrayRef<double> head_weights,
+                          int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  const int64_t H = head_weights.size();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.heads[0].scalar_type(),
+                                  "auxfuse_multihead_ce_per_head_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Args<scalar_t> a = make_args<scalar_t>(ignore_index, label_smoothing, reduction);
+    for (int64_t h = 0; h < H; ++h) {
+      a.head.push_back(
+          describe_head<scalar_t>(v.heads[h], v.targets[h], v.class_weights[h], head_weights[h], v.shapes[h]));
+    }
+    const std::vector<TargetStats> stats = scan_head_targets(a, /*name_heads=*/true);  // raises before any write
+    const bool with_grads = !outs.grads.empty();
+    for (int64_t h = 0; h < H; ++h) {
+      attach_outputs(a.head[h], with_grads ? outs.grads[h] : at::Tensor(), nullptr, stats[h], reduction);
+    }
+    const HeadTotals totals = run_forward(a, reduction == kReductionNone ? outs.loss.data_ptr<acc_t>() : nullptr);
+    write_totals(a, totals, stats, outs.loss, outs.head_losses, outs.head_correct);
+    int64_t* count = outs.count.data_ptr<int64_t>();
+    acc_t* denom = outs.denom.data_ptr<acc_t>();
+    for (int64_t h = 0; h < H; ++h) {
+      count[h] = stats[h].count;
+      denom[h] = static_cast<acc_t>(stats[h].denom);
+    }
+    *outs.invalid.data_ptr<int64_t>() = 0;  // scan_targets raised for any
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -922,12 +1093,13 @@ void backward_rows(const Args<scalar_t>& a, const BackwardIn<at::opmath_type<sca
   using io = IO<scalar_t>;
   using Vec = typename io::Vec;
   constexpr int kW = io::kW;
-  const int64_t C = a.C, S = a.S, H = a.H;
-  const int64_t rows = a.N * S;
+  const auto& d = a.head[0];  // every head shares its sizes, target and class weights here
+  const int64_t C = d.C, S = d.S, H = a.head.size();
+  const int64_t rows = d.N * S;
   const int64_t rows_per_block = std::max<int64_t>(1, kBlockElements / (H * C));
   const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
   parallel_blocks(blocks, [&](const auto& next_block) {
-    std::vector<scalar_t> xbuf(a.sC != 1 ? C : 0), tbuf(kProb && a.tC != 1 ? C : 0);
+    std::vector<scalar_t> xbuf(d.sC != 1 ? C : 0), tbuf(kProb && d.tC != 1 ? C : 0);
     for (int64_t b = next_block(); b < blocks; b = next_block()) {
       const int64_t r0 = b * rows_per_block, r1 = std::min(rows, r0 + rows_per_block);
       for (int64_t h = 0; h < H; ++h) {
@@ -935,11 +1107,11 @@ void backward_rows(const Args<scalar_t>& a, const BackwardIn<at::opmath_type<sca
           const int64_t n = r / S, s = r % S;
           scalar_t* g = grad + (h * rows + r) * C;
           const acc_t gl = in.per_row ? in.grad_loss[n * in.glN + s * in.glS] : in.grad_loss[0];
-          const acc_t scale = gl * a.hw[h] * in.inv_denom;
+          const acc_t scale = gl * a.head[h].weight * in.inv_denom;
           int64_t y = -1;
-          const scalar_t* x = contiguous_row(a.x[h] + n * a.sN + s * a.sS, a.sC, C, xbuf);
+          const scalar_t* x = contiguous_row(a.head[h].x + n * d.sN + s * d.sS, d.sC, C, xbuf);
           if (!kProb) {
-            y = a.y[n * a.yN + s * a.yS];
+            y = d.y[n * d.yN + s * d.yS];
             if (y == a.ignore_index) {
               write_ignored_row_grad(g, x, C);
               continue;
@@ -949,14 +1121,14 @@ void backward_rows(const Args<scalar_t>& a, const BackwardIn<at::opmath_type<sca
           const bool finite = std::isfinite(lse);
           const Vec lv(lse);
           if (kProb) {
-            const scalar_t* t = contiguous_row(a.t + n * a.tN + s * a.tS, a.tC, C, tbuf);
+            const scalar_t* t = contiguous_row(d.t + n * d.tN + s * d.tS, d.tC, C, tbuf);
             Vec vwt(0);
             for_chunks<kW>(C, [&](int64_t c, int nn) {
               const Vec tv = nn == kW ? io::load(t + c) : io::load(t + c, nn);
-              vwt = a.cw ? at::vec::fmadd(nn == kW ? Vec::loadu(a.cw + c) : Vec::loadu(a.cw + c, nn), tv, vwt) : vwt + tv;
+              vwt = d.cw ? at::vec::fmadd(nn == kW ? Vec::loadu(d.cw + c) : Vec::loadu(d.cw + c, nn), tv, vwt) : vwt + tv;
             });
             ProbRowSums<acc_t> sums{hsum(vwt), 0, 0, 0, 0};
-            const acc_t lse_coef = prob_target_lse_coef(sums, a.W, a.eps, C);
+            const acc_t lse_coef = prob_target_lse_coef(sums, d.weight_sum, a.eps, C);
             const Vec av(finite ? scale * lse_coef : nan_value<acc_t>());
             const Vec b1v(scale * (acc_t(1) - a.eps)), b0v(scale * a.eps / acc_t(C));
             for_chunks<kW>(C, [&](int64_t c, int nn) {
@@ -964,13 +1136,13 @@ void backward_rows(const Args<scalar_t>& a, const BackwardIn<at::opmath_type<sca
               const Vec xv = full ? io::load(x + c) : io::load(x + c, nn);
               const Vec tv = full ? io::load(t + c) : io::load(t + c, nn);
               Vec minus = at::vec::fmadd(b1v, tv, b0v);
-              if (a.cw) minus = minus * (full ? Vec::loadu(a.cw + c) : Vec::loadu(a.cw + c, nn));
+              if (d.cw) minus = minus * (full ? Vec::loadu(d.cw + c) : Vec::loadu(d.cw + c, nn));
               const Vec gv = at::vec::fmsub(vexp(xv - lv), av, minus);
               full ? io::store(g + c, gv) : io::store(g + c, gv, nn);
             });
           } else {
-            const acc_t w_y = a.w(y);
-            const RowCoeffs<acc_t> k = index_target_coeffs(w_y, a.W, a.eps, C);
+            const acc_t w_y = d.class_weight(y);
+            const RowCoeffs<acc_t> k = index_target_coeffs(w_y, d.weight_sum, a.eps, C);
             const acc_t ga = finite ? scale * k.lse_coef : nan_value<acc_t>();
             const acc_t gb = scale * k.smooth_coef;
             const Vec av(ga), bv(gb);
@@ -978,7 +1150,7 @@ void backward_rows(const Args<scalar_t>& a, const BackwardIn<at::opmath_type<sca
               const bool full = nn == kW;
               const Vec xv = full ? io::load(x + c) : io::load(x + c, nn);
               Vec minus = bv;
-              if (a.cw) minus = minus * (full ? Vec::loadu(a.cw + c) : Vec::loadu(a.cw + c, nn));
+              if (d.cw) minus = minus * (full ? Vec::loadu(d.cw + c) : Vec::loadu(d.cw + c, nn));
               const Vec gv = at::vec::fmsub(vexp(xv - lv), av, minus);
               full ? io::store(g + c, gv) : io::store(g + c, gv, nn);
             });
@@ -998,7 +1170,8 @@ void backward_tiles(const Args<scalar_t>& a, const BackwardIn<at::opmath_type<sc
   using acc_t = typename T::acc_t;
   constexpr int kW = T::kW;
   constexpr int kLanes = T::kMaxVecs * kW;
-  const int64_t C = a.C, S = a.S, H = a.H, N = a.N;
+  const auto& d = a.head[0];  // every head shares its sizes, target and class weights here
+  const int64_t C = d.C, S = d.S, H = a.head.size(), N = d.N;
   const int64_t rows = N * S;
   const int64_t width = tile_width<scalar_t>(C, S);
   const int64_t tiles_per_n = (S + width - 1) / width;
@@ -1020,14 +1193,14 @@ void backward_tiles(const Args<scalar_t>& a, const BackwardIn<at::opmath_type<sc
           const int64_t n = u / tiles_per_n, s0 = (u % tiles_per_n) * width;
           const int valid = static_cast<int>(std::min(width, S - s0));
           const int nv = (valid + kW - 1) / kW;
-          const scalar_t* xb = a.x[h] + n * a.sN + s0 * a.sS;
-          const scalar_t* tb = kProb ? a.t + n * a.tN + s0 * a.tS : nullptr;
+          const scalar_t* xb = a.head[h].x + n * d.sN + s0 * d.sS;
+          const scalar_t* tb = kProb ? d.t + n * d.tN + s0 * d.tS : nullptr;
           if (kProb) {  // sum_c w_c t_c per lane
             for (int l = 0; l < nv * kW; ++l) lwt[l] = 0;
             for (int64_t c = 0; c < C; ++c) {
-              const Vec wv(a.w(c));
+              const Vec wv(d.class_weight(c));
               for (int j = 0; j < nv; ++j) {
-                at::vec::fmadd(wv, T::load(tb + c * a.tC, a.tS, j, valid), Vec::loadu(lwt + j * kW)).store(lwt + j * kW);
+                at::vec::fmadd(wv, T::load(tb + c * d.tC, d.tS, j, valid), Vec::loadu(lwt + j * kW)).store(lwt + j * kW);
               }
             }
           }
@@ -1037,19 +1210,19 @@ void backward_tiles(const Args<scalar_t>& a, const BackwardIn<at::opmath_type<sc
             if (l >= valid) continue;
             const int64_t s = s0 + l, r = n * S + s;
             const acc_t gl = in.per_row ? in.grad_loss[n * in.glN + s * in.glS] : in.grad_loss[0];
-            const acc_t scale = gl * a.hw[h] * in.inv_denom;
+            const acc_t scale = gl * a.head[h].weight * in.inv_denom;
             const acc_t lse = in.lse[h * rows + r];
             const bool finite = std::isfinite(lse);
             ll[l] = finite ? lse : acc_t(0);
             if (kProb) {
               ProbRowSums<acc_t> sums{lwt[l], 0, 0, 0, 0};
-              la[l] = finite ? scale * prob_target_lse_coef(sums, a.W, a.eps, C) : nan_value<acc_t>();
+              la[l] = finite ? scale * prob_target_lse_coef(sums, d.weight_sum, a.eps, C) : nan_value<acc_t>();
               lb[l] = scale * (acc_t(1) - a.eps);
               lfix[l] = scale * a.eps / acc_t(C);
             } else {
-              const int64_t y = a.y[n * a.yN + s * a.yS];
+              const int64_t y = d.y[n * d.yN + s * d.yS];
               if (y == a.ignore_index) continue;
-              const RowCoeffs<acc_t> k = index_target_coeffs(a.w(y), a.W, a.eps, C);
+              const RowCoeffs<acc_t> k = index_target_coeffs(d.class_weight(y), d.weight_sum, a.eps, C);
               la[l] = finite ? scale * k.lse_coef : nan_value<acc_t>();
               lb[l] = scale * k.smooth_coef;
               lfix[l] = scale * k.target_coef;
@@ -1060,15 +1233,15 @@ void backward_tiles(const Args<scalar_t>& a, const BackwardIn<at::opmath_type<sc
           //           probability: exp(x - lse) * a - (b * t_c + fix) * w_c.
           scalar_t* gb = grad + h * rows * C + n * C * S + s0;
           for (int64_t c = 0; c < C; ++c) {
-            const Vec wv(a.w(c));
+            const Vec wv(d.class_weight(c));
             const Vec cv(static_cast<acc_t>(c));
             for (int j = 0; j < nv; ++j) {
               const int o = j * kW;
-              const Vec ev = vexp(T::load(xb + c * a.sC, a.sS, j, valid) - Vec::loadu(ll + o));
+              const Vec ev = vexp(T::load(xb + c * d.sC, d.sS, j, valid) - Vec::loadu(ll + o));
               const Vec av = Vec::loadu(la + o), bv = Vec::loadu(lb + o), fv = Vec::loadu(lfix + o);
               Vec gv;
               if (kProb) {
-                gv = at::vec::fmsub(ev, av, at::vec::fmadd(bv, T::load(tb + c * a.tC, a.tS, j, valid), fv) * wv);
+                gv = at::vec::fmsub(ev, av, at::vec::fmadd(bv, T::load(tb + c * d.tC, d.tS, j, valid), fv) * wv);
               } else {
                 gv = at::vec::fmsub(ev, av, bv * wv) - Vec::blendv(Vec(0), fv, Vec::loadu(ly + o) == cv);
               }
@@ -1107,9 +1280,11 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss_in, at::TensorList heads_in,
   at::Tensor grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, heads[0].scalar_type(), "auxfuse_multihead_ce_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Args<scalar_t> a =
-        make_args<scalar_t>(heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction, shape);
-    scan_targets(a);  // never read a class out of bounds
+    Args<scalar_t> a = make_args<scalar_t>(ignore_index, label_smoothing, reduction);
+    for (size_t h = 0; h < heads.size(); ++h) {
+      a.head.push_back(describe_head<scalar_t>(heads[h], target, class_weight, head_weights[h], shape));
+    }
+    scan_targets(a.head[0], ignore_index);  // never read a class out of bounds
     grads = allocate_head_grads(heads);
     BackwardIn<acc_t> in;
     in.grad_loss = grad_loss.const_data_ptr<acc_t>();
@@ -1118,14 +1293,14 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss_in, at::TensorList heads_in,
     in.glS = per_row ? grad_loss.stride(1) : 0;
     in.lse = lse.const_data_ptr<acc_t>();
     in.inv_denom = reduction == kReductionMean ? acc_t(1) / denom.to(acc_type).item<acc_t>() : acc_t(1);
-    if (a.row_path()) {
-      if (a.prob) {
+    if (row_path(a.head[0])) {
+      if (a.head[0].prob()) {
         backward_rows<scalar_t, true>(a, in, grads.data_ptr<scalar_t>());
       } else {
         backward_rows<scalar_t, false>(a, in, grads.data_ptr<scalar_t>());
       }
     } else {
-      if (a.prob) {
+      if (a.head[0].prob()) {
         backward_tiles<scalar_t, true>(a, in, grads.data_ptr<scalar_t>());
       } else {
         backward_tiles<scalar_t, false>(a, in, grads.data_ptr<scalar_t>());
@@ -1137,7 +1312,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss_in, at::TensorList heads_in,
 
 }  // namespace
 
-const CpuKernels kKernels{&forward_cpu, &backward_cpu};
+const CpuKernels kKernels{&forward_cpu, &backward_cpu, &forward_per_head_cpu};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace auxfuse
