@@ -1461,8 +1461,7 @@ void scale_grad_impl(Launcher& launcher, const at::Tensor& grads, const at::Tens
 // One target per head: host side of multihead_ce_per_head_kernel
 // ------------------------------------------------------------------------------------------------
 
-using PerHeadResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>,
-                                 at::Tensor>;
+using auxfuse::PerHeadResult;
 
 constexpr int kItemsPerBlock = 4;  // items per block (about) above which items grow past one row per group
 
@@ -1518,61 +1517,30 @@ PerHeadResult per_head_forward_impl(Launcher& launcher, at::TensorList heads_in,
                                     const c10::List<std::optional<at::Tensor>>& class_weights,
                                     at::ArrayRef<double> head_weights, int64_t ignore_index, double label_smoothing,
                                     int64_t reduction, int64_t grad_mode) {
-  const int64_t H = static_cast<int64_t>(heads_in.size());
-  TORCH_CHECK(H >= 1, "auxfuse: at least one head is needed");
-  TORCH_CHECK(static_cast<int64_t>(targets_in.size()) == H && static_cast<int64_t>(class_weights.size()) == H &&
-                  static_cast<int64_t>(head_weights.size()) == H,
-              "auxfuse: multihead_ce_per_head_forward needs one target, class weight and head weight per head; got ",
-              H, " heads, ", targets_in.size(), " targets, ", class_weights.size(), " class weights, ",
-              head_weights.size(), " head weights");
-  TORCH_CHECK(grad_mode == auxfuse::kNoGrad || grad_mode == auxfuse::kGradInForward,
-              "auxfuse: multihead_ce_per_head_forward takes grad_mode 0 or 1, not ", grad_mode);
+  // Checks and (N, C, S) views as on CPU (ops_common.h), then the CUDA kernels' own limits per head.
+  const auxfuse::PerHeadViews v =
+      auxfuse::check_per_head_inputs(heads_in, targets_in, class_weights, head_weights, reduction, grad_mode);
+  const int64_t H = static_cast<int64_t>(v.heads.size());
   TORCH_CHECK(H <= std::numeric_limits<int>::max() / 4, "auxfuse: too many heads: ", H);
-  const at::Tensor& h0_in = heads_in[0];
-  std::vector<at::Tensor> heads, targets;
-  std::vector<c10::optional<at::Tensor>> weights;
-  std::vector<auxfuse::ProblemShape> shapes;
   for (int64_t h = 0; h < H; ++h) {
-    TORCH_CHECK(heads_in[h].scalar_type() == h0_in.scalar_type() && heads_in[h].device() == h0_in.device(),
-                "auxfuse: head ", h, " differs from head 0 in dtype or device");
-    const auxfuse::RowViews rows = auxfuse::as_row_views({heads_in[h]}, targets_in[h]);
-    const c10::optional<at::Tensor> cw = class_weights.get(h);
     try {
-      shapes.push_back(auxfuse::check_inputs(rows.heads, rows.target, cw, {head_weights[h]}, reduction));
-      check_kernel_limits(rows.heads, shapes.back());
+      check_kernel_limits({v.heads[h]}, v.shapes[h]);
     } catch (const c10::Error& e) {  // the same message, naming the head
       std::string message = e.msg();
       const std::string prefix = "auxfuse: ";
       if (message.compare(0, prefix.size(), prefix) == 0) message.erase(0, prefix.size());
       TORCH_CHECK(false, "auxfuse: head ", h, ": ", message);
     }
-    heads.push_back(rows.heads[0]);
-    targets.push_back(rows.target);
-    weights.push_back(cw);
   }
+  const std::vector<at::Tensor>& heads = v.heads;
+  const std::vector<at::Tensor>& targets = v.targets;
+  const std::vector<auxfuse::ProblemShape>& shapes = v.shapes;
   const bool none = reduction == auxfuse::kReductionNone;
-  for (int64_t h = 1; h < H && none; ++h) {
-    TORCH_CHECK(shapes[h].batch == shapes[0].batch && shapes[h].spatial == shapes[0].spatial,
-                "auxfuse: reduction 'none' needs every head to have the same rows (N, S); head ", h, " has (",
-                shapes[h].batch, ", ", shapes[h].spatial, "), head 0 (", shapes[0].batch, ", ", shapes[0].spatial, ")");
-  }
-
-  // Outputs (acc = float32: the CUDA kernels take float32, float16 and bfloat16 heads).
-  const at::TensorOptions acc_options = h0_in.options().dtype(at::kFloat);
-  const at::TensorOptions long_options = h0_in.options().dtype(at::kLong);
-  at::Tensor loss = none ? at::empty({shapes[0].batch, shapes[0].spatial}, acc_options) : at::empty({}, acc_options);
-  at::Tensor head_losses = at::empty({H}, acc_options);
-  at::Tensor head_correct = at::empty({H}, long_options);
-  at::Tensor count = at::empty({H}, long_options);
-  at::Tensor denom = at::empty({H}, acc_options);
-  at::Tensor invalid = at::empty({}, long_options);
-  std::vector<at::Tensor> grads, grads_out;  // (1, N, C, S) as the kernel writes them; each head's shape
-  if (grad_mode == auxfuse::kGradInForward) {
-    for (int64_t h = 0; h < H; ++h) {
-      grads.push_back(auxfuse::allocate_head_grads({heads[h]}));
-      grads_out.push_back(auxfuse::grads_in_head_shape(grads.back(), {heads_in[h]})[0]);
-    }
-  }
+  const at::Tensor& h0_in = heads_in[0];
+  // Outputs as on CPU: the acc dtype is float32 (the CUDA kernels take float32, float16 and bfloat16 heads).
+  const auxfuse::PerHeadOutputs out = auxfuse::allocate_per_head_outputs(v, reduction, grad_mode);
+  const at::Tensor &loss = out.loss, &head_losses = out.head_losses, &head_correct = out.head_correct;
+  const at::Tensor &count = out.count, &denom = out.denom, &invalid = out.invalid;
 
   // The mapping, for the whole launch: a thread per row if any head has strided classes, else by the widest head.
   bool classes_contiguous = true;
@@ -1600,7 +1568,7 @@ PerHeadResult per_head_forward_impl(Launcher& launcher, at::TensorList heads_in,
     count.zero_();
     denom.zero_();
     invalid.zero_();
-    return {loss, head_losses, head_correct, count, denom, grads_out, invalid};
+    return out.result(heads_in);
   }
   const int grid = static_cast<int>(std::min<int64_t>(items, max_blocks));
   // grad_mode 1 with mean: a pre-pass over the targets computes each head's denominator first.
@@ -1665,16 +1633,16 @@ PerHeadResult per_head_forward_impl(Launcher& launcher, at::TensorList heads_in,
         desc.yN = t.stride(0);
         desc.yS = t.stride(1);
       }
-      desc.cw = weights[h].has_value() ? weights[h]->data_ptr<float>() : nullptr;
+      desc.cw = v.class_weights[h].has_value() ? v.class_weights[h]->data_ptr<float>() : nullptr;
       desc.weight_sum = static_cast<float>(desc.C);  // with class weights: summed on the device
       desc.weight = static_cast<float>(head_weights[h]);
       desc.grad_scale = desc.weight;  // for mean: divided on the device by the pre-pass's denominator
       if (grad_mode == auxfuse::kGradInForward) {
-        const at::Tensor& g = grads[h];
+        const at::Tensor& g = out.grads[h];  // (N, C, S), laid out like the head
         desc.grad = static_cast<T*>(g.data_ptr());
-        desc.gN = g.stride(1);
-        desc.gC = g.stride(2);
-        desc.gS = g.stride(3);
+        desc.gN = g.stride(0);
+        desc.gC = g.stride(1);
+        desc.gS = g.stride(2);
       }
       std::memcpy(bytes + h * sizeof(Desc), &desc, sizeof(Desc));
     }
@@ -1698,7 +1666,7 @@ PerHeadResult per_head_forward_impl(Launcher& launcher, at::TensorList heads_in,
     pp.num_spans = static_cast<int>(spans.size());
     launcher.template per_head<T>(mapping, grid, pp, grad_mode == auxfuse::kGradInForward);
   });
-  return {loss, head_losses, head_correct, count, denom, grads_out, invalid};
+  return out.result(heads_in);
 }
 
 #ifndef AUXFUSE_EMULATE
