@@ -386,3 +386,26 @@ def test_cuda_limits_name_the_head(emu):
     heads, targets = multi_token(torch.float64, ignore_index=None)
     with pytest.raises(RuntimeError, match=r"auxfuse: head 0: the CUDA kernels take float32, float16 or bfloat16"):
         run(emu, heads, targets, [1.0, 0.5, 0.3])
+
+
+def test_same_outputs_and_layouts_as_the_cpu_op(emu):
+    """The CPU kernel of the same op (csrc/cpu) gives the same results, shapes and gradient strides (the fake
+    kernel's), on heads of every layout: NCHW, channels_last, (N, C) rows, a probability target."""
+    from auxfuse.backends import native
+
+    if native._LOAD_ERROR is not None or not native._has_kernel("CPU", "multihead_ce_per_head_forward"):
+        pytest.skip("auxfuse._C with the CPU per-head kernel is not built")
+    heads, targets = pyramid(torch.float32, ignore_index=-100)
+    heads[1] = heads[1].contiguous(memory_format=torch.channels_last)
+    heads.append(randn((2, 5, 7), torch.float32, "cpu-prob"))
+    targets.append(prob_target((2, 5, 7), torch.float32, "cpu-prob-target"))
+    cws = [class_weight(5, "cpu-w0"), None, None, class_weight(5, "cpu-w3")]
+    args = ([None if w is None else w.contiguous() for w in cws], [1.0, 0.5, 0.25, 0.3], -100, 0.1, 1, 1)
+    ours = emu.multihead_ce_per_head_forward(heads, targets, *args)
+    cpu = torch.ops.auxfuse.multihead_ce_per_head_forward(heads, targets, *args)
+    for a, b in zip(ours[:5] + ours[6:], cpu[:5] + cpu[6:]):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours[5], cpu[5]):
+        assert a.shape == b.shape and a.stride() == b.stride()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
