@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import auxfuse
-from oracle import assert_matches_reference, check_backend, generator, naive_loss, to_reference
+from oracle import assert_matches_reference, check_backend, check_per_head, generator, naive_loss, to_reference
 
 
 if not torch.cuda.is_available():
@@ -538,3 +538,121 @@ def test_two_launches_for_forward_and_backward(dtype):
     ours, others = _device_kernels(lambda: mhce(heads, target, [1.0, 0.3, 0.3]), heads)
     assert len(ours) == 2, f"expected 1 forward + 1 backward auxfuse kernel, got {ours}"
     assert not others, f"unexpected device work besides the auxfuse kernels: {others}"
+
+
+# ------------------------------------------------------------------------------------------------
+# One target per head (multihead_ce_per_head_forward): one launch for all heads
+# ------------------------------------------------------------------------------------------------
+
+def _per_head_pyramid(dtype, sizes=((64, 48), (32, 24), (16, 12), (8, 6)), classes=5, batch=2, seed="cuda-pyr"):
+    g = generator(seed)
+    heads = [(torch.randn(batch, classes, *size, generator=g) * 3).to(dtype).to(DEV) for size in sizes]
+    targets = []
+    for size in sizes:
+        t = torch.randint(0, classes, (batch, *size), generator=g)
+        t.view(-1)[::7] = -100
+        targets.append(t.to(DEV))
+    return heads, targets
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_per_head_deep_supervision(dtype, reduction):
+    heads, targets = _per_head_pyramid(dtype)
+    weight = (torch.rand(5, generator=generator("cuda-pyr-w")) + 0.5).to(DEV)
+    for smoothing, class_weight in itertools.product((0.0, 0.1), (None, weight)):
+        check_per_head("cuda", heads, targets, [1.0, 0.5, 0.25, 0.125], reduction=reduction,
+                       label_smoothing=smoothing, class_weights=None if class_weight is None else [class_weight] * 4,
+                       call_weight=class_weight)
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_per_head_multi_token(reduction):
+    g = generator(("cuda-mtp", reduction))
+    N, T, V = 4, 33, 50257
+    labels = torch.randint(0, V, (N, T), generator=g)
+    labels[0, 2] = -100
+    targets = [t.reshape(-1).to(DEV) for t in auxfuse.shifted_targets(labels, [0, 1, 2])]
+    heads = [(torch.randn(N * T, V, generator=g) * 2).bfloat16().to(DEV) for _ in targets]
+    check_per_head("cuda", heads, targets, [1.0, 0.5, 0.5], reduction=reduction, label_smoothing=0.05)
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_per_head_multi_task(dtype):
+    g = generator(("cuda-multi-task", str(dtype)))
+    heads = [(torch.randn(n, c, generator=g) * 2).to(dtype).to(DEV) for n, c in ((256, 1000), (256, 37), (97, 3))]
+    targets = [torch.randint(0, 1000, (256,), generator=g).to(DEV), torch.randint(0, 37, (256,), generator=g).to(DEV),
+               torch.softmax(torch.randn(97, 3, generator=g), 1).to(dtype).to(DEV)]
+    class_weights = [(torch.rand(1000, generator=g) + 0.5).to(DEV), None, (torch.rand(3, generator=g) + 0.5).to(DEV)]
+    for reduction in ("mean", "sum"):
+        check_per_head("cuda", heads, targets, [1.0, 0.5, 0.25], class_weights=class_weights, reduction=reduction,
+                       label_smoothing=0.1)
+
+
+@needs_cuda_backend
+def test_per_head_invalid_target_is_nan_and_counted():
+    heads, targets = _per_head_pyramid(torch.float32)
+    targets[2].view(-1)[3] = 7  # 5 classes
+    out = auxfuse.multi_head_cross_entropy(heads, targets, [1.0, 0.5, 0.25, 0.125], backend="cuda",
+                                           return_details=True)
+    assert torch.isnan(out.loss) and int(out.invalid_targets) == 1
+
+
+@needs_cuda_backend
+def test_per_head_bitwise_deterministic_and_launches():
+    """Bitwise the same on every run; mean with gradients is the pre-pass and one per-head kernel for all heads."""
+    heads, targets = _per_head_pyramid(torch.bfloat16)
+    heads = [h.requires_grad_(True) for h in heads]
+    weights = [1.0, 0.5, 0.25, 0.125]
+
+    def loss_fn():
+        return auxfuse.multi_head_cross_entropy(heads, targets, weights, backend="cuda", label_smoothing=0.1)
+
+    runs = []
+    for _ in range(3):
+        loss = loss_fn()
+        runs.append((loss, *torch.autograd.grad(loss, heads)))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b), "results differ between identical runs"
+    ours, _ = _device_kernels(loss_fn, heads)
+    per_head = [n for n in ours if "per_head" in n]
+    assert len(per_head) == 2, f"expected the pre-pass and one per-head kernel, got {ours}"
+
+
+@needs_cuda_backend
+def test_per_head_cuda_graph_capture_and_replay():
+    """The head table is a host-to-device copy of a pinned buffer: captured, it is read again at every replay
+    (the launcher keeps the buffer)."""
+    heads, targets = _per_head_pyramid(torch.float32)
+    heads = [h.requires_grad_(True) for h in heads]
+    weights = [1.0, 0.5, 0.25, 0.125]
+
+    def step():
+        loss = auxfuse.multi_head_cross_entropy(heads, targets, weights, backend="cuda", label_smoothing=0.1)
+        return (loss, *torch.autograd.grad(loss, heads))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    for seed in range(3):
+        new_heads, new_targets = _per_head_pyramid(torch.float32, seed=("cuda-pyr-replay", seed))
+        with torch.no_grad():
+            for h, new in zip(heads, new_heads):
+                h.copy_(new)
+            for t, new in zip(targets, new_targets):
+                t.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = step()
+        for a, b in zip(static, eager):
+            assert torch.equal(a, b), f"replay {seed} differs from the eager run"

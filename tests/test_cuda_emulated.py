@@ -13,58 +13,27 @@ Marked slow: it builds a C++ extension (about a minute) and emulated blocks of 5
 
 from __future__ import annotations
 
-import glob
 import itertools
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from cuda_emulation.loader import load_emulation
 from oracle import assert_matches_reference, generator
 
 pytestmark = pytest.mark.slow
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 THREAD, WARP, BLOCK = 0, 1, 2
 
 
-def _cuda_include_dir():
-    from torch.utils import cpp_extension
-
-    for base in (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda"):
-        if base and os.path.exists(os.path.join(base, "include", "cuda_fp16.h")):
-            return os.path.join(base, "include")
-    try:
-        import nvidia
-
-        for path in nvidia.__path__:
-            found = glob.glob(os.path.join(path, "*", "include", "cuda_fp16.h"))
-            if found:
-                return os.path.dirname(found[0])
-    except ImportError:
-        pass
-    return None
-
-
 @pytest.fixture(scope="module")
 def emu():
-    from torch.utils import cpp_extension
-
-    include = _cuda_include_dir()
-    if include is None:
+    ops = load_emulation()
+    if ops is None:
         pytest.skip("the CUDA headers (cuda_fp16.h, vector_types.h) are needed to compile the emulation")
-    cpp_extension.load(
-        name="auxfuse_cuda_emulation",
-        sources=[os.path.join(HERE, "cuda_emulation", "emulate.cpp")],
-        extra_include_paths=[os.path.join(HERE, "cuda_emulation"), os.path.join(ROOT, "csrc"), include],
-        extra_cflags=["-O1"],
-        is_python_module=False,
-        verbose=False,
-    )
-    return torch.ops.auxfuse_emu
+    return ops
 
 
 GRAD_IN_FORWARD, SAVE_LSE = 1, 2

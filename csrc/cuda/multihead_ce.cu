@@ -34,6 +34,12 @@
 // scale_grad_kernel: it reads grad_output on the device and returns at once when it is 1 (loss.backward()),
 // else scales the gradient in place (one more read and write: a GradScaler's scale costs a pass).
 //
+// One target per head (multihead_ce_per_head_forward; heads of their own N, C, S, targets and class weights): ONE
+// launch of multihead_ce_per_head_kernel for all heads (plus the same target-only pre-pass for mean with gradients),
+// on the same per-row code (forward_row) and mappings, the mapping chosen per call from the widest head and
+// whether every head's classes are contiguous; the head table (HeadDesc) and the work items go to the device in
+// one asynchronous copy. See that kernel's section below.
+//
 // No CUB: the reductions are an online-softmax merge (max, sum, first argmax) and fixed-order partial sums,
 // a few warp shuffles and one shared-memory pass written out here, and that keeps the whole file plain
 // CUDA C++ that the CPU emulation below can compile (CUB's device code cannot run there).
@@ -63,7 +69,10 @@
 
 #include <algorithm>
 #include <limits>
+#include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include "ops_common.h"
 #endif
@@ -598,13 +607,19 @@ __device__ __forceinline__ void split_row(int64_t r, int64_t S, int64_t& n, int6
   }
 }
 
-// sum_c w_c over the class weights (every thread of the block gets it); C without weights.
+// sum_c w_c over the class weights cw (C,) (every thread of the block gets it, the same in every block); C
+// without weights.
+template <int BLOCK>
+__device__ __forceinline__ float class_weight_sum(const float* __restrict__ cw, int C, ReduceScratch& scratch) {
+  if (cw == nullptr) return static_cast<float>(C);
+  float acc = 0.f;
+  for (int c = threadIdx.x; c < C; c += BLOCK) acc += cw[c];
+  return block_allreduce<BLOCK>(acc, AddOp{}, scratch);
+}
+
 template <int BLOCK>
 __device__ __forceinline__ float class_weight_sum(const CommonParams& p, ReduceScratch& scratch) {
-  if (p.class_weight == nullptr) return static_cast<float>(p.C);
-  float acc = 0.f;
-  for (int c = threadIdx.x; c < p.C; c += BLOCK) acc += p.class_weight[c];
-  return block_allreduce<BLOCK>(acc, AddOp{}, scratch);
+  return class_weight_sum<BLOCK>(p.class_weight, p.C, scratch);
 }
 
 struct RowTarget {
@@ -615,16 +630,82 @@ struct RowTarget {
   float w_y;      // class weight of the target (0 when not counted)
 };
 
-__device__ __forceinline__ RowTarget read_row_target(const CommonParams& p, int64_t n, int64_t s) {
+// The row's class index y of a head with C classes and class weights cw (or nullptr).
+__device__ __forceinline__ RowTarget row_target(int64_t y, int C, const float* __restrict__ cw, int64_t ignore_index) {
   RowTarget rt;
-  const int64_t y = p.target[n * p.tN + s * p.tS];
-  rt.counted = y != p.ignore_index;
-  const bool in_range = y >= 0 && y < p.C;
+  rt.counted = y != ignore_index;
+  const bool in_range = y >= 0 && y < C;
   rt.bad = rt.counted && !in_range;
   rt.y = in_range ? static_cast<int>(y) : -1;
   rt.y_read = in_range ? static_cast<int>(y) : 0;
-  rt.w_y = !rt.counted ? 0.f : (p.class_weight ? p.class_weight[rt.y_read] : 1.f);
+  rt.w_y = !rt.counted ? 0.f : (cw ? cw[rt.y_read] : 1.f);
   return rt;
+}
+
+__device__ __forceinline__ RowTarget read_row_target(const CommonParams& p, int64_t n, int64_t s) {
+  return row_target(p.target[n * p.tN + s * p.tS], p.C, p.class_weight, p.ignore_index);
+}
+
+// One head's row in the forward: loss and hit (both on the group's leader only, 0 elsewhere) and log-sum-exp (every
+// thread); with GRAD, the row's gradient written to grow (class stride gC). x: the row's logits (class stride cs);
+// trow: the probability target's row (class stride tC), or nullptr for the class index in rt; cw: class weights or
+// nullptr; W: their sum (C without). With GRAD the gradient row grad_row() (class stride gC) is written, scaled by
+// grad_scale x head_weight() (the reduction's scale, 1 / denom for mean, times the head's weight). Both are
+// callables evaluated only after the scan, so that nothing more than the caller's own state stays live in
+// registers across the streaming loops (tests/test_cuda_codegen.py checks that no spill reaches them).
+struct RowResult {
+  float loss;
+  bool hit;
+  float m, s;  // the row's max and sum of exp(x - max): log-sum-exp m + log(s)
+};
+
+template <typename T, int G, int BLOCK, bool GRAD, typename WeightFn, typename GradRowFn>
+__device__ __forceinline__ RowResult forward_row(const T* __restrict__ x, int64_t cs, int C, int lane,
+                                                 const RowTarget& rt, const T* __restrict__ trow, int64_t tC,
+                                                 const float* __restrict__ cw, float W, float eps, float grad_scale,
+                                                 const WeightFn& head_weight, const GradRowFn& grad_row,
+                                                 int64_t gC, ReduceScratch& scratch) {
+  const bool leader = lane == 0;
+  const bool need_xs = eps != 0.f;
+  RowState st = state_empty();
+  RowResult res{0.f, false, 0.f, 0.f};
+  if (trow == nullptr) {
+    float xs = 0.f;
+    scan_row_index<T, G>(x, cs, C, lane, need_xs, cw, st, xs);
+    st = group_allreduce<G, BLOCK>(st, MergeState{}, scratch);
+    if (need_xs) xs = group_allreduce<G, BLOCK>(xs, AddOp{}, scratch);
+    const RowCoeffs<float> k = auxfuse::index_target_coeffs<float>(rt.w_y, W, eps, C);
+    if (leader && rt.counted) {
+      const SoftmaxState<float> ss{st.m, st.s, static_cast<int64_t>(st.arg)};
+      const float x_y = load_float(x + static_cast<int64_t>(rt.y_read) * cs);
+      res.loss = rt.bad ? NAN
+                        : auxfuse::index_target_row_loss<float>(ss, auxfuse::log_acc(ss.sum), x_y - st.m, xs, W, k);
+      res.hit = !rt.bad && st.arg == rt.y;
+    }
+    if constexpr (GRAD) {  // the row was just read: the second read comes from L1 / L2
+      const float sc = rt.counted ? grad_scale * head_weight() : 0.f;
+      write_index_grad<T, G>(x, cs, grad_row(), gC, C, lane, st.m + __logf(st.s), rt.bad, rt.y, k, sc,
+                             need_xs ? cw : nullptr);
+    }
+  } else {
+    ProbRowSums<float> ps = auxfuse::prob_row_sums_empty<float>();
+    scan_row_prob<T, G>(x, cs, trow, tC, C, lane, cw, st, ps);
+    st = group_allreduce<G, BLOCK>(st, MergeState{}, scratch);
+    ps = group_allreduce<G, BLOCK>(ps, MergeProb{}, scratch);
+    const float lse_coef = auxfuse::prob_target_lse_coef<float>(ps, W, eps, C);
+    if (leader) {
+      const SoftmaxState<float> ss{st.m, st.s, static_cast<int64_t>(st.arg)};
+      res.loss = auxfuse::prob_target_row_loss<float>(ss, auxfuse::log_acc(ss.sum), ps, lse_coef, eps, C);
+      res.hit = st.arg >= 0 && st.arg == ps.target_argmax;
+    }
+    if constexpr (GRAD) {
+      write_row_prob<T, G>(x, cs, trow, tC, grad_row(), gC, C, lane, (st.m + __logf(st.s)) * kLog2e, lse_coef,
+                           grad_scale * head_weight(), eps, cw);
+    }
+  }
+  res.m = st.m;
+  res.s = st.s;
+  return res;
 }
 
 // 64 registers at most: 1024 resident threads per SM, enough 16-byte loads in flight for HBM.
@@ -661,14 +742,12 @@ __global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>()) multihea
   const int C = p.C;
   const bool prob = p.ptarget != nullptr;
   const float eps = p.eps;
-  const bool need_xs = eps != 0.f;
   const float W = (eps != 0.f) ? class_weight_sum<BLOCK>(p, scratch) : static_cast<float>(C);
   // grad_mode 1: the gradient of a counted row is scaled by head weight x (1 / denom for mean), known from
   // the pre-pass; backward then only multiplies by grad_output.
   T* const grad = static_cast<T*>(fp.grad);
   const float grad_scale =
       GRAD && p.reduction == auxfuse::kReductionMean ? __fdiv_rn(1.f, *fp.denom_in) : 1.f;
-  const float* cw_smooth = eps != 0.f ? p.class_weight : nullptr;
 
   // Per-thread partials (only group leaders add to them).
   float acc_loss[kMaxHeads];
@@ -697,48 +776,16 @@ __global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>()) multihea
     float weighted_row_loss = 0.f;
     for (int h = 0; h < p.H; ++h) {
       const T* x = static_cast<const T*>(p.heads[h]) + off;
-      RowState st = state_empty();
-      float loss = 0.f;
-      bool hit = false;
-      if (!prob) {
-        float xs = 0.f;
-        scan_row_index<T, G>(x, cs, C, lane, need_xs, p.class_weight, st, xs);
-        st = group_allreduce<G, BLOCK>(st, MergeState{}, scratch);
-        if (need_xs) xs = group_allreduce<G, BLOCK>(xs, AddOp{}, scratch);
-        const RowCoeffs<float> k = auxfuse::index_target_coeffs<float>(rt.w_y, W, eps, C);
-        if (leader && rt.counted) {
-          const SoftmaxState<float> ss{st.m, st.s, static_cast<int64_t>(st.arg)};
-          const float x_y = load_float(x + static_cast<int64_t>(rt.y_read) * cs);
-          loss = rt.bad ? NAN : auxfuse::index_target_row_loss<float>(ss, auxfuse::log_acc(ss.sum), x_y - st.m, xs, W, k);
-          hit = !rt.bad && st.arg == rt.y;
-        }
-        if constexpr (GRAD) {  // the row was just read: the second read comes from L1 / L2
-          const float sc = rt.counted ? grad_scale * p.head_weight[h] : 0.f;
-          write_index_grad<T, G>(x, cs, grad + h * fp.gH + n * fp.gN + s * fp.gS, fp.gC, C, lane,
-                                 st.m + __logf(st.s), rt.bad, rt.y, k, sc, cw_smooth);
-        }
-      } else {
-        ProbRowSums<float> ps = auxfuse::prob_row_sums_empty<float>();
-        scan_row_prob<T, G>(x, cs, trow, p.pC, C, lane, p.class_weight, st, ps);
-        st = group_allreduce<G, BLOCK>(st, MergeState{}, scratch);
-        ps = group_allreduce<G, BLOCK>(ps, MergeProb{}, scratch);
-        const float lse_coef = auxfuse::prob_target_lse_coef<float>(ps, W, eps, C);
-        if (leader) {
-          const SoftmaxState<float> ss{st.m, st.s, static_cast<int64_t>(st.arg)};
-          loss = auxfuse::prob_target_row_loss<float>(ss, auxfuse::log_acc(ss.sum), ps, lse_coef, eps, C);
-          hit = st.arg >= 0 && st.arg == ps.target_argmax;
-        }
-        if constexpr (GRAD) {
-          write_row_prob<T, G>(x, cs, trow, p.pC, grad + h * fp.gH + n * fp.gN + s * fp.gS, fp.gC, C, lane,
-                               (st.m + __logf(st.s)) * kLog2e, lse_coef, grad_scale * p.head_weight[h], eps,
-                               p.class_weight);
-        }
-      }
+      const RowResult res = forward_row<T, G, BLOCK, GRAD>(
+          x, cs, C, lane, rt, trow, p.pC, p.class_weight, W, eps, grad_scale, [&] { return p.head_weight[h]; },
+          [&] { return grad + h * fp.gH + n * fp.gN + s * fp.gS; }, fp.gC, scratch);
+      const float loss = res.loss;
+      const bool hit = res.hit;
       if (leader) {
         acc_loss[h] += loss;
         acc_hits[h] += hit ? 1 : 0;
         weighted_row_loss += p.head_weight[h] * loss;
-        if (fp.lse != nullptr) fp.lse[h * p.R + r] = st.m + __logf(st.s);
+        if (fp.lse != nullptr) fp.lse[h * p.R + r] = res.m + __logf(res.s);
       }
     }
     if (leader) {
@@ -899,11 +946,250 @@ __global__ void __launch_bounds__(kScaleBlock) scale_grad_kernel(T* __restrict__
   for (int64_t i = n / V * V + first; i < n; i += stride) g[i] = to_scalar<T>(load_float(g + i) * scale);
 }
 
+// ------------------------------------------------------------------------------------------------
+// One target per head (multihead_ce_per_head_forward): heads of their own N, C, S, target and class weights
+// (deep supervision, multi-token, multi-task heads), one launch for all of them.
+//
+// The heads are described by the head table, HeadDesc<T, float> (multihead_ce.h), copied to the device, and the
+// work by a list of work items: (heads, first row, row count), stored as spans of equal items (WorkSpan) so the
+// list is O(H) bytes whatever the rows. Blocks take items grid-stride (item i goes to block i % grid), so a big
+// head and a small one are spread over the whole grid in proportion to their size. Within an item a group
+// of G threads owns one row at a time, as in the forward kernel (same row machinery: forward_row). For mean /
+// sum an item covers one head; for none every head (they then share N and S) and a group sums the row's
+// weighted losses over the heads in head order, so loss_rows gets one writer per row and a fixed order.
+//
+// Partials: every block owns one column of the workspace (per head: loss sum, denominator, hits, count, invalid
+// rows), zeroes it, and adds to it (thread 0, after a fixed-order block reduction) whenever the head it works on
+// changes; the last block (ticket) sums the columns in block order, in double, as the forward kernel does.
+// ------------------------------------------------------------------------------------------------
+
+// Items item_begin .. item_begin + ceil(rows / rows_per_item) - 1: heads [head_begin, head_end), which all have
+// `rows` rows; item i covers rows [(i - item_begin) * rows_per_item, ...) of each of them.
+struct WorkSpan {
+  int64_t item_begin;
+  int64_t rows;
+  int64_t rows_per_item;
+  int head_begin;
+  int head_end;
+};
+
+struct PerHeadParams {
+  const void* table;           // HeadDesc<T, float>[H], on the device. grad_scale holds w_h: the kernel divides
+                               // by the pre-pass's denominator (denom_in) for mean; weight_sum is C, the kernel
+                               // sums class weights itself (the host cannot read them without a sync).
+  const WorkSpan* spans;       // on the device, item_begin increasing
+  int num_spans;
+  int H;
+  float eps;
+  int64_t ignore_index;
+  int reduction;
+  bool denom_only;             // the pre-pass of grad_mode 1 + mean: reads the targets only, writes denom
+  const float* denom_in;       // (H,): the pre-pass's denominators (grad_mode 1 + mean), else nullptr
+  float* loss_rows;            // (N * S,) for none, else nullptr
+  float* loss;                 // () for mean / sum, else nullptr
+  float* head_losses;          // (H,), nullptr in the pre-pass
+  int64_t* head_correct;       // (H,)
+  int64_t* count;              // (H,)
+  float* denom;                // (H,)
+  int64_t* invalid;            // ()
+  float* part_f;               // [2H x grid]: per head loss sum, denominator
+  long long* part_i;           // [3H x grid]: per head hits, count, invalid rows
+  unsigned int* ticket;
+};
+
+template <typename T, int G, int BLOCK, bool GRAD>
+__global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>())
+    multihead_ce_per_head_kernel(const PerHeadParams pp) {
+  using Desc = auxfuse::HeadDesc<T, float>;
+  constexpr int kGroups = BLOCK / G;
+  constexpr int kWarps = BLOCK / 32;
+  __shared__ ReduceScratch scratch;
+  __shared__ Desc d;  // the head being worked on
+  __shared__ float red_f[2][kWarps];
+  __shared__ long long red_i[3][kWarps];
+  __shared__ long long fin_invalid[kWarps];
+  __shared__ bool is_last;
+
+  const int tid = threadIdx.x;
+  const int lane = tid % G;
+  const int group = tid / G;
+  const bool leader = lane == 0;
+  const int warp = tid / 32, wl = tid % 32;
+  const int grid = gridDim.x;
+  const int H = pp.H;
+  const float eps = pp.eps;
+  const Desc* __restrict__ table = static_cast<const Desc*>(pp.table);
+
+  // This block's column of the partials; made visible to thread 0 by the barriers of the first flush.
+  for (int q = tid; q < 2 * H; q += BLOCK) pp.part_f[static_cast<int64_t>(q) * grid + blockIdx.x] = 0.f;
+  for (int q = tid; q < 3 * H; q += BLOCK) pp.part_i[static_cast<int64_t>(q) * grid + blockIdx.x] = 0;
+
+  // Per-thread partials of head `pending` (only group leaders add to them).
+  float acc_loss = 0.f, acc_denom = 0.f;
+  int acc_hits = 0, acc_count = 0, acc_invalid = 0;
+  int pending = -1;
+  // Block-uniform: per warp (butterfly), then warps in order, added to the block's column by thread 0.
+  auto flush = [&]() {
+    const float lf = warp_allreduce(acc_loss, AddOp{});
+    const float df = warp_allreduce(acc_denom, AddOp{});
+    const long long hi = warp_allreduce(static_cast<long long>(acc_hits), AddOp{});
+    const long long ci = warp_allreduce(static_cast<long long>(acc_count), AddOp{});
+    const long long ii = warp_allreduce(static_cast<long long>(acc_invalid), AddOp{});
+    if (wl == 0) {
+      red_f[0][warp] = lf;
+      red_f[1][warp] = df;
+      red_i[0][warp] = hi;
+      red_i[1][warp] = ci;
+      red_i[2][warp] = ii;
+    }
+    __syncthreads();
+    if (tid == 0) {
+      float sl = 0.f, sd = 0.f;
+      long long sh = 0, sc = 0, si = 0;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        sl += red_f[0][w];
+        sd += red_f[1][w];
+        sh += red_i[0][w];
+        sc += red_i[1][w];
+        si += red_i[2][w];
+      }
+      const int64_t b = blockIdx.x;
+      pp.part_f[(2 * static_cast<int64_t>(pending)) * grid + b] += sl;
+      pp.part_f[(2 * static_cast<int64_t>(pending) + 1) * grid + b] += sd;
+      pp.part_i[(3 * static_cast<int64_t>(pending)) * grid + b] += sh;
+      pp.part_i[(3 * static_cast<int64_t>(pending) + 1) * grid + b] += sc;
+      pp.part_i[(3 * static_cast<int64_t>(pending) + 2) * grid + b] += si;
+    }
+    __syncthreads();
+    acc_loss = acc_denom = 0.f;
+    acc_hits = acc_count = acc_invalid = 0;
+  };
+
+  // Items blockIdx.x, blockIdx.x + grid, ... in increasing order, span by span (no search for an item's span).
+  for (int j = 0; j < pp.num_spans; ++j) {
+    const WorkSpan sp = pp.spans[j];
+    const int64_t span_end = sp.item_begin + (sp.rows + sp.rows_per_item - 1) / sp.rows_per_item;
+    const int64_t skip = (static_cast<int64_t>(blockIdx.x) - sp.item_begin % grid + grid) % grid;
+    for (int64_t item = sp.item_begin + skip; item < span_end; item += grid) {
+      const int64_t first = (item - sp.item_begin) * sp.rows_per_item;
+      const int64_t end = first + sp.rows_per_item < sp.rows ? first + sp.rows_per_item : sp.rows;
+      for (int h = sp.head_begin; h < sp.head_end; ++h) {
+        if (h != pending) {
+          if (pending >= 0) flush();
+          pending = h;
+        }
+        __syncthreads();  // every thread is done with the previous head's description
+        if (tid == 0) d = table[h];
+        __syncthreads();
+        const int C = static_cast<int>(d.C);
+        const int64_t cs = G == 1 ? d.sC : 1;  // the host picks G > 1 only when every head has contiguous classes
+        const bool prob = d.t != nullptr;
+        const float W = !pp.denom_only && eps != 0.f ? class_weight_sum<BLOCK>(d.cw, C, scratch)
+                                                     : static_cast<float>(C);
+        // The gradient's scale: 1 / the head's denominator (mean) here, times d.grad_scale (w_h) in forward_row.
+        const float grad_scale =
+            GRAD && pp.reduction == auxfuse::kReductionMean ? __fdiv_rn(1.f, pp.denom_in[h]) : 1.f;
+        const float head_weight = d.weight;
+        for (int64_t r = first + group; r < end; r += kGroups) {
+          int64_t n, s;
+          split_row(r, d.S, n, s);
+          RowTarget rt{-1, 0, true, false, 1.f};
+          const T* trow = nullptr;
+          if (prob) {
+            trow = d.t + n * d.tN + s * d.tS;
+          } else {
+            rt = row_target(d.y[n * d.yN + s * d.yS], C, d.cw, pp.ignore_index);
+          }
+          float loss = 0.f;
+          bool hit = false;
+          if (!pp.denom_only) {
+            const RowResult res = forward_row<T, G, BLOCK, GRAD>(
+                d.x + n * d.sN + s * d.sS, cs, C, lane, rt, trow, d.tC, d.cw, W, eps, grad_scale,
+                [&] { return d.grad_scale; }, [&] { return d.grad + n * d.gN + s * d.gS; }, d.gC, scratch);
+            loss = res.loss;
+            hit = res.hit;
+          }
+          if (leader) {
+            acc_loss += loss;
+            acc_hits += hit ? 1 : 0;
+            if (rt.counted) {
+              acc_count += 1;
+              acc_denom += rt.w_y;
+            }
+            acc_invalid += rt.bad ? 1 : 0;
+            if (pp.loss_rows != nullptr) {  // none: this group owns row r of every head of the item
+              const float before = h == sp.head_begin ? 0.f : pp.loss_rows[r];
+              pp.loss_rows[r] = before + head_weight * loss;
+            }
+          }
+        }
+      }
+    }
+  }
+  if (pending >= 0) flush();
+
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) is_last = atomicAdd(pp.ticket, 1u) == static_cast<unsigned int>(grid - 1);
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+
+  // The last block: a warp per head sums the head's columns in block order.
+  long long invalid = 0;
+  for (int h = warp; h < H; h += kWarps) {
+    double sl = 0.0, sd = 0.0;
+    long long sh = 0, sc = 0, si = 0;
+    for (int b = wl; b < grid; b += 32) {
+      sl += static_cast<double>(__ldcg(pp.part_f + (2 * static_cast<int64_t>(h)) * grid + b));
+      sd += static_cast<double>(__ldcg(pp.part_f + (2 * static_cast<int64_t>(h) + 1) * grid + b));
+      sh += __ldcg(pp.part_i + (3 * static_cast<int64_t>(h)) * grid + b);
+      sc += __ldcg(pp.part_i + (3 * static_cast<int64_t>(h) + 1) * grid + b);
+      si += __ldcg(pp.part_i + (3 * static_cast<int64_t>(h) + 2) * grid + b);
+    }
+    sl = warp_allreduce(sl, AddOp{});
+    sd = warp_allreduce(sd, AddOp{});
+    sh = warp_allreduce(sh, AddOp{});
+    sc = warp_allreduce(sc, AddOp{});
+    si = warp_allreduce(si, AddOp{});
+    invalid += si;
+    if (wl == 0) {
+      // With a pre-pass (grad_mode 1, mean) its denominator, the one the gradient used, is already in place.
+      const float denom = pp.denom_in != nullptr ? pp.denom_in[h] : static_cast<float>(sd);
+      if (pp.denom_in == nullptr) pp.denom[h] = denom;
+      pp.count[h] = static_cast<int64_t>(sc);
+      pp.head_correct[h] = static_cast<int64_t>(sh);
+      if (pp.head_losses != nullptr) {
+        const float head_sum = static_cast<float>(sl);
+        pp.head_losses[h] = pp.reduction == auxfuse::kReductionSum ? head_sum : __fdiv_rn(head_sum, denom);
+      }
+    }
+  }
+  if (wl == 0) fin_invalid[warp] = invalid;
+  __syncthreads();
+  if (tid == 0) {
+    long long total_invalid = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total_invalid += fin_invalid[w];
+    *pp.invalid = static_cast<int64_t>(total_invalid);
+    if (pp.loss != nullptr) {
+      // Each head's mean over its own denominator (0 / 0 = NaN for a head with no counted row, as in PyTorch).
+      float total = 0.f;
+      for (int h = 0; h < H; ++h) total = fmaf(table[h].weight, pp.head_losses[h], total);
+      *pp.loss = total;
+    }
+    *pp.ticket = 0u;  // ready for the next launch on this stream
+  }
+}
+
 #ifdef AUXFUSE_KERNELS_ONLY
 #define AUXFUSE_INSTANTIATE(T, G, B)                                                            \
   template __global__ void multihead_ce_forward_kernel<T, G, B, false>(const ForwardParams);      \
   template __global__ void multihead_ce_forward_kernel<T, G, B, true>(const ForwardParams);       \
-  template __global__ void multihead_ce_backward_kernel<T, G, B>(const BackwardParams);
+  template __global__ void multihead_ce_backward_kernel<T, G, B>(const BackwardParams);          \
+  template __global__ void multihead_ce_per_head_kernel<T, G, B, false>(const PerHeadParams);     \
+  template __global__ void multihead_ce_per_head_kernel<T, G, B, true>(const PerHeadParams);
 AUXFUSE_INSTANTIATE(float, 1, kThreadBlock)
 AUXFUSE_INSTANTIATE(float, 32, kWarpBlock)
 AUXFUSE_INSTANTIATE(float, kRowBlock, kRowBlock)
@@ -1171,6 +1457,218 @@ void scale_grad_impl(Launcher& launcher, const at::Tensor& grads, const at::Tens
   });
 }
 
+// ------------------------------------------------------------------------------------------------
+// One target per head: host side of multihead_ce_per_head_kernel
+// ------------------------------------------------------------------------------------------------
+
+using auxfuse::PerHeadResult;
+
+constexpr int kItemsPerBlock = 4;  // items per block (about) above which items grow past one row per group
+
+// The work items of one launch as spans (see WorkSpan): for mean / sum a span per head with rows, for none one
+// span of every head. Items are `groups` rows (one per group of the block) while that makes at most
+// kItemsPerBlock x max_blocks items; else each item holds about the same number of logits, so that the
+// blocks (which take items round-robin) get equal shares whatever the heads' sizes and class counts.
+inline std::vector<WorkSpan> make_work_spans(const std::vector<int64_t>& rows, const std::vector<int64_t>& classes,
+                                             bool every_head_per_item, int groups, int max_blocks, int64_t& items) {
+  struct Run {
+    int head_begin, head_end;
+    int64_t rows, classes;  // classes read per row (every head's for none)
+  };
+  std::vector<Run> runs;
+  const int H = static_cast<int>(rows.size());
+  if (every_head_per_item) {
+    int64_t total_classes = 0;
+    for (int64_t c : classes) total_classes += c;
+    if (rows[0] > 0) runs.push_back({0, H, rows[0], total_classes});
+  } else {
+    for (int h = 0; h < H; ++h) {
+      if (rows[h] > 0) runs.push_back({h, h + 1, rows[h], classes[h]});
+    }
+  }
+  const int64_t target_items = static_cast<int64_t>(kItemsPerBlock) * max_blocks;
+  int64_t small_items = 0;
+  double logits = 0.0;
+  for (const Run& run : runs) {
+    small_items += (run.rows + groups - 1) / groups;
+    logits += static_cast<double>(run.rows) * static_cast<double>(run.classes);
+  }
+  const double logits_per_item = logits / static_cast<double>(target_items);
+  std::vector<WorkSpan> spans;
+  items = 0;
+  for (const Run& run : runs) {
+    int64_t per_group = 1;  // rows per group and item
+    if (small_items > target_items) {
+      const double k = logits_per_item / (static_cast<double>(groups) * static_cast<double>(run.classes));
+      per_group = std::max<int64_t>(1, static_cast<int64_t>(std::min(k, 1e15)));
+    }
+    const int64_t rows_per_item = std::min(per_group * groups, run.rows);
+    spans.push_back({items, run.rows, rows_per_item, run.head_begin, run.head_end});
+    items += (run.rows + rows_per_item - 1) / rows_per_item;
+  }
+  return spans;
+}
+
+// Launcher (as forward_impl) plus: at::Tensor host_bytes(int64_t) (a host buffer, pinned for CUDA),
+// at::Tensor upload(const at::Tensor& host, const at::Device&) (one asynchronous copy to the device), and
+// template <typename T> void per_head(Mapping, int grid, const PerHeadParams&).
+template <typename Launcher>
+PerHeadResult per_head_forward_impl(Launcher& launcher, at::TensorList heads_in, at::TensorList targets_in,
+                                    const c10::List<std::optional<at::Tensor>>& class_weights,
+                                    at::ArrayRef<double> head_weights, int64_t ignore_index, double label_smoothing,
+                                    int64_t reduction, int64_t grad_mode) {
+  // Checks and (N, C, S) views as on CPU (ops_common.h), then the CUDA kernels' own limits per head.
+  const auxfuse::PerHeadViews v =
+      auxfuse::check_per_head_inputs(heads_in, targets_in, class_weights, head_weights, reduction, grad_mode);
+  const int64_t H = static_cast<int64_t>(v.heads.size());
+  TORCH_CHECK(H <= std::numeric_limits<int>::max() / 4, "auxfuse: too many heads: ", H);
+  for (int64_t h = 0; h < H; ++h) {
+    try {
+      check_kernel_limits({v.heads[h]}, v.shapes[h]);
+    } catch (const c10::Error& e) {  // the same message, naming the head
+      std::string message = e.msg();
+      const std::string prefix = "auxfuse: ";
+      if (message.compare(0, prefix.size(), prefix) == 0) message.erase(0, prefix.size());
+      TORCH_CHECK(false, "auxfuse: head ", h, ": ", message);
+    }
+  }
+  const std::vector<at::Tensor>& heads = v.heads;
+  const std::vector<at::Tensor>& targets = v.targets;
+  const std::vector<auxfuse::ProblemShape>& shapes = v.shapes;
+  const bool none = reduction == auxfuse::kReductionNone;
+  const at::Tensor& h0_in = heads_in[0];
+  // Outputs as on CPU: the acc dtype is float32 (the CUDA kernels take float32, float16 and bfloat16 heads).
+  const auxfuse::PerHeadOutputs out = auxfuse::allocate_per_head_outputs(v, reduction, grad_mode);
+  const at::Tensor &loss = out.loss, &head_losses = out.head_losses, &head_correct = out.head_correct;
+  const at::Tensor &count = out.count, &denom = out.denom, &invalid = out.invalid;
+
+  // The mapping, for the whole launch: a thread per row if any head has strided classes, else by the widest head.
+  bool classes_contiguous = true;
+  int64_t max_classes = 0;
+  std::vector<int64_t> rows(H), classes(H);
+  for (int64_t h = 0; h < H; ++h) {
+    rows[h] = shapes[h].rows();
+    classes[h] = shapes[h].classes;
+    max_classes = std::max(max_classes, classes[h]);
+    classes_contiguous = classes_contiguous && (classes[h] == 1 || heads[h].stride(1) == 1);
+  }
+  const Mapping mapping = choose_mapping(max_classes, classes_contiguous ? 1 : 0);
+  const int max_blocks = grad_mode == auxfuse::kGradInForward && mapping == Mapping::kBlock
+                             ? std::min(kMaxForwardBlocks, launcher.sm_count())
+                             : kMaxForwardBlocks;
+  int64_t items = 0;
+  const std::vector<WorkSpan> spans = make_work_spans(rows, classes, none, rows_per_block(mapping), max_blocks, items);
+
+  if (items == 0) {
+    // No rows at all: no launch. As PyTorch: mean is 0 / 0 = NaN, sum is 0, every count 0.
+    const double empty = reduction == auxfuse::kReductionSum ? 0.0 : std::numeric_limits<double>::quiet_NaN();
+    if (!none) loss.fill_(empty);
+    head_losses.fill_(empty);
+    head_correct.zero_();
+    count.zero_();
+    denom.zero_();
+    invalid.zero_();
+    return out.result(heads_in);
+  }
+  const int grid = static_cast<int>(std::min<int64_t>(items, max_blocks));
+  // grad_mode 1 with mean: a pre-pass over the targets computes each head's denominator first.
+  const bool pre_pass = grad_mode == auxfuse::kGradInForward && reduction == auxfuse::kReductionMean;
+  int64_t pre_items = 0;
+  const std::vector<WorkSpan> pre_spans =
+      pre_pass ? make_work_spans(rows, std::vector<int64_t>(H, 1), false, rows_per_block(Mapping::kThread),
+                                 kMaxForwardBlocks, pre_items)
+               : std::vector<WorkSpan>{};
+  const int pre_grid = static_cast<int>(std::min<int64_t>(pre_items, kMaxForwardBlocks));
+  const int64_t blocks = std::max(grid, pre_grid);
+  const int64_t int_slots = 3 * H * blocks, float_slots = 2 * H * blocks;
+  at::Tensor workspace = at::empty({int_slots * static_cast<int64_t>(sizeof(long long)) +
+                                        float_slots * static_cast<int64_t>(sizeof(float))},
+                                   h0_in.options().dtype(at::kByte));
+  at::Tensor ticket_holder;
+
+  PerHeadParams pp{};
+  pp.H = static_cast<int>(H);
+  pp.eps = static_cast<float>(label_smoothing);
+  pp.ignore_index = ignore_index;
+  pp.reduction = static_cast<int>(reduction);
+  pp.loss_rows = none ? loss.data_ptr<float>() : nullptr;
+  pp.loss = none ? nullptr : loss.data_ptr<float>();
+  pp.head_losses = head_losses.data_ptr<float>();
+  pp.head_correct = head_correct.data_ptr<int64_t>();
+  pp.count = count.data_ptr<int64_t>();
+  pp.denom = denom.data_ptr<float>();
+  pp.invalid = invalid.data_ptr<int64_t>();
+  pp.part_i = reinterpret_cast<long long*>(workspace.data_ptr());
+  pp.part_f = reinterpret_cast<float*>(pp.part_i + int_slots);
+  pp.ticket = launcher.ticket(h0_in.options(), ticket_holder);  // both launches: each leaves it at 0
+
+  dispatch_dtype(h0_in.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using Desc = auxfuse::HeadDesc<T, float>;
+    // The head table and both span lists in one host buffer, copied to the device at once (no sync).
+    const int64_t table_bytes = H * static_cast<int64_t>(sizeof(Desc));
+    const int64_t spans_bytes = static_cast<int64_t>(sizeof(WorkSpan)) * static_cast<int64_t>(spans.size());
+    const int64_t pre_bytes = static_cast<int64_t>(sizeof(WorkSpan)) * static_cast<int64_t>(pre_spans.size());
+    static_assert(sizeof(Desc) % alignof(WorkSpan) == 0 && sizeof(WorkSpan) % alignof(WorkSpan) == 0);
+    at::Tensor host = launcher.host_bytes(table_bytes + spans_bytes + pre_bytes);
+    auto* bytes = static_cast<unsigned char*>(host.data_ptr());
+    for (int64_t h = 0; h < H; ++h) {
+      const at::Tensor& x = heads[h];
+      const at::Tensor& t = targets[h];
+      Desc desc{};
+      desc.x = static_cast<const T*>(x.data_ptr());
+      desc.N = x.size(0);
+      desc.C = x.size(1);
+      desc.S = x.size(2);
+      desc.sN = x.stride(0);
+      desc.sC = x.stride(1);
+      desc.sS = x.stride(2);
+      if (shapes[h].prob_target) {
+        desc.t = static_cast<const T*>(t.data_ptr());
+        desc.tN = t.stride(0);
+        desc.tC = t.stride(1);
+        desc.tS = t.stride(2);
+      } else {
+        desc.y = t.data_ptr<int64_t>();
+        desc.yN = t.stride(0);
+        desc.yS = t.stride(1);
+      }
+      desc.cw = v.class_weights[h].has_value() ? v.class_weights[h]->data_ptr<float>() : nullptr;
+      desc.weight_sum = static_cast<float>(desc.C);  // with class weights: summed on the device
+      desc.weight = static_cast<float>(head_weights[h]);
+      desc.grad_scale = desc.weight;  // for mean: divided on the device by the pre-pass's denominator
+      if (grad_mode == auxfuse::kGradInForward) {
+        const at::Tensor& g = out.grads[h];  // (N, C, S), laid out like the head
+        desc.grad = static_cast<T*>(g.data_ptr());
+        desc.gN = g.stride(0);
+        desc.gC = g.stride(1);
+        desc.gS = g.stride(2);
+      }
+      std::memcpy(bytes + h * sizeof(Desc), &desc, sizeof(Desc));
+    }
+    std::memcpy(bytes + table_bytes, spans.data(), spans_bytes);
+    if (pre_bytes > 0) std::memcpy(bytes + table_bytes + spans_bytes, pre_spans.data(), pre_bytes);
+    const at::Tensor device_table = launcher.upload(host, h0_in.device());
+    const auto* base = static_cast<const unsigned char*>(device_table.data_ptr());
+    pp.table = base;
+    if (pre_pass) {
+      PerHeadParams pre = pp;
+      pre.spans = reinterpret_cast<const WorkSpan*>(base + table_bytes + spans_bytes);
+      pre.num_spans = static_cast<int>(pre_spans.size());
+      pre.denom_only = true;
+      pre.loss = nullptr;
+      pre.loss_rows = nullptr;
+      pre.head_losses = nullptr;
+      launcher.template per_head<T>(Mapping::kThread, pre_grid, pre, false);
+      pp.denom_in = denom.data_ptr<float>();
+    }
+    pp.spans = reinterpret_cast<const WorkSpan*>(base + table_bytes);
+    pp.num_spans = static_cast<int>(spans.size());
+    launcher.template per_head<T>(mapping, grid, pp, grad_mode == auxfuse::kGradInForward);
+  });
+  return out.result(heads_in);
+}
+
 #ifndef AUXFUSE_EMULATE
 
 struct CudaLauncher {
@@ -1225,6 +1723,51 @@ struct CudaLauncher {
         break;
       case Mapping::kBlock:
         multihead_ce_forward_kernel<T, kRowBlock, kRowBlock, GRAD><<<grid, kRowBlock, 0, stream.stream()>>>(fp);
+        break;
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // The per-head kernel's head table and work spans: a pinned host buffer, copied with one asynchronous copy
+  // (the caching host allocator keeps the buffer until the copy is done; no host sync). During CUDA-graph capture
+  // the graph's copy node reads the host buffer at every replay: the buffer is then kept for the process.
+  at::Tensor host_bytes(int64_t n) {
+    return at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  }
+
+  at::Tensor upload(const at::Tensor& host, const at::Device& device) {
+    at::Tensor on_device = host.to(device, /*non_blocking=*/true);
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
+    if (status != cudaStreamCaptureStatusNone) {
+      static std::mutex mutex;
+      static std::vector<at::Tensor> kept;  // a few hundred bytes per captured call
+      std::lock_guard<std::mutex> lock(mutex);
+      kept.push_back(host);
+    }
+    return on_device;
+  }
+
+  template <typename T>
+  void per_head(Mapping m, int grid, const PerHeadParams& pp, bool grad) {
+    if (grad) {
+      per_head_kernel<T, true>(m, grid, pp);
+    } else {
+      per_head_kernel<T, false>(m, grid, pp);
+    }
+  }
+
+  template <typename T, bool GRAD>
+  void per_head_kernel(Mapping m, int grid, const PerHeadParams& pp) {
+    switch (m) {
+      case Mapping::kThread:
+        multihead_ce_per_head_kernel<T, 1, kThreadBlock, GRAD><<<grid, kThreadBlock, 0, stream.stream()>>>(pp);
+        break;
+      case Mapping::kWarp:
+        multihead_ce_per_head_kernel<T, 32, kWarpBlock, GRAD><<<grid, kWarpBlock, 0, stream.stream()>>>(pp);
+        break;
+      case Mapping::kBlock:
+        multihead_ce_per_head_kernel<T, kRowBlock, kRowBlock, GRAD><<<grid, kRowBlock, 0, stream.stream()>>>(pp);
         break;
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1286,6 +1829,16 @@ at::Tensor multihead_ce_backward_cuda(const at::Tensor& grad_loss, at::TensorLis
                        label_smoothing, reduction, lse, denom);
 }
 
+PerHeadResult multihead_ce_per_head_forward_cuda(at::TensorList heads, at::TensorList targets,
+                                                const c10::List<std::optional<at::Tensor>>& class_weights,
+                                                at::ArrayRef<double> head_weights, int64_t ignore_index,
+                                                double label_smoothing, int64_t reduction, int64_t grad_mode) {
+  TORCH_CHECK(!heads.empty() && heads[0].is_cuda(), "auxfuse: the CUDA kernels need CUDA heads");
+  CudaLauncher launcher(heads[0].device());
+  return per_head_forward_impl(launcher, heads, targets, class_weights, head_weights, ignore_index, label_smoothing,
+                               reduction, grad_mode);
+}
+
 void multihead_ce_scale_grad_cuda(const at::Tensor& grads, const at::Tensor& grad_loss) {
   TORCH_CHECK(grads.is_cuda(), "auxfuse: the CUDA kernels need a CUDA gradient");
   CudaLauncher launcher(grads.device());
@@ -1296,6 +1849,7 @@ void multihead_ce_scale_grad_cuda(const at::Tensor& grads, const at::Tensor& gra
 
 TORCH_LIBRARY_IMPL(auxfuse, CUDA, m) {
   m.impl("multihead_ce_forward", &auxfuse_cuda::multihead_ce_forward_cuda);
+  m.impl("multihead_ce_per_head_forward", &auxfuse_cuda::multihead_ce_per_head_forward_cuda);
   m.impl("multihead_ce_backward", &auxfuse_cuda::multihead_ce_backward_cuda);
   m.impl("multihead_ce_scale_grad_", &auxfuse_cuda::multihead_ce_scale_grad_cuda);
 }

@@ -1,8 +1,9 @@
 // The CUDA kernels of csrc/cuda/multihead_ce.cu, compiled as C++ and run on CPU threads (cuda_shim.h), behind
-// ops of their own: torch.ops.auxfuse_emu.multihead_ce_forward / multihead_ce_backward on CPU tensors, with
-// auxfuse's schemas (csrc/op_schemas.h). The host logic is the CUDA backend's own (forward_impl /
-// backward_impl); only the launcher differs. The grid caps are lowered so that small problems exercise the
-// grid-stride loops and a last block that sums several partials. Built and used by tests/test_cuda_emulated.py.
+// ops of their own: torch.ops.auxfuse_emu.multihead_ce_forward / multihead_ce_per_head_forward /
+// multihead_ce_backward on CPU tensors, with auxfuse's schemas (csrc/op_schemas.h). The host logic is the CUDA
+// backend's own (forward_impl / per_head_forward_impl / backward_impl); only the launcher differs. The grid caps
+// are lowered so that small problems exercise the grid-stride loops and a last block that sums several partials.
+// Built (tests/cuda_emulation/loader.py) and used by tests/test_cuda_emulated.py and test_cuda_emulated_per_head.py.
 #define AUXFUSE_MAX_FORWARD_BLOCKS 3
 #define AUXFUSE_MAX_BACKWARD_BLOCKS 2
 #include "cuda_shim.h"
@@ -51,6 +52,36 @@ struct EmulatedLauncher {
     }
   }
 
+  // The per-head kernel's head table: "device" memory is host memory here, the copy is a copy (so the kernels
+  // never read the host buffer the host logic filled).
+  at::Tensor host_bytes(int64_t n) { return at::empty({n}, at::TensorOptions().dtype(at::kByte)); }
+  at::Tensor upload(const at::Tensor& host, const at::Device&) { return host.clone(); }
+
+  template <typename T>
+  void per_head(Mapping m, int grid, const PerHeadParams& pp, bool grad) {
+    if (grad) {
+      per_head_kernel<T, true>(m, grid, pp);
+    } else {
+      per_head_kernel<T, false>(m, grid, pp);
+    }
+    TORCH_CHECK(*counter() == 0, "emulation: the per-head kernel left its ticket at ", *counter());
+  }
+
+  template <typename T, bool GRAD>
+  void per_head_kernel(Mapping m, int grid, const PerHeadParams& pp) {
+    switch (m) {
+      case Mapping::kThread:
+        emu::launch(grid, kThreadBlock, [&] { multihead_ce_per_head_kernel<T, 1, kThreadBlock, GRAD>(pp); });
+        break;
+      case Mapping::kWarp:
+        emu::launch(grid, kWarpBlock, [&] { multihead_ce_per_head_kernel<T, 32, kWarpBlock, GRAD>(pp); });
+        break;
+      case Mapping::kBlock:
+        emu::launch(grid, kRowBlock, [&] { multihead_ce_per_head_kernel<T, kRowBlock, kRowBlock, GRAD>(pp); });
+        break;
+    }
+  }
+
   // Few "SMs", so that grad_mode 1's one-block-per-SM grid strides too.
   int sm_count() const { return 2; }
 
@@ -83,6 +114,25 @@ ForwardResult emulated_forward(at::TensorList heads, const at::Tensor& target,
                       reduction, grad_mode);
 }
 
+PerHeadResult emulated_per_head_forward(at::TensorList heads, at::TensorList targets,
+                                        const c10::List<std::optional<at::Tensor>>& class_weights,
+                                        at::ArrayRef<double> head_weights, int64_t ignore_index,
+                                        double label_smoothing, int64_t reduction, int64_t grad_mode) {
+  EmulatedLauncher launcher;
+  return per_head_forward_impl(launcher, heads, targets, class_weights, head_weights, ignore_index, label_smoothing,
+                               reduction, grad_mode);
+}
+
+// The per-head op's launch plan, so the tests can check their coverage: (mapping, grid, items) of the main launch.
+std::tuple<int64_t, int64_t, int64_t> emulated_per_head_plan(at::IntArrayRef rows, at::IntArrayRef classes,
+                                                             bool every_head_per_item, int64_t mapping) {
+  const Mapping m = static_cast<Mapping>(mapping);
+  int64_t items = 0;
+  const std::vector<WorkSpan> spans = make_work_spans(rows.vec(), classes.vec(), every_head_per_item,
+                                                      rows_per_block(m), kMaxForwardBlocks, items);
+  return {static_cast<int64_t>(spans.size()), std::min<int64_t>(items, kMaxForwardBlocks), items};
+}
+
 at::Tensor emulated_backward(const at::Tensor& grad_loss, at::TensorList heads, const at::Tensor& target,
                              const c10::optional<at::Tensor>& class_weight, at::ArrayRef<double> head_weights,
                              int64_t ignore_index, double label_smoothing, int64_t reduction, const at::Tensor& lse,
@@ -106,13 +156,17 @@ int64_t emulated_mapping(int64_t classes, int64_t class_stride) {
 
 TORCH_LIBRARY(auxfuse_emu, m) {
   m.def(auxfuse::kForwardSchema);
+  m.def(auxfuse::kPerHeadForwardSchema);
   m.def(auxfuse::kBackwardSchema);
   m.def(auxfuse::kScaleGradSchema);
   m.def("mapping(int classes, int class_stride) -> int", &auxfuse_cuda::emulated_mapping);
+  m.def("per_head_plan(int[] rows, int[] classes, bool every_head_per_item, int mapping) -> (int, int, int)",
+        &auxfuse_cuda::emulated_per_head_plan);
 }
 
 TORCH_LIBRARY_IMPL(auxfuse_emu, CPU, m) {
   m.impl("multihead_ce_forward", &auxfuse_cuda::emulated_forward);
+  m.impl("multihead_ce_per_head_forward", &auxfuse_cuda::emulated_per_head_forward);
   m.impl("multihead_ce_backward", &auxfuse_cuda::emulated_backward);
   m.impl("multihead_ce_scale_grad_", &auxfuse_cuda::emulated_scale_grad);
 }
