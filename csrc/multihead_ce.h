@@ -56,9 +56,10 @@ struct HeadDesc {
   const scalar_t* t;   // probability target: (n, c, s) at t[n*tN + c*tC + s*tS]; nullptr for class indices
   int64_t tN, tC, tS;
   const acc_t* cw;     // class weights (C,), or nullptr
-  acc_t weight_sum;    // sum of the class weights (C without)
+  acc_t weight_sum;    // sum of the class weights (C without); the CUDA kernel sums them itself (C here)
   acc_t weight;        // the head's loss weight w_h
   acc_t grad_scale;    // what the gradient is multiplied by: w_h, divided by the head's denominator for mean
+                       // (on CUDA w_h: the kernel divides by the denominator of its pre-pass, on the device)
   scalar_t* grad;      // grad_mode 1: the gradient, laid out like the logits, at n*gN + c*gC + s*gS; else nullptr
   int64_t gN, gC, gS;
   acc_t* lse;          // grad_mode 2: the rows' log-sum-exp (N*S), else nullptr
