@@ -7,9 +7,10 @@ per head) and an optional bias b_h (V,):
     loss = sum_h w_h * reduce_h(CE(z_h, target_h) + z_loss * lse(z_h)^2)
 
 reduce_h is the reduction over the head's counted rows (mean divides by their number). The rows go in chunks:
-per chunk one matmul makes the chunk's logits, the cross-entropy kernel (the fused CPU / CUDA op, or PyTorch)
-turns them into the loss and the logits' gradient in place of the logits, and two matmuls take that gradient
-to the hidden states' gradient and into the projection's (and bias's) gradient, accumulated in float32. So no
+per chunk one matmul makes the chunk's logits, the cross-entropy kernel (the fused CPU / CUDA op, the Triton
+kernels, or PyTorch) turns them into the loss and the logits' gradient in place of the logits, and two matmuls
+take that gradient to the hidden states' gradient and into the projection's (and bias's) gradient, accumulated
+in float32. So no
 more than one chunk of logits (and its gradient) exists at a time, and the gradients are done when the forward
 returns: backward only scales them by grad_output (read on the device: no host sync). With
 ``reduction="none"`` grad_output is per row, so the forward keeps only the losses and backward recomputes the
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backends import triton as triton_backend
 from .backends.native import cpu as native_cpu
 from .backends.native import cuda as native_cuda
 from .backends.problem import check_reduction_and_smoothing
@@ -33,7 +35,7 @@ from .functional import MultiHeadLossOutput
 from .outputs import DEFAULT_AUX_WEIGHT, Weights, collect_heads
 from .targets import is_per_head, per_head_values
 
-LINEAR_BACKENDS = ("auto", "cpu", "cuda", "torch")
+LINEAR_BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 CHUNK_LOGITS = 1 << 22  # logits per chunk by default (16 MiB of float32), whatever the vocabulary size
 
 
@@ -51,7 +53,7 @@ class _Spec(NamedTuple):
     softcap: Optional[float]
     reduction: str
     chunk_rows: list[int]
-    fused: bool  # the fused CE op (cpu / cuda) for each chunk, else PyTorch
+    kernel: str  # each chunk's cross-entropy: "op" (the fused CPU / CUDA op), "triton" or "torch" (PyTorch)
 
 
 def _chunk_rows_and_grad(spec: _Spec, z: torch.Tensor, target: torch.Tensor, want_grad: bool):
@@ -62,11 +64,14 @@ def _chunk_rows_and_grad(spec: _Spec, z: torch.Tensor, target: torch.Tensor, wan
     if spec.softcap is not None:
         capped = torch.tanh(z.to(acc) / spec.softcap)
         z = capped * spec.softcap
-    if spec.fused:
+    if spec.kernel == "op":
         rows, _, hits, _, _, grad, invalid = torch.ops.auxfuse.multihead_ce_forward(
             [z], target, None, [1.0], spec.ignore_index, spec.label_smoothing, 0, 1 if want_grad else 0)
         rows, hits = rows.reshape(-1), hits[0]
         grad = grad[0] if want_grad else None
+    elif spec.kernel == "triton":
+        rows, hits, invalid, grad = triton_backend.linear_chunk_rows_and_grad(z, target, spec.ignore_index,
+                                                                              spec.label_smoothing, want_grad)
     else:
         rows, hits, invalid, grad = _torch_rows_and_grad(spec, z.to(acc), target, want_grad)
     if grad is not None and capped is not None:
@@ -276,31 +281,34 @@ def _check(names, hiddens, projections, projection_of, biases, bias_of, targets,
                          "number of rows; use 'mean' or 'sum'")
 
 
-def _select(backend: str, hiddens, z_loss: float) -> tuple[str, bool]:
-    """(the backend's name, whether chunks go through the fused CE op); ValueError with the reasons for a
-    named backend that cannot run."""
+def _select(backend: str, hiddens, z_loss: float) -> tuple[str, str]:
+    """(the backend's name, the chunks' cross-entropy kernel: _Spec.kernel); ValueError with the reasons for a
+    named backend that cannot run. `auto` takes the fused op of the hidden states' device, else PyTorch."""
     device = hiddens[0].device.type
     reasons = {}
-    for name, native in (("cpu", native_cpu), ("cuda", native_cuda)):
-        why = []
-        if native.unavailable_reason():
-            why.append(native.unavailable_reason())
-        if device != name:
+    for name, unavailable in (("cpu", native_cpu.unavailable_reason()), ("cuda", native_cuda.unavailable_reason()),
+                              ("triton", triton_backend.unavailable_reason())):
+        why = [unavailable] if unavailable else []
+        if name != "triton" and device != name:
             why.append(f"the hidden states are on {device}")
+        if name == "triton" and device != "cuda" and not triton_backend.INTERPRET:
+            why.append(f"the hidden states are on {device}; the Triton kernels run on CUDA")
+        if name == "triton" and hiddens[0].dtype not in triton_backend.DTYPES:
+            why.append(f"the Triton kernels take float32 / float16 / bfloat16, not {hiddens[0].dtype}")
         if z_loss:
             why.append("z_loss is computed by the torch backend only")
         reasons[name] = why
     if backend == "auto":
-        if device in reasons and not reasons[device]:
-            return device, True
-        return "torch", False
+        if device in ("cpu", "cuda") and not reasons[device]:
+            return device, "op"
+        return "torch", "torch"
     if backend not in LINEAR_BACKENDS:
         raise ValueError(f"auxfuse: unknown backend {backend!r}; choose one of {list(LINEAR_BACKENDS)}")
     if backend == "torch":
-        return "torch", False
+        return "torch", "torch"
     if reasons[backend]:
         raise ValueError(f"auxfuse: backend {backend!r} cannot run this input: " + "; ".join(reasons[backend]))
-    return backend, True
+    return backend, "triton" if backend == "triton" else "op"
 
 
 def multi_head_linear_cross_entropy(
@@ -339,7 +347,7 @@ def multi_head_linear_cross_entropy(
         z_loss: the weight of each counted row's squared log-sum-exp (PaLM's z-loss).
         softcap: Gemma 2's logit soft-capping, ``softcap * tanh(z / softcap)``.
         backend: ``auto`` (the fused CE op of the hidden states' device, else ``torch``), ``cpu``, ``cuda``,
-            ``torch``.
+            ``triton`` (the per-head Triton kernels on each chunk; eager mode only), ``torch``.
         chunk_size: rows per chunk (default: about 4M logits per chunk).
         return_details: a ``MultiHeadLossOutput`` (loss, head_losses, head_correct, count); count is () for a
             shared target, (H,) for one target per head.
@@ -366,7 +374,7 @@ def multi_head_linear_cross_entropy(
     targets = [target] * len(names) if shared_target else per_head_values("targets", target, names)
     _check(names, tensors, projections, projection_of, biases, bias_of, targets, reduction, ignore_index,
            float(label_smoothing), float(z_loss), softcap)
-    backend_name, fused = _select(backend, tensors, float(z_loss))
+    backend_name, kernel = _select(backend, tensors, float(z_loss))
     if backend_name == "cpu" and not torch.compiler.is_compiling():
         _raise_if_invalid(names, targets, projections, projection_of, ignore_index)
     vocab = [projections[p].shape[0] for p in projection_of]
@@ -375,7 +383,7 @@ def multi_head_linear_cross_entropy(
         weights=[float(w) for w in heads.weights], projection_of=projection_of, bias_of=bias_of,
         targets=[t.long() for t in targets], shared_target=shared_target, ignore_index=int(ignore_index),
         label_smoothing=float(label_smoothing), z_loss=float(z_loss),
-        softcap=None if softcap is None else float(softcap), reduction=reduction, chunk_rows=chunk_rows, fused=fused,
+        softcap=None if softcap is None else float(softcap), reduction=reduction, chunk_rows=chunk_rows, kernel=kernel,
     )
     loss, head_losses, head_correct, count, invalid = _LinearCrossEntropy.apply(
         spec, (len(tensors), len(projections)), *tensors, *projections, *biases)

@@ -310,6 +310,20 @@ def per_head_unavailable_reason() -> Optional[str]:
     return None
 
 
+def linear_chunk_rows_and_grad(z: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float,
+                               want_grad: bool):
+    """One chunk of the fused linear + cross-entropy (auxfuse/linear.py) on the per-head kernels, eager only:
+    the chunk's logits z (rows, V) with class indices (rows,) -> per-row losses (rows,), top-1 hits (), invalid
+    class indices (), and with want_grad the gradient of the rows' sum w.r.t. z (z's dtype), in one launch."""
+    if _tracing() or _is_traced(z):
+        raise ValueError("auxfuse: the triton backend of the fused linear + cross-entropy runs in eager mode only "
+                         "(its head table needs data_ptr()); use backend='cuda' or 'torch' under torch.compile")
+    # The kernels read targets as (N, S) views, as Problem.target gives them.
+    rows, _, hits, _, invalid, _, grads = _per_head_impl([z], [target.reshape(-1, 1)], [None], [1.0], ignore_index,
+                                                         label_smoothing, NONE, True, want_grad, one_buffer=False)
+    return rows.reshape(-1), hits[0], invalid, grads[0] if want_grad else None
+
+
 def compute_per_head(problems: list[Problem]) -> BackendResult:
     """Every head with its own target and class weight (one validated one-head Problem each) in one launch per
     pass: heads of their own sizes, class counts and target kinds; each head's mean divides by its own
