@@ -31,5 +31,17 @@ def _seed_global_generators(request):
     numpy.random.seed(seed % 2**32)
 
 
+@pytest.fixture(scope="session")
+def emu():
+    """torch.ops.auxfuse_emu: the CUDA kernels compiled as C++ on CPU threads (tests/cuda_emulation), built on
+    first use; the test is skipped without the CUDA headers."""
+    from cuda_emulation.loader import load_emulation
+
+    ops = load_emulation()
+    if ops is None:
+        pytest.skip("the CUDA headers (cuda_fp16.h, vector_types.h) are needed to compile the emulation")
+    return ops
+
+
 def pytest_report_header(config):
     return f"AUXFUSE_TEST_SEED={BASE_SEED} (set it to run the suite on other random inputs)"

@@ -376,6 +376,29 @@ def test_side_streams():
         assert torch.equal(r, expected)
 
 
+def _captured(step):
+    """`step` captured in a CUDA graph after three warm-up runs on a side stream (as capture requires): the
+    graph and the outputs it writes at every replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    return graph, static
+
+
+def _assert_replay_equals_eager(graph, static, step, replay):
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = step()
+    for a, b in zip(static, eager):
+        assert torch.equal(a, b), f"replay {replay} differs from the eager run"
+
+
 @needs_cuda_backend
 @pytest.mark.parametrize("shape", [(256, 1000), (2, 21, 16, 16), (4, 50257)], ids=["warp", "spatial", "block"])
 @pytest.mark.parametrize("grad_mode", ["lse", "forward"])
@@ -394,26 +417,14 @@ def test_cuda_graph_capture_and_replay(monkeypatch, shape, grad_mode):
         loss = mhce(heads, target, WEIGHTS[:H], label_smoothing=0.1)
         return (loss, *torch.autograd.grad(loss, heads, grad_out))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
+    graph, static = _captured(step)
     for seed in range(3):
         with torch.no_grad():
             for h, new in zip(heads, make_heads(shape, H, torch.float32, seed=100 + seed)):
                 h.copy_(new)
             target.copy_(make_target(shape, shape[1], "ignore", seed=200 + seed))
             grad_out.fill_(1.0 if seed == 1 else 1.5)
-        graph.replay()
-        torch.cuda.synchronize()
-        eager = step()
-        for a, b in zip(static, eager):
-            assert torch.equal(a, b), f"replay {seed} differs from the eager run"
+        _assert_replay_equals_eager(graph, static, step, seed)
 
 
 @needs_cuda_backend
@@ -635,15 +646,7 @@ def test_per_head_cuda_graph_capture_and_replay():
         loss = auxfuse.multi_head_cross_entropy(heads, targets, weights, backend="cuda", label_smoothing=0.1)
         return (loss, *torch.autograd.grad(loss, heads))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
+    graph, static = _captured(step)
     for seed in range(3):
         new_heads, new_targets = _per_head_pyramid(torch.float32, seed=("cuda-pyr-replay", seed))
         with torch.no_grad():
@@ -651,8 +654,4 @@ def test_per_head_cuda_graph_capture_and_replay():
                 h.copy_(new)
             for t, new in zip(targets, new_targets):
                 t.copy_(new)
-        graph.replay()
-        torch.cuda.synchronize()
-        eager = step()
-        for a, b in zip(static, eager):
-            assert torch.equal(a, b), f"replay {seed} differs from the eager run"
+        _assert_replay_equals_eager(graph, static, step, seed)

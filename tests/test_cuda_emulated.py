@@ -19,21 +19,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cuda_emulation.loader import load_emulation
 from oracle import assert_matches_reference, generator
 
 pytestmark = pytest.mark.slow
 
 REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 THREAD, WARP, BLOCK = 0, 1, 2
-
-
-@pytest.fixture(scope="module")
-def emu():
-    ops = load_emulation()
-    if ops is None:
-        pytest.skip("the CUDA headers (cuda_fp16.h, vector_types.h) are needed to compile the emulation")
-    return ops
 
 
 GRAD_IN_FORWARD, SAVE_LSE = 1, 2

@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cuda_emulation.loader import load_emulation
 from oracle import assert_matches_reference, generator, naive_per_head, to_reference
 
 pytestmark = pytest.mark.slow
@@ -25,14 +24,6 @@ pytestmark = pytest.mark.slow
 REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 THREAD, WARP, BLOCK = 0, 1, 2
 NO_GRAD, GRAD_IN_FORWARD = 0, 1
-
-
-@pytest.fixture(scope="module")
-def emu():
-    ops = load_emulation()
-    if ops is None:
-        pytest.skip("the CUDA headers (cuda_fp16.h, vector_types.h) are needed to compile the emulation")
-    return ops
 
 
 def run(emu, heads, targets, weights, *, class_weights=None, ignore_index=-100, label_smoothing=0.0,

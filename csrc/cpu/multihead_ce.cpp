@@ -266,9 +266,9 @@ TargetStats scan_targets(const Head& d, int64_t ignore_index, int64_t head = -1)
       const int64_t y = d.y[(r / d.S) * d.yN + (r % d.S) * d.yS];
       // The same words as the Python check in auxfuse/functional.py.
       const std::string which = head >= 0 ? "head " + std::to_string(head) + ": " : "";
-      TORCH_CHECK_VALUE(false, "auxfuse: ", which, "target value ", y, " is outside [0, ", d.C, ") and is not ignore_index (",
-                        ignore_index, ") (flattened position ", r, "); every class index must name one of the ",
-                        d.C, " classes",
+      TORCH_CHECK_VALUE(false, "auxfuse: ", which, "target value ", y, " is outside [0, ", d.C,
+                        ") and is not ignore_index (", ignore_index, ") (flattened position ", r,
+                        "); every class index must name one of the ", d.C, " classes",
                         y == kVoidLabel ? "; segmentation masks often mark void pixels 255: pass ignore_index=255"
                                         : "");
     }
@@ -934,11 +934,11 @@ HeadTotals run_forward(const Args<scalar_t>& a, at::opmath_type<scalar_t>* loss_
       if (g.rows) {
         const scalar_t* after = nullptr;
         scalar_t* after_grad = nullptr;
-        if (b_next < blocks && groups[group_of(b_next)].rows) {
-          const Group& gn = groups[group_of(b_next)];
-          const int64_t r = (b_next - gn.first_block) * gn.per_block;
-          after = logit_row(a.head[gn.h0], r);
-          after_grad = grad_row(a.head[gn.h0], r);
+        const Group* gn = b_next < blocks ? &groups[group_of(b_next)] : nullptr;
+        if (gn && gn->rows) {
+          const int64_t r = (b_next - gn->first_block) * gn->per_block;
+          after = logit_row(a.head[gn->h0], r);
+          after_grad = grad_row(a.head[gn->h0], r);
         }
         if (g.prob) {
           forward_row_block<scalar_t, true>(a, g, u0, u1, after, after_grad, scratch, loss_part, hits_part,

@@ -72,6 +72,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "ops_common.h"
@@ -1212,6 +1213,23 @@ template __global__ void scale_grad_kernel<c10::Half>(c10::Half*, int64_t, const
 
 enum class Mapping { kThread, kWarp, kBlock };
 
+// Calls f(G, BLOCK) with the mapping's threads per row and per block as std::integral_constant: each launcher
+// (CudaLauncher below, the emulation's) instantiates a kernel for the three mappings through this one switch.
+template <typename F>
+void with_mapping(Mapping m, F&& f) {
+  switch (m) {
+    case Mapping::kThread:
+      f(std::integral_constant<int, 1>{}, std::integral_constant<int, kThreadBlock>{});
+      break;
+    case Mapping::kWarp:
+      f(std::integral_constant<int, 32>{}, std::integral_constant<int, kWarpBlock>{});
+      break;
+    case Mapping::kBlock:
+      f(std::integral_constant<int, kRowBlock>{}, std::integral_constant<int, kRowBlock>{});
+      break;
+  }
+}
+
 inline Mapping choose_mapping(int64_t C, int64_t class_stride) {
   const bool classes_contiguous = C == 1 || class_stride == 1;
   if (!classes_contiguous || C < kThreadMaxClasses) return Mapping::kThread;
@@ -1714,17 +1732,9 @@ struct CudaLauncher {
 
   template <typename T, bool GRAD>
   void forward_kernel(Mapping m, int grid, const ForwardParams& fp) {
-    switch (m) {
-      case Mapping::kThread:
-        multihead_ce_forward_kernel<T, 1, kThreadBlock, GRAD><<<grid, kThreadBlock, 0, stream.stream()>>>(fp);
-        break;
-      case Mapping::kWarp:
-        multihead_ce_forward_kernel<T, 32, kWarpBlock, GRAD><<<grid, kWarpBlock, 0, stream.stream()>>>(fp);
-        break;
-      case Mapping::kBlock:
-        multihead_ce_forward_kernel<T, kRowBlock, kRowBlock, GRAD><<<grid, kRowBlock, 0, stream.stream()>>>(fp);
-        break;
-    }
+    with_mapping(m, [&](auto g, auto block) {
+      multihead_ce_forward_kernel<T, g(), block(), GRAD><<<grid, block(), 0, stream.stream()>>>(fp);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
@@ -1759,17 +1769,9 @@ struct CudaLauncher {
 
   template <typename T, bool GRAD>
   void per_head_kernel(Mapping m, int grid, const PerHeadParams& pp) {
-    switch (m) {
-      case Mapping::kThread:
-        multihead_ce_per_head_kernel<T, 1, kThreadBlock, GRAD><<<grid, kThreadBlock, 0, stream.stream()>>>(pp);
-        break;
-      case Mapping::kWarp:
-        multihead_ce_per_head_kernel<T, 32, kWarpBlock, GRAD><<<grid, kWarpBlock, 0, stream.stream()>>>(pp);
-        break;
-      case Mapping::kBlock:
-        multihead_ce_per_head_kernel<T, kRowBlock, kRowBlock, GRAD><<<grid, kRowBlock, 0, stream.stream()>>>(pp);
-        break;
-    }
+    with_mapping(m, [&](auto g, auto block) {
+      multihead_ce_per_head_kernel<T, g(), block(), GRAD><<<grid, block(), 0, stream.stream()>>>(pp);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
@@ -1794,17 +1796,9 @@ struct CudaLauncher {
 
   template <typename T>
   void backward(Mapping m, int grid, const BackwardParams& bp) {
-    switch (m) {
-      case Mapping::kThread:
-        multihead_ce_backward_kernel<T, 1, kThreadBlock><<<grid, kThreadBlock, 0, stream.stream()>>>(bp);
-        break;
-      case Mapping::kWarp:
-        multihead_ce_backward_kernel<T, 32, kWarpBlock><<<grid, kWarpBlock, 0, stream.stream()>>>(bp);
-        break;
-      case Mapping::kBlock:
-        multihead_ce_backward_kernel<T, kRowBlock, kRowBlock><<<grid, kRowBlock, 0, stream.stream()>>>(bp);
-        break;
-    }
+    with_mapping(m, [&](auto g, auto block) {
+      multihead_ce_backward_kernel<T, g(), block()><<<grid, block(), 0, stream.stream()>>>(bp);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };

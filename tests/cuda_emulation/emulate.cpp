@@ -39,17 +39,9 @@ struct EmulatedLauncher {
 
   template <typename T, bool GRAD>
   void forward_kernel(Mapping m, int grid, const ForwardParams& fp) {
-    switch (m) {
-      case Mapping::kThread:
-        emu::launch(grid, kThreadBlock, [&] { multihead_ce_forward_kernel<T, 1, kThreadBlock, GRAD>(fp); });
-        break;
-      case Mapping::kWarp:
-        emu::launch(grid, kWarpBlock, [&] { multihead_ce_forward_kernel<T, 32, kWarpBlock, GRAD>(fp); });
-        break;
-      case Mapping::kBlock:
-        emu::launch(grid, kRowBlock, [&] { multihead_ce_forward_kernel<T, kRowBlock, kRowBlock, GRAD>(fp); });
-        break;
-    }
+    with_mapping(m, [&](auto g, auto block) {
+      emu::launch(grid, block(), [&] { multihead_ce_forward_kernel<T, g(), block(), GRAD>(fp); });
+    });
   }
 
   // The per-head kernel's head table: "device" memory is host memory here, the copy is a copy (so the kernels
@@ -69,17 +61,9 @@ struct EmulatedLauncher {
 
   template <typename T, bool GRAD>
   void per_head_kernel(Mapping m, int grid, const PerHeadParams& pp) {
-    switch (m) {
-      case Mapping::kThread:
-        emu::launch(grid, kThreadBlock, [&] { multihead_ce_per_head_kernel<T, 1, kThreadBlock, GRAD>(pp); });
-        break;
-      case Mapping::kWarp:
-        emu::launch(grid, kWarpBlock, [&] { multihead_ce_per_head_kernel<T, 32, kWarpBlock, GRAD>(pp); });
-        break;
-      case Mapping::kBlock:
-        emu::launch(grid, kRowBlock, [&] { multihead_ce_per_head_kernel<T, kRowBlock, kRowBlock, GRAD>(pp); });
-        break;
-    }
+    with_mapping(m, [&](auto g, auto block) {
+      emu::launch(grid, block(), [&] { multihead_ce_per_head_kernel<T, g(), block(), GRAD>(pp); });
+    });
   }
 
   // Few "SMs", so that grad_mode 1's one-block-per-SM grid strides too.
@@ -92,17 +76,9 @@ struct EmulatedLauncher {
 
   template <typename T>
   void backward(Mapping m, int grid, const BackwardParams& bp) {
-    switch (m) {
-      case Mapping::kThread:
-        emu::launch(grid, kThreadBlock, [&] { multihead_ce_backward_kernel<T, 1, kThreadBlock>(bp); });
-        break;
-      case Mapping::kWarp:
-        emu::launch(grid, kWarpBlock, [&] { multihead_ce_backward_kernel<T, 32, kWarpBlock>(bp); });
-        break;
-      case Mapping::kBlock:
-        emu::launch(grid, kRowBlock, [&] { multihead_ce_backward_kernel<T, kRowBlock, kRowBlock>(bp); });
-        break;
-    }
+    with_mapping(m, [&](auto g, auto block) {
+      emu::launch(grid, block(), [&] { multihead_ce_backward_kernel<T, g(), block()>(bp); });
+    });
   }
 };
 

@@ -841,19 +841,24 @@ def compile_launches(launches) -> list[dict]:
     return records
 
 
-@pytest.fixture(scope="module")
-def sm90_kernels():
-    """compile_sm90's records, from a process without TRITON_INTERPRET (the interpreter does not compile)."""
+def compiled_without_interpreter(module: str, function: str) -> list[dict]:
+    """`module.function()`'s compile records (compile_sm90, compile_per_head_sm90), from a process without
+    TRITON_INTERPRET (the interpreter does not compile)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["AUXFUSE_TRITON_REGISTER"] = "1"  # define the ops even without a GPU
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(os.path.dirname(here))
     env["PYTHONPATH"] = os.pathsep.join([root, here, os.path.dirname(here), env.get("PYTHONPATH", "")])
-    code = "import json, test_triton_interpret as t; print(json.dumps(t.compile_sm90()))"
+    code = f"import json, {module} as t; print(json.dumps(t.{function}()))"
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def sm90_kernels():
+    return compiled_without_interpreter("test_triton_interpret", "compile_sm90")
 
 
 def test_kernels_compile_for_sm90(sm90_kernels):

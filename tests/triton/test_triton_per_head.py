@@ -10,17 +10,13 @@ tiles per work item, several work items per head, and several class chunks per r
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from oracle import assert_matches_reference, check_per_head, generator, naive_per_head
-from test_triton_interpret import DEVICE, WIDE_C, pytestmark  # noqa: F401  (the same skips and warning filters)
+# pytestmark: the same skips and warning filters.
+from test_triton_interpret import DEVICE, WIDE_C, compiled_without_interpreter, pytestmark  # noqa: F401
 
 import auxfuse
 from auxfuse.backends import triton as tb
@@ -353,16 +349,7 @@ def compile_per_head_sm90() -> list[dict]:
 def test_per_head_kernels_compile_for_sm90():
     """The interpreter runs Python, not the compiler: every per-head kernel variant compiles for Hopper, without
     register spills in its loops, and class-contiguous rows use 16-byte memory instructions."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["AUXFUSE_TRITON_REGISTER"] = "1"
-    here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(os.path.dirname(here))
-    env["PYTHONPATH"] = os.pathsep.join([root, here, os.path.dirname(here), env.get("PYTHONPATH", "")])
-    code = "import json, test_triton_per_head as t; print(json.dumps(t.compile_per_head_sm90()))"
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    records = json.loads(result.stdout.strip().splitlines()[-1])
+    records = compiled_without_interpreter("test_triton_per_head", "compile_per_head_sm90")
     names = [r["kernel"] for r in records]
     assert set(names) == PER_HEAD_KERNELS - {"_scale_kernel"} and names.count("_per_head_forward_kernel") == 4
     for r in records:
