@@ -11,7 +11,7 @@ import torch
 from .backends import AUTO_ORDER, BACKENDS, select_backend
 from .backends.problem import Problem, acc_dtype_of, check_reduction_and_smoothing
 from .outputs import DEFAULT_AUX_WEIGHT, Heads, Weights, collect_heads, is_namedtuple
-from .targets import TARGET_RESIZE_MODES, is_per_head, per_head_values, resize_target
+from .targets import TARGET_RESIZE_MODES, is_per_head, per_head_values, target_positions
 
 # One target (or class weight) for every head, or one per head: a sequence in the heads' order, a mapping by name.
 Targets = Union[torch.Tensor, Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
@@ -111,6 +111,7 @@ def _check_target_range(problem: Problem, backend, check_targets: bool) -> None:
         return
     if not (check_targets or (problem.device.type == "cpu" and not torch.compiler.is_compiling())):
         return
+    problem = problem.gathered()  # a resized target: the positions the head reads
     target, num_classes, ignore_index = problem.target, problem.num_classes, problem.ignore_index
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bool(bad.any()):
@@ -296,32 +297,36 @@ def _takes_per_head_path(target: Targets, weight: ClassWeights, target_resize: O
     return target_resize is not None or is_per_head(target) or is_per_head(weight)
 
 
-def _per_head_targets(heads: Heads, target: Targets, target_resize: Optional[str]) -> list[torch.Tensor]:
+def _per_head_targets(heads: Heads, target: Targets,
+                      target_resize: Optional[str]) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """Each head's (target, target_positions): its own target and None, or with target_resize the
+    full-resolution target and where the head's positions read it (None where the sizes agree)."""
     if target_resize is None:
         if isinstance(target, torch.Tensor):  # shared by every head (the class weights are per head)
-            return [target] * len(heads.names)
+            return [(target, None)] * len(heads.names)
         entries = list(target.values() if isinstance(target, Mapping) else target)
         strays = [type(entry).__name__ for entry in entries if not isinstance(entry, torch.Tensor)]
         if strays:
             raise TypeError(f"auxfuse: target must be a Tensor, not {type(target).__name__} of {strays[0]} (or one "
                             f"Tensor per head: a list or a dict by head name)")
-        return per_head_values("targets", target, heads.names)
+        return [(t, None) for t in per_head_values("targets", target, heads.names)]
     if target_resize not in TARGET_RESIZE_MODES:
         raise ValueError(f"auxfuse: target_resize={target_resize!r}; use one of {TARGET_RESIZE_MODES}")
-    if not isinstance(target, torch.Tensor) or target.is_floating_point():
+    if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.is_complex() or target.dim() < 2:
         raise ValueError(
             "auxfuse: target_resize maps one class-index target (N, d1, ..., dk) onto every head's spatial size; "
             "give one such Tensor (probabilities and per-head targets are not resized)"
         )
+    full = target.long()  # once for all heads (a uint8 mask, say)
     targets = []
     for name, x in zip(heads.names, heads.tensors):
-        size = tuple(x.shape[2:])
-        if len(size) != target.dim() - 1:
+        if x.dim() != target.dim() + 1 or x.shape[0] != target.shape[0]:
             raise ValueError(
-                f"auxfuse: head {name!r} has shape {tuple(x.shape)}, so it has {len(size)} spatial dimensions; "
-                f"the target {tuple(target.shape)} to resize has {target.dim() - 1}"
+                f"auxfuse: head {name!r} has shape {tuple(x.shape)}; target_resize needs heads (N, C, d1, ..., dk) "
+                f"for the target {tuple(target.shape)} (N, e1, ..., ek): the same batch and {target.dim() - 1} "
+                f"spatial dimensions"
             )
-        targets.append(resize_target(target, size, target_resize))
+        targets.append((full, target_positions(target.shape[1:], x.shape[2:], target_resize, target.device)))
     return targets
 
 
@@ -339,6 +344,11 @@ def _per_head_class_weights(heads: Heads, weight: ClassWeights) -> list[Optional
     return per_head_values("class weights", weight, heads.names)
 
 
+def _stand_in_target(target: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """An int64 tensor of the shape `target` resized to `head` has, without memory (an expanded scalar)."""
+    return torch.empty((), dtype=torch.int64, device=target.device).expand(head.shape[:1] + head.shape[2:])
+
+
 def _per_head_problems(outputs: Any, target: Targets, weights: Weights, *, aux_weight: float,
                        main: Optional[Union[str, int]], weight: ClassWeights, ignore_index: int,
                        label_smoothing: float, reduction: str, target_resize: Optional[str],
@@ -350,16 +360,20 @@ def _per_head_problems(outputs: Any, target: Targets, weights: Weights, *, aux_w
     targets = _per_head_targets(heads, target, target_resize)
     class_weights = _per_head_class_weights(heads, weight)
     problems = []
-    for name, x, head_weight, head_target, class_weight in zip(heads.names, heads.tensors, heads.weights, targets,
-                                                               class_weights):
+    for name, x, head_weight, (head_target, positions), class_weight in zip(heads.names, heads.tensors,
+                                                                            heads.weights, targets, class_weights):
         one_head = Heads(names=[name], tensors=[x], weights=[head_weight], main=0, positions=(0,))
+        # A resized target is validated as the head's own would be: an int64 stand-in of its shape, no copy.
+        checked_target = head_target if positions is None else _stand_in_target(head_target, x)
         try:
-            problem, index_shape = build_problem(one_head, head_target, weight=class_weight,
+            problem, index_shape = build_problem(one_head, checked_target, weight=class_weight,
                                                  ignore_index=ignore_index, label_smoothing=label_smoothing,
                                                  reduction=reduction, want_details=want_details)
         except (ValueError, TypeError) as error:
             message = str(error).removeprefix("auxfuse: ")
             raise type(error)(f"auxfuse: head {name!r}: {message}") from None
+        if positions is not None:
+            problem = problem.with_tensors(problem.inputs, head_target, problem.class_weight, positions)
         problems.append((name, problem, index_shape))
     if reduction == "none":
         shapes = {name: index_shape for name, _, index_shape in problems}
@@ -378,10 +392,13 @@ def _per_head_cross_entropy(outputs: Any, target: Targets, weights: Weights, *, 
     loss is the weighted sum, the details per head."""
     problems = _per_head_problems(outputs, target, weights, want_details=return_details, **options)
     chosen = [select_backend(backend, problem) for _, problem, _ in problems]
+    fused = chosen[0]
+    one_call = len(problems) > 1 and all(b is fused for b in chosen) and _per_head_unavailable_reason(fused) is None
+    if not (one_call and fused.reads_target_positions):  # a resized target copied for each head that needs it
+        problems = [(name, problem.gathered(), index_shape) for name, problem, index_shape in problems]
     for (_, problem, _), head_backend in zip(problems, chosen):
         _check_target_range(problem, head_backend, check_targets)
-    fused = chosen[0]
-    if len(problems) > 1 and all(b is fused for b in chosen) and _per_head_unavailable_reason(fused) is None:
+    if one_call:
         result = fused.compute_per_head([problem for _, problem, _ in problems])
         loss = result.loss.reshape(problems[0][2]) if options["reduction"] == "none" else result.loss
         if not return_details:

@@ -2,13 +2,14 @@
 multi-token prediction (head k predicts the token k steps further), multi-task heads.
 
 ``shifted_targets`` builds multi-token heads' targets, ``resize_target`` one scale's mask as ``F.interpolate``
-would, and the weight helpers give the schemes of nnU-Net, Medusa and DeepSeek-V3 by their names.
+would (``target_positions``: where each of a head's positions reads the full-resolution mask), and the weight
+helpers give the schemes of nnU-Net, Medusa and DeepSeek-V3 by their names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -42,14 +43,51 @@ def per_head_values(what: str, values: Any, names: list[str]) -> list:
     return values
 
 
-def _source_indices(in_size: int, out_size: int, mode: str, device: torch.device) -> torch.Tensor:
+def _source_indices(in_size: int, out_size: int, mode: str) -> torch.Tensor:
     """Which input position each output position reads, as ATen computes it for float32 input: the scale
     in/out rounded to float32, then floor(i * scale) or floor((i + 0.5) * scale) in float32."""
-    scale = torch.tensor(in_size / out_size, dtype=torch.float32, device=device)
-    position = torch.arange(out_size, dtype=torch.float32, device=device)
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    position = torch.arange(out_size, dtype=torch.float32)
     if mode == "nearest-exact":
         position = position + 0.5
     return (position * scale).floor().long().clamp_(max=in_size - 1)
+
+
+def target_positions(spatial: Sequence[int], size: Sequence[int], mode: str = "nearest",
+                     device: Union[torch.device, str] = "cpu") -> Optional[torch.Tensor]:
+    """Where each position of a head of spatial size `size` reads a target of spatial size `spatial` under
+    `target_resize=mode`: an int64 tensor of prod(size) flat indices into the target's d1 x ... x dk grid
+    (row-major), or None when the sizes are equal. The fused kernels read the full-resolution target through
+    it, so no downsampled copy is made; made once per (sizes, mode, device) and kept (a few KiB per scale).
+
+    Example:
+        >>> import auxfuse
+        >>> auxfuse.target_positions((4, 4), (2, 2))
+        tensor([ 0,  2,  8, 10])
+    """
+    if mode not in TARGET_RESIZE_MODES:
+        raise ValueError(f"auxfuse: target_resize={mode!r}; use one of {TARGET_RESIZE_MODES}")
+    spatial, size = tuple(int(d) for d in spatial), tuple(int(d) for d in size)
+    if len(spatial) != len(size):
+        raise ValueError(f"auxfuse: a target of spatial size {spatial} cannot be resized to {size}: the number of "
+                         f"spatial dimensions differs")
+    if spatial == size:
+        return None
+    key = (spatial, size, mode, torch.device(device))
+    positions = _POSITIONS.get(key)
+    if positions is None:
+        positions = torch.zeros((), dtype=torch.int64)
+        for in_size, out_size in zip(spatial, size):  # row-major: positions * in_size + this dimension's index
+            positions = positions[..., None] * in_size + _source_indices(in_size, out_size, mode)
+        positions = positions.reshape(-1).to(device)
+        if len(_POSITIONS) >= _MAX_POSITIONS:
+            _POSITIONS.clear()
+        _POSITIONS[key] = positions
+    return positions
+
+
+_POSITIONS: dict = {}
+_MAX_POSITIONS = 64
 
 
 def resize_target(target: torch.Tensor, size: Sequence[int], mode: str = "nearest") -> torch.Tensor:
@@ -57,7 +95,8 @@ def resize_target(target: torch.Tensor, size: Sequence[int], mode: str = "neares
     ``F.interpolate(target[:, None].float(), size=size, mode=mode)[:, 0].long()`` gives them, without the
     float copy (exact for any index, where float32 would round indices above 2^24). Checked equal to
     F.interpolate for every size pair up to 69 in 1-D, 2-D and 3-D, except three 1-D / 3-D ``nearest-exact``
-    upsamplings (2 -> 41, 47, 55), where ATen's kernel rounds one position the other way.
+    upsamplings (2 -> 41, 47, 55), where ATen's kernel rounds one position the other way. The loss's
+    ``target_resize`` reads the same positions (``target_positions``) inside the kernels instead.
 
     Example:
         >>> import torch, auxfuse
@@ -66,19 +105,12 @@ def resize_target(target: torch.Tensor, size: Sequence[int], mode: str = "neares
         tensor([[[ 0,  2],
                  [ 8, 10]]])
     """
-    if mode not in TARGET_RESIZE_MODES:
-        raise ValueError(f"auxfuse: target_resize={mode!r}; use one of {TARGET_RESIZE_MODES}")
-    spatial = tuple(target.shape[1:])
-    if len(spatial) != len(size):
-        raise ValueError(
-            f"auxfuse: a target of shape {tuple(target.shape)} has {len(spatial)} spatial dimensions, so it cannot "
-            f"be resized to {tuple(size)}"
-        )
-    resized = target
-    for dim, (in_size, out_size) in enumerate(zip(spatial, size), start=1):
-        if in_size != out_size:
-            resized = resized.index_select(dim, _source_indices(in_size, out_size, mode, target.device))
-    return resized
+    if target.dim() < 1:
+        raise ValueError("auxfuse: a target to resize must be (N, d1, ..., dk)")
+    positions = target_positions(target.shape[1:], size, mode, target.device)
+    if positions is None:
+        return target
+    return target.reshape(target.shape[0], -1).index_select(1, positions).view(target.shape[0], *size)
 
 
 def shifted_targets(

@@ -145,6 +145,8 @@ class NativeBackend:
         self.dispatch_key = device_type.upper()
         # The CPU kernel checks every class index before it writes anything (a ValueError); CUDA never syncs.
         self.checks_targets = device_type == "cpu"
+        # compute_per_head reads a resized target through Problem.target_positions (no copy per head).
+        self.reads_target_positions = False
 
     def unavailable_reason(self) -> Optional[str]:
         if _LOAD_ERROR is not None:

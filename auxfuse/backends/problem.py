@@ -40,6 +40,11 @@ class Problem:
     heads / target: the same as (N, C, S) and (N, S) / (N, C, S) views, made on first use: the fused ops take
     the inputs as they are, since each view of a head that requires grad is an autograd node.
     class_weight, when given, is a contiguous (C,) tensor of the accumulation dtype.
+    target_positions (target_resize, one head per Problem): None, or an int64 (S,) tensor on the heads' device
+    that maps the head's flattened spatial positions onto the target's: input_target is then the
+    full-resolution class-index target (N, e1, ..., ek), and the head's target at (n, s) is
+    input_target.reshape(N, -1)[n, target_positions[s]]. Backends that read it in their kernels say so with
+    `reads_target_positions`; the others get `gathered()`.
     """
 
     inputs: list[torch.Tensor]
@@ -53,13 +58,15 @@ class Problem:
     reduction: str
     needs_grad: bool
     want_details: bool
+    target_positions: Optional[torch.Tensor] = None
 
     # Made on first use (not functools.cached_property: torch.compile does not trace its descriptor).
     _heads: Optional[list[torch.Tensor]] = field(default=None, repr=False)
     _target: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def with_tensors(
-        self, inputs: list[torch.Tensor], input_target: Optional[torch.Tensor], class_weight: Optional[torch.Tensor]
+        self, inputs: list[torch.Tensor], input_target: Optional[torch.Tensor], class_weight: Optional[torch.Tensor],
+        target_positions: Optional[torch.Tensor] = None,
     ) -> "Problem":
         """The same problem for other tensors of the same shapes, dtypes and devices (the front end's plans).
         Spelled out rather than dataclasses.replace, which costs 4x as much: this runs on every call."""
@@ -75,7 +82,17 @@ class Problem:
             reduction=self.reduction,
             needs_grad=self.needs_grad,
             want_details=self.want_details,
+            target_positions=target_positions,
         )
+
+    def gathered(self) -> "Problem":
+        """This problem with the head's own target (N, d1, ..., dk) in place of target_positions (a copy)."""
+        if self.target_positions is None:
+            return self
+        head = self.inputs[0]
+        full = self.input_target.reshape(self.input_target.shape[0], -1)
+        target = full.index_select(1, self.target_positions).view(head.shape[:1] + head.shape[2:])
+        return self.with_tensors(self.inputs, target, self.class_weight)
 
     @property
     def heads(self) -> list[torch.Tensor]:
@@ -85,6 +102,8 @@ class Problem:
 
     @property
     def target(self) -> torch.Tensor:
+        """(N, S) class indices or (N, C, S) probabilities (with target_positions: the full-resolution (N, S')
+        target the positions index)."""
         if self._target is None:
             t = self.input_target
             if self.prob_target:

@@ -17,6 +17,7 @@ from .problem import BackendResult, Problem
 
 name = "torch"
 checks_targets = False  # the caller checks class indices on CPU (or when asked)
+reads_target_positions = False  # a resized target comes gathered (Problem.gathered)
 
 
 def unavailable_reason() -> Optional[str]:

@@ -148,6 +148,7 @@ from .problem import BackendResult, Problem, as_rows
 
 name = "triton"
 checks_targets = False  # the caller checks class indices on CPU (or when asked)
+reads_target_positions = False  # a resized target comes gathered (Problem.gathered)
 
 MAX_HEADS = 8
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
