@@ -15,6 +15,7 @@ from .targets import (
     nnunet_deep_supervision_weights,
     resize_target,
     shifted_targets,
+    target_positions,
 )
 
 __version__ = "0.1.0"
@@ -33,4 +34,5 @@ __all__ = [
     "nnunet_deep_supervision_weights",
     "resize_target",
     "shifted_targets",
+    "target_positions",
 ]

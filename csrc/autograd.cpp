@@ -179,7 +179,8 @@ class MultiheadCrossEntropy : public torch::autograd::Function<MultiheadCrossEnt
 };
 
 using PerHeadSignature = PerHeadResult(at::TensorList, at::TensorList, const c10::List<std::optional<at::Tensor>>&,
-                                       at::ArrayRef<double>, int64_t, double, int64_t, int64_t);
+                                       const c10::List<std::optional<at::Tensor>>&, at::ArrayRef<double>, int64_t,
+                                       double, int64_t, int64_t);
 
 // The per-head op (grad_mode 0 or 1): its backward hands out each head's saved gradient times grad_output (and
 // prob_target_grad for probability targets that require grad).
@@ -187,6 +188,7 @@ using PerHeadSignature = PerHeadResult(at::TensorList, at::TensorList, const c10
 class PerHeadCrossEntropy : public torch::autograd::Function<PerHeadCrossEntropy> {
  public:
   static variable_list forward(AutogradContext* ctx, at::TensorList heads, at::TensorList targets,
+                               const c10::List<std::optional<at::Tensor>>& target_positions,
                                const c10::List<std::optional<at::Tensor>>& class_weights,
                                at::ArrayRef<double> head_weights, int64_t ignore_index, double label_smoothing,
                                int64_t reduction, int64_t grad_mode) {
@@ -200,7 +202,8 @@ class PerHeadCrossEntropy : public torch::autograd::Function<PerHeadCrossEntropy
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(loss, head_losses, head_correct, count, denom, grads, invalid) =
-          op.call(heads, targets, class_weights, head_weights, ignore_index, label_smoothing, reduction, grad_mode);
+          op.call(heads, targets, target_positions, class_weights, head_weights, ignore_index, label_smoothing,
+                  reduction, grad_mode);
     }
     ctx->set_materialize_grads(false);
     variable_list out{loss, head_losses, head_correct, count, denom, invalid};
@@ -232,9 +235,9 @@ class PerHeadCrossEntropy : public torch::autograd::Function<PerHeadCrossEntropy
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const int64_t num_heads = ctx->saved_data["num_heads"].toInt();
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
-    // One entry per input as autograd counts them: each head, each target, the class-weight list (one entry),
-    // then the five non-tensor arguments.
-    variable_list grad_inputs(2 * num_heads + 6);
+    // One entry per input as autograd counts them: each head, each target, the target-position and class-weight
+    // lists (one entry each), then the five non-tensor arguments.
+    variable_list grad_inputs(2 * num_heads + 7);
     const at::Tensor& grad_loss = grad_outputs[0];
     if (!grad_loss.defined()) return grad_inputs;
     const variable_list saved = ctx->get_saved_variables();
@@ -257,11 +260,12 @@ class PerHeadCrossEntropy : public torch::autograd::Function<PerHeadCrossEntropy
 };
 
 PerHeadResult per_head_forward_autograd(at::TensorList heads, at::TensorList targets,
+                                        const c10::List<std::optional<at::Tensor>>& target_positions,
                                         const c10::List<std::optional<at::Tensor>>& class_weights,
                                         at::ArrayRef<double> head_weights, int64_t ignore_index,
                                         double label_smoothing, int64_t reduction, int64_t grad_mode) {
-  const variable_list out = PerHeadCrossEntropy::apply(heads, targets, class_weights, head_weights, ignore_index,
-                                                       label_smoothing, reduction, grad_mode);
+  const variable_list out = PerHeadCrossEntropy::apply(heads, targets, target_positions, class_weights, head_weights,
+                                                       ignore_index, label_smoothing, reduction, grad_mode);
   return {out[0], out[1], out[2], out[3], out[4], std::vector<at::Tensor>(out.begin() + 6, out.end()), out[5]};
 }
 

@@ -36,6 +36,10 @@
 // S); head_losses, head_correct, count and denom (H,), per head; grads: grad_mode 1, each head's gradient in
 // its own shape, laid out like it, weight and divisor folded in (empty list for grad_mode 0; grad_mode 2 is
 // not offered); invalid () as above.
+// target_positions[h] (target_resize, class indices only): None, or an int64 (S_h,) tensor of positions in a
+// full-resolution target: targets[h] is then (N, e1, ..., ek) of any spatial size S', and row (n, s) of head h
+// reads targets[h].reshape(N, S')[n, target_positions[h][s]], so no downsampled copy is made. A position outside
+// [0, S') raises ValueError on CPU; on CUDA its row counts as an invalid target (NaN, `invalid`).
 // A target outside [0, C) that is not ignore_index raises ValueError on CPU before anything is written;
 // on CUDA it is never read out of bounds: that row's loss and gradient are NaN (so the loss is NaN) and
 // `invalid` counts it, on the device, for the caller to read when it wants to know (no host sync here).

@@ -53,6 +53,8 @@ struct HeadDesc {
   int64_t sN, sC, sS;  // logits' strides
   const int64_t* y;    // class-index target: (n, s) at y[n*yN + s*yS]; nullptr for probability targets
   int64_t yN, yS;
+  const int64_t* y_pos;  // target_resize: (n, s) at y[n*yN + y_pos[s]*yS], a full-resolution target of y_spatial
+  int64_t y_spatial;     // positions per sample (no downsampled copy); nullptr: the head's own target
   const scalar_t* t;   // probability target: (n, c, s) at t[n*tN + c*tC + s*tS]; nullptr for class indices
   int64_t tN, tC, tS;
   const acc_t* cw;     // class weights (C,), or nullptr
@@ -65,6 +67,10 @@ struct HeadDesc {
   acc_t* lse;          // grad_mode 2: the rows' log-sum-exp (N*S), else nullptr
 
   AUXFUSE_HD int64_t rows() const { return N * S; }
+  // Where the class index of row (n, s) is read; y_pos entries are checked to lie in [0, y_spatial) by the
+  // caller (CPU: before anything is written; CUDA: target_in_range, per row).
+  AUXFUSE_HD int64_t target_offset(int64_t n, int64_t s) const { return n * yN + (y_pos ? y_pos[s] : s) * yS; }
+  AUXFUSE_HD bool target_in_range(int64_t s) const { return !y_pos || (y_pos[s] >= 0 && y_pos[s] < y_spatial); }
   AUXFUSE_HD bool prob() const { return t != nullptr; }
   AUXFUSE_HD acc_t class_weight(int64_t c) const { return cw ? cw[c] : acc_t(1); }
 };

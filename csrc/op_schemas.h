@@ -12,9 +12,11 @@ inline constexpr const char* kForwardSchema =
     "Tensor invalid)";
 
 // One target and one class weight (or None) per head: heads of their own sizes (deep supervision, multi-token and
-// multi-task heads), one launch for all of them. Contract in auxfuse.cpp; grad_mode 0 or 1 only.
+// multi-task heads), one launch for all of them; target_positions: where a head reads a full-resolution target
+// (target_resize). Contract in auxfuse.cpp; grad_mode 0 or 1 only.
 inline constexpr const char* kPerHeadForwardSchema =
-    "multihead_ce_per_head_forward(Tensor[] heads, Tensor[] targets, Tensor?[] class_weights, "
+    "multihead_ce_per_head_forward(Tensor[] heads, Tensor[] targets, Tensor?[] target_positions, "
+    "Tensor?[] class_weights, "
     "float[] head_weights, int ignore_index, float label_smoothing, int reduction, int grad_mode) -> "
     "(Tensor loss, Tensor head_losses, Tensor head_correct, Tensor count, Tensor denom, Tensor[] grads, "
     "Tensor invalid)";

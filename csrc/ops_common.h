@@ -161,29 +161,57 @@ using PerHeadResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
 // views (as_row_views, one head at a time), and each head's shape.
 struct PerHeadViews {
   std::vector<at::Tensor> heads, targets;
+  std::vector<at::Tensor> positions;  // target_resize: (S,) positions in the (N, S') target; undefined: none
   std::vector<c10::optional<at::Tensor>> class_weights;
   std::vector<ProblemShape> shapes;
 };
 
+// A head that reads a full-resolution target through positions (target_resize): the target as (N, S'), checked
+// against the head; `rows.target` becomes that view. Returns a stand-in of the head's own target shape for
+// check_inputs (an expanded scalar: no memory).
+inline at::Tensor resized_target_stand_in(RowViews& rows, const at::Tensor& positions, size_t h) {
+  const at::Tensor &head = rows.heads[0], &target = rows.target;
+  TORCH_CHECK(head.dim() == 3, "auxfuse: heads must be (N, C, d1, ..., dk); got ", head.sizes());
+  const int64_t N = head.size(0), S = head.size(2);
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() >= 1 && target.size(0) == N &&
+                  target.device() == head.device(),
+              "auxfuse: head ", h, ": target_positions index an int64 class-index target (N, e1, ..., ek) with the "
+              "head's N = ", N, " on its device; got ", target.scalar_type(), " ", target.sizes());
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == S && positions.scalar_type() == at::kLong &&
+                  positions.device() == head.device() && positions.is_contiguous(),
+              "auxfuse: head ", h, ": target_positions must be a contiguous int64 (", S, ",) tensor on the head's "
+              "device, one position per spatial element of the head; got ", positions.scalar_type(), " ",
+              positions.sizes());
+  rows.target = target.reshape({N, -1});
+  return at::empty({}, target.options()).expand({N, S});
+}
+
 inline PerHeadViews check_per_head_inputs(at::TensorList heads_in, at::TensorList targets_in,
+                                          const c10::List<c10::optional<at::Tensor>>& target_positions,
                                           const c10::List<c10::optional<at::Tensor>>& class_weights,
                                           at::ArrayRef<double> head_weights, int64_t reduction, int64_t grad_mode) {
   const size_t H = heads_in.size();
   TORCH_CHECK(H > 0, "auxfuse: at least one head is needed");
-  TORCH_CHECK(targets_in.size() == H && class_weights.size() == H && head_weights.size() == H, "auxfuse: ", H,
-              " heads need as many targets, class weights and head weights; got ", targets_in.size(), ", ",
-              class_weights.size(), " and ", head_weights.size());
+  TORCH_CHECK(targets_in.size() == H && target_positions.size() == H && class_weights.size() == H &&
+                  head_weights.size() == H,
+              "auxfuse: ", H, " heads need as many targets, target positions, class weights and head weights; got ",
+              targets_in.size(), ", ", target_positions.size(), ", ", class_weights.size(), " and ",
+              head_weights.size());
   TORCH_CHECK(grad_mode == kNoGrad || grad_mode == kGradInForward,
               "auxfuse: multihead_ce_per_head_forward takes grad_mode 0 or 1, not ", grad_mode);
   PerHeadViews v;
   for (size_t h = 0; h < H; ++h) {
     TORCH_CHECK(heads_in[h].scalar_type() == heads_in[0].scalar_type() && heads_in[h].device() == heads_in[0].device(),
                 "auxfuse: head ", h, " differs from head 0 in dtype or device");
-    const RowViews rows = as_row_views({heads_in[h]}, targets_in[h]);
+    RowViews rows = as_row_views({heads_in[h]}, targets_in[h]);
+    const c10::optional<at::Tensor> positions = target_positions.get(h);
+    const at::Tensor checked_target =
+        positions.has_value() ? resized_target_stand_in(rows, *positions, h) : rows.target;
     const c10::optional<at::Tensor> cw = class_weights.get(h);
-    ProblemShape shape = check_inputs(rows.heads, rows.target, cw, {head_weights[h]}, reduction);
+    ProblemShape shape = check_inputs(rows.heads, checked_target, cw, {head_weights[h]}, reduction);
     v.heads.push_back(rows.heads[0]);
     v.targets.push_back(rows.target);
+    v.positions.push_back(positions.has_value() ? *positions : at::Tensor());
     v.class_weights.push_back(cw);
     v.shapes.push_back(shape);
   }

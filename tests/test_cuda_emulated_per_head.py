@@ -17,6 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import auxfuse
+
 from oracle import assert_matches_reference, generator, naive_per_head, to_reference
 
 pytestmark = pytest.mark.slow
@@ -27,11 +29,12 @@ NO_GRAD, GRAD_IN_FORWARD = 0, 1
 
 
 def run(emu, heads, targets, weights, *, class_weights=None, ignore_index=-100, label_smoothing=0.0,
-        reduction="mean", grad_mode=GRAD_IN_FORWARD):
+        reduction="mean", grad_mode=GRAD_IN_FORWARD, target_positions=None):
     """The emulated op on the heads and targets as given (the op views them as (N, C, S) itself)."""
     class_weights = class_weights or [None] * len(heads)
     cws = [None if w is None else w.float().contiguous() for w in class_weights]
-    return emu.multihead_ce_per_head_forward(list(heads), list(targets), cws, list(weights), ignore_index,
+    positions = target_positions or [None] * len(heads)
+    return emu.multihead_ce_per_head_forward(list(heads), list(targets), positions, cws, list(weights), ignore_index,
                                              label_smoothing, REDUCTION[reduction], grad_mode)
 
 
@@ -293,6 +296,34 @@ def test_invalid_class_index(emu, kind, grad_mode, reduction):
         assert torch.isnan(g0[1]).all() and torch.isfinite(g0[[0] + list(range(2, g0.shape[0]))]).all()
 
 
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_target_resize_positions(emu, mode, reduction):
+    """target_resize: each smaller head reads one full-resolution mask through its positions (no downsampled
+    copy), against the naive loop on F.interpolate's masks; the full-resolution head reads it as it is."""
+    sizes = ((12, 10), (6, 5), (3, 3))
+    heads = [randn((2, 5, *size), torch.float32, f"resize-{size}") for size in sizes]
+    mask = index_target((2, 5, 12, 10), "resize-mask", ignore_index=-100)
+    targets = [F.interpolate(mask[:, None].float(), size=size, mode=mode)[:, 0].long() for size in sizes]
+    positions = [auxfuse.target_positions((12, 10), size, mode) for size in sizes]
+    out = run(emu, heads, [mask] * 3, [1.0, 0.5, 0.25], reduction=reduction, target_positions=positions)
+    want = check(emu, heads, targets, [1.0, 0.5, 0.25], reduction=reduction)
+    for a, b in zip(out[:5] + (out[6],), want[:5] + (want[6],)):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(out[5], want[5]))
+
+
+def test_target_position_outside_the_target_is_an_invalid_row(emu):
+    """A position outside the full-resolution target is never read: on CUDA (no host sync) its row counts as an
+    invalid target, NaN, like a class index outside [0, C)."""
+    heads = [randn((2, 3, 2, 2), torch.float32, "bad-position")]
+    mask = index_target((2, 3, 4, 4), "bad-position-mask")
+    loss, _, _, count, _, grads, invalid = run(emu, heads, [mask], [1.0],
+                                               target_positions=[torch.tensor([0, 5, 16, -1])])
+    assert int(invalid) == 4 and int(count[0]) == 8 and torch.isnan(loss)
+    assert torch.isnan(grads[0][:, :, 1]).all() and torch.isfinite(grads[0][:, :, 0]).all()
+
+
 def test_all_ignored_and_empty_heads(emu):
     """A head whose rows are all ignored, a head with no rows: their mean is NaN (0 / 0, as in PyTorch), their
     gradient 0, and the other heads are unaffected; sum gives 0."""
@@ -391,7 +422,7 @@ def test_same_outputs_and_layouts_as_the_cpu_op(emu):
     heads.append(randn((2, 5, 7), torch.float32, "cpu-prob"))
     targets.append(prob_target((2, 5, 7), torch.float32, "cpu-prob-target"))
     cws = [class_weight(5, "cpu-w0"), None, None, class_weight(5, "cpu-w3")]
-    args = ([None if w is None else w.contiguous() for w in cws], [1.0, 0.5, 0.25, 0.3], -100, 0.1, 1, 1)
+    args = ([None] * 4, [None if w is None else w.contiguous() for w in cws], [1.0, 0.5, 0.25, 0.3], -100, 0.1, 1, 1)
     ours = emu.multihead_ce_per_head_forward(heads, targets, *args)
     cpu = torch.ops.auxfuse.multihead_ce_per_head_forward(heads, targets, *args)
     for a, b in zip(ours[:5] + ours[6:], cpu[:5] + cpu[6:]):

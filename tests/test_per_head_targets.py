@@ -359,7 +359,55 @@ def test_per_head_op_opcheck(grad_mode, reduction):
                torch.randint(0, 7, (3, 2, 2) if same_rows else (4,), generator=g)]
     class_weights = [None, torch.rand(7, generator=g) + 0.5]
     torch.library.opcheck(torch.ops.auxfuse.multihead_ce_per_head_forward,
-                          (heads, targets, class_weights, [1.0, 0.3], -100, 0.1, reduction, grad_mode))
+                          (heads, targets, [None, None], class_weights, [1.0, 0.3], -100, 0.1, reduction, grad_mode))
+    # Head 0 reading a full-resolution (3, 4, 6) target through target_resize's positions.
+    mask = torch.randint(0, 5, (3, 4, 6), generator=g)
+    positions = auxfuse.target_positions((4, 6), (2, 2))
+    torch.library.opcheck(torch.ops.auxfuse.multihead_ce_per_head_forward,
+                          (heads, [mask, targets[1]], [positions, None], class_weights, [1.0, 0.3], -100, 0.1,
+                           reduction, grad_mode))
+
+
+@needs_cpu_kernel
+def test_target_resize_reads_the_full_target_in_one_call(monkeypatch):
+    """target_resize on cpu: one call of the fused op with the full-resolution mask and each smaller head's
+    positions (no downsampled copy). A class index only the full-resolution head reads names that head, and
+    does not matter without it."""
+    calls = []
+    fused = torch.ops.auxfuse.multihead_ce_per_head_forward
+
+    def recording(heads, targets, positions, *args):
+        calls.append((targets, positions))
+        return fused(heads, targets, positions, *args)
+
+    monkeypatch.setattr(torch.ops.auxfuse, "multihead_ce_per_head_forward", recording)
+    g = generator("resize one call")
+    sizes = {"full": (12, 10), "half": (6, 5), "third": (3, 3)}  # "nearest" reads rows 0, 2, .. and 0, 4, 8
+    heads = {name: torch.randn(2, 5, *size, generator=g) for name, size in sizes.items()}
+    mask = torch.randint(0, 5, (2, 12, 10), generator=g)
+    targets = [F.interpolate(mask[:, None].float(), size=size, mode="nearest")[:, 0].long() for size in sizes.values()]
+    check_per_head("cpu", list(heads.values()), targets, [1.0, 0.5, 0.25], call_target=mask, target_resize="nearest")
+    assert len(calls) == 1
+    (got_targets, got_positions), = calls
+    assert all(t.data_ptr() == mask.data_ptr() for t in got_targets)
+    assert got_positions[0] is None and all(p is not None for p in got_positions[1:])
+    mask[1, 1, 1] = 9  # an odd row: read by the full-resolution head only
+    with pytest.raises(ValueError, match=r"head 'full': target value 9 is outside \[0, 5\)"):
+        auxfuse.multi_head_cross_entropy(heads, mask, [1.0, 0.5, 0.25], target_resize="nearest", backend="cpu")
+    smaller = {name: heads[name] for name in ("half", "third")}
+    loss = auxfuse.multi_head_cross_entropy(smaller, mask, [0.5, 0.25], target_resize="nearest", backend="cpu")
+    assert_matches_reference(loss, naive_per_head(list(smaller.values()), targets[1:], [0.5, 0.25]), torch.float32)
+
+
+@needs_cpu_kernel
+def test_per_head_op_rejects_a_position_outside_the_target():
+    g = generator("bad position")
+    head, mask = torch.randn(2, 3, 2, 2, generator=g), torch.randint(0, 3, (2, 4, 4), generator=g)
+    positions = torch.tensor([0, 5, 16, 3])
+    with pytest.raises(ValueError, match=r"head 0: target position 16 of spatial element 2 is outside the target's 16"):
+        torch.ops.auxfuse.multihead_ce_per_head_forward([head], [mask], [positions], [None], [1.0], -100, 0.0, 1, 0)
+    with pytest.raises(RuntimeError, match=r"head 0: target_positions must be a contiguous int64 \(4,\)"):
+        torch.ops.auxfuse.multihead_ce_per_head_forward([head], [mask], [positions[:3]], [None], [1.0], -100, 0.0, 1, 0)
 
 
 @needs_cpu_kernel

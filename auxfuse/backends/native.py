@@ -111,8 +111,8 @@ if _LOAD_ERROR is None:
         )
 
     @torch.library.register_fake("auxfuse::multihead_ce_per_head_forward")
-    def _per_head_forward_fake(heads, targets, class_weights, head_weights, ignore_index, label_smoothing,
-                               reduction, grad_mode):
+    def _per_head_forward_fake(heads, targets, target_positions, class_weights, head_weights, ignore_index,
+                               label_smoothing, reduction, grad_mode):
         h0, H = heads[0], len(heads)
         acc = acc_dtype_of(h0.dtype)
         N, _, S = as_rows(h0).shape
@@ -146,7 +146,7 @@ class NativeBackend:
         # The CPU kernel checks every class index before it writes anything (a ValueError); CUDA never syncs.
         self.checks_targets = device_type == "cpu"
         # compute_per_head reads a resized target through Problem.target_positions (no copy per head).
-        self.reads_target_positions = False
+        self.reads_target_positions = True
 
     def unavailable_reason(self) -> Optional[str]:
         if _LOAD_ERROR is not None:
@@ -215,6 +215,7 @@ class NativeBackend:
             loss, head_losses, head_correct, count, _, _, invalid = torch.ops.auxfuse.multihead_ce_per_head_forward(
                 [p.inputs[0] for p in problems],
                 [p.input_target for p in problems],
+                [p.target_positions for p in problems],
                 [p.class_weight for p in problems],
                 [p.head_weights[0] for p in problems],
                 problems[0].ignore_index,

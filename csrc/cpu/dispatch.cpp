@@ -69,10 +69,12 @@ void scale_grad_cpu(const at::Tensor& grads, const at::Tensor& grad_loss) {
 // The per-head op: checks and output allocation here, in baseline code (std::vector<at::Tensor> stays out of the
 // per-level copies: see forward_per_head_cpu in multihead_ce.cpp), the kernel in the chosen copy.
 PerHeadResult forward_per_head_cpu(at::TensorList heads, at::TensorList targets,
+                                   const c10::List<c10::optional<at::Tensor>>& target_positions,
                                    const c10::List<c10::optional<at::Tensor>>& class_weights,
                                    at::ArrayRef<double> head_weights, int64_t ignore_index, double label_smoothing,
                                    int64_t reduction, int64_t grad_mode) {
-  const PerHeadViews inputs = check_per_head_inputs(heads, targets, class_weights, head_weights, reduction, grad_mode);
+  const PerHeadViews inputs =
+      check_per_head_inputs(heads, targets, target_positions, class_weights, head_weights, reduction, grad_mode);
   TORCH_CHECK(inputs.heads[0].device().is_cpu(), "auxfuse: the CPU kernel got tensors on ", inputs.heads[0].device());
   const PerHeadOutputs outputs = allocate_per_head_outputs(inputs, reduction, grad_mode);
   chosen_copy().kernels->forward_per_head(inputs, outputs, head_weights, ignore_index, label_smoothing, reduction);

@@ -177,10 +177,11 @@ bool row_path(const Head& d) {
   return d.S == 1 || d.sC == 1;
 }
 
-// One head's entry of the table, from its (N, C, S) view, its target view and class weights. The gradient and
-// log-sum-exp pointers are set once the outputs exist, the grad scale once the targets are counted.
+// One head's entry of the table, from its (N, C, S) view, its target view (with `positions`, target_resize: the
+// full-resolution (N, S') target and where each of the head's S positions reads it) and class weights. The
+// gradient and log-sum-exp pointers are set once the outputs exist, the grad scale once the targets are counted.
 template <typename scalar_t>
-Head<scalar_t> describe_head(const at::Tensor& head, const at::Tensor& target,
+Head<scalar_t> describe_head(const at::Tensor& head, const at::Tensor& target, const at::Tensor& positions,
                              const c10::optional<at::Tensor>& class_weight, double head_weight,
                              const ProblemShape& shape) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -201,6 +202,8 @@ Head<scalar_t> describe_head(const at::Tensor& head, const at::Tensor& target,
     d.y = target.const_data_ptr<int64_t>();
     d.yN = target.stride(0);
     d.yS = target.stride(1);
+    d.y_pos = positions.defined() ? positions.const_data_ptr<int64_t>() : nullptr;
+    d.y_spatial = target.size(1);
   }
   d.cw = class_weight.has_value() ? class_weight->const_data_ptr<acc_t>() : nullptr;
   double weight_sum = static_cast<double>(d.C);
@@ -235,6 +238,11 @@ TargetStats scan_targets(const Head& d, int64_t ignore_index, int64_t head = -1)
     stats.denom = static_cast<double>(rows);
     return stats;
   }
+  for (int64_t s = 0; s < d.S; ++s) {  // target_resize's positions, before any is read
+    TORCH_CHECK_VALUE(d.target_in_range(s), "auxfuse: ", head >= 0 ? "head " + std::to_string(head) + ": " : "",
+                      "target position ", d.y_pos ? d.y_pos[s] : s, " of spatial element ", s,
+                      " is outside the target's ", d.y_spatial, " positions per sample");
+  }
   constexpr int64_t kBlock = 8192;
   const int64_t blocks = (rows + kBlock - 1) / kBlock;
   std::vector<int64_t> counts(blocks, 0), bad(blocks, -1);
@@ -246,7 +254,7 @@ TargetStats scan_targets(const Head& d, int64_t ignore_index, int64_t head = -1)
       double denom = 0;
       const int64_t r1 = std::min(rows, (b + 1) * kBlock);
       for (int64_t r = b * kBlock; r < r1; ++r) {
-        const int64_t y = d.y[(r / d.S) * d.yN + (r % d.S) * d.yS];
+        const int64_t y = d.y[d.target_offset(r / d.S, r % d.S)];
         if (y == ignore_index) continue;
         if (y < 0 || y >= d.C) {
           if (first_bad < 0) first_bad = r;
@@ -263,7 +271,7 @@ TargetStats scan_targets(const Head& d, int64_t ignore_index, int64_t head = -1)
   for (int64_t b = 0; b < blocks; ++b) {
     if (bad[b] >= 0) {
       const int64_t r = bad[b];
-      const int64_t y = d.y[(r / d.S) * d.yN + (r % d.S) * d.yS];
+      const int64_t y = d.y[d.target_offset(r / d.S, r % d.S)];
       // The same words as the Python check in auxfuse/functional.py.
       const std::string which = head >= 0 ? "head " + std::to_string(head) + ": " : "";
       TORCH_CHECK_VALUE(false, "auxfuse: ", which, "target value ", y, " is outside [0, ", d.C,
@@ -287,8 +295,8 @@ std::vector<TargetStats> scan_head_targets(const Args<scalar_t>& a, bool name_he
     const auto& d = a.head[h];
     if (h > 0) {
       const auto& p = a.head[h - 1];
-      if (d.y == p.y && d.t == p.t && d.yN == p.yN && d.yS == p.yS && d.N == p.N && d.S == p.S && d.C == p.C &&
-          d.cw == p.cw) {
+      if (d.y == p.y && d.t == p.t && d.yN == p.yN && d.yS == p.yS && d.y_pos == p.y_pos && d.N == p.N &&
+          d.S == p.S && d.C == p.C && d.cw == p.cw) {
         stats.push_back(stats.back());
         continue;
       }
@@ -661,7 +669,7 @@ void forward_row_block(const Args<scalar_t>& a, const Group& g, int64_t r0, int6
         }
         if (d.lse) d.lse[r] = p1.max + std::log(sum);
       } else {
-        const int64_t y = d.y[n * d.yN + s * d.yS];
+        const int64_t y = d.y[d.target_offset(n, s)];
         const bool counted = y != a.ignore_index;
         if (!counted && !d.lse) {
           if (gr) write_ignored_row_grad(gr, x, C);
@@ -797,7 +805,7 @@ void forward_tile_block(const Args<scalar_t>& a, const Group& g, int64_t u0, int
         }
         if (!kProb) {  // the logit at each lane's target, before pass 2 overwrites `ev`
           for (int l = 0; l < kW; ++l) {
-            const int64_t y = l < lanes ? d.y[n * d.yN + (s0 + o + l) * d.yS] : a.ignore_index;
+            const int64_t y = l < lanes ? d.y[d.target_offset(n, s0 + o + l)] : a.ignore_index;
             const bool counted = y != a.ignore_index;
             ly[l] = counted ? static_cast<acc_t>(y) : acc_t(-1);
             xy[l] = counted ? ev[y * kW + l] : acc_t(0);
@@ -1025,7 +1033,7 @@ ForwardResult forward_cpu(at::TensorList heads_in, const at::Tensor& target_in,
     using acc_t = at::opmath_type<scalar_t>;
     Args<scalar_t> a = make_args<scalar_t>(ignore_index, label_smoothing, reduction);
     for (size_t h = 0; h < heads.size(); ++h) {
-      a.head.push_back(describe_head<scalar_t>(heads[h], target, class_weight, head_weights[h], shape));
+      a.head.push_back(describe_head<scalar_t>(heads[h], target, at::Tensor(), class_weight, head_weights[h], shape));
     }
     // Validates the targets (one scan: every head reads the same): raises before any output exists.
     const std::vector<TargetStats> stats = scan_head_targets(a, /*name_heads=*/false);
@@ -1056,7 +1064,8 @@ void forward_per_head_cpu(const PerHeadViews& v, const PerHeadOutputs& outs, at:
     Args<scalar_t> a = make_args<scalar_t>(ignore_index, label_smoothing, reduction);
     for (int64_t h = 0; h < H; ++h) {
       a.head.push_back(
-          describe_head<scalar_t>(v.heads[h], v.targets[h], v.class_weights[h], head_weights[h], v.shapes[h]));
+          describe_head<scalar_t>(v.heads[h], v.targets[h], v.positions[h], v.class_weights[h], head_weights[h],
+                                  v.shapes[h]));
     }
     const std::vector<TargetStats> stats = scan_head_targets(a, /*name_heads=*/true);  // raises before any write
     const bool with_grads = !outs.grads.empty();
@@ -1111,7 +1120,7 @@ void backward_rows(const Args<scalar_t>& a, const BackwardIn<at::opmath_type<sca
           int64_t y = -1;
           const scalar_t* x = contiguous_row(a.head[h].x + n * d.sN + s * d.sS, d.sC, C, xbuf);
           if (!kProb) {
-            y = d.y[n * d.yN + s * d.yS];
+            y = d.y[d.target_offset(n, s)];
             if (y == a.ignore_index) {
               write_ignored_row_grad(g, x, C);
               continue;
@@ -1220,7 +1229,7 @@ void backward_tiles(const Args<scalar_t>& a, const BackwardIn<at::opmath_type<sc
               lb[l] = scale * (acc_t(1) - a.eps);
               lfix[l] = scale * a.eps / acc_t(C);
             } else {
-              const int64_t y = d.y[n * d.yN + s * d.yS];
+              const int64_t y = d.y[d.target_offset(n, s)];
               if (y == a.ignore_index) continue;
               const RowCoeffs<acc_t> k = index_target_coeffs(d.class_weight(y), d.weight_sum, a.eps, C);
               la[l] = finite ? scale * k.lse_coef : nan_value<acc_t>();
@@ -1282,7 +1291,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss_in, at::TensorList heads_in,
     using acc_t = at::opmath_type<scalar_t>;
     Args<scalar_t> a = make_args<scalar_t>(ignore_index, label_smoothing, reduction);
     for (size_t h = 0; h < heads.size(); ++h) {
-      a.head.push_back(describe_head<scalar_t>(heads[h], target, class_weight, head_weights[h], shape));
+      a.head.push_back(describe_head<scalar_t>(heads[h], target, at::Tensor(), class_weight, head_weights[h], shape));
     }
     scan_targets(a.head[0], ignore_index);  // never read a class out of bounds
     grads = allocate_head_grads(heads);

@@ -1100,7 +1100,10 @@ __global__ void __launch_bounds__(BLOCK, kernel_min_blocks<G, BLOCK>())
           if (prob) {
             trow = d.t + n * d.tN + s * d.tS;
           } else {
-            rt = row_target(d.y[n * d.yN + s * d.yS], C, d.cw, pp.ignore_index);
+            // A target_resize position outside the target (checked here, not on the host: no sync) is an
+            // invalid target, as row_target makes a counted class index outside [0, C).
+            rt = d.target_in_range(s) ? row_target(d.y[d.target_offset(n, s)], C, d.cw, pp.ignore_index)
+                                      : RowTarget{-1, 0, true, true, d.cw ? d.cw[0] : 1.f};
           }
           float loss = 0.f;
           bool hit = false;
@@ -1532,12 +1535,14 @@ inline std::vector<WorkSpan> make_work_spans(const std::vector<int64_t>& rows, c
 // template <typename T> void per_head(Mapping, int grid, const PerHeadParams&).
 template <typename Launcher>
 PerHeadResult per_head_forward_impl(Launcher& launcher, at::TensorList heads_in, at::TensorList targets_in,
+                                    const c10::List<std::optional<at::Tensor>>& target_positions,
                                     const c10::List<std::optional<at::Tensor>>& class_weights,
                                     at::ArrayRef<double> head_weights, int64_t ignore_index, double label_smoothing,
                                     int64_t reduction, int64_t grad_mode) {
   // Checks and (N, C, S) views as on CPU (ops_common.h), then the CUDA kernels' own limits per head.
   const auxfuse::PerHeadViews v =
-      auxfuse::check_per_head_inputs(heads_in, targets_in, class_weights, head_weights, reduction, grad_mode);
+      auxfuse::check_per_head_inputs(heads_in, targets_in, target_positions, class_weights, head_weights, reduction,
+                                     grad_mode);
   const int64_t H = static_cast<int64_t>(v.heads.size());
   TORCH_CHECK(H <= std::numeric_limits<int>::max() / 4, "auxfuse: too many heads: ", H);
   for (int64_t h = 0; h < H; ++h) {
@@ -1650,6 +1655,8 @@ PerHeadResult per_head_forward_impl(Launcher& launcher, at::TensorList heads_in,
         desc.y = t.data_ptr<int64_t>();
         desc.yN = t.stride(0);
         desc.yS = t.stride(1);
+        desc.y_pos = v.positions[h].defined() ? v.positions[h].data_ptr<int64_t>() : nullptr;
+        desc.y_spatial = t.size(1);
       }
       desc.cw = v.class_weights[h].has_value() ? v.class_weights[h]->data_ptr<float>() : nullptr;
       desc.weight_sum = static_cast<float>(desc.C);  // with class weights: summed on the device
@@ -1824,13 +1831,14 @@ at::Tensor multihead_ce_backward_cuda(const at::Tensor& grad_loss, at::TensorLis
 }
 
 PerHeadResult multihead_ce_per_head_forward_cuda(at::TensorList heads, at::TensorList targets,
+                                                const c10::List<std::optional<at::Tensor>>& target_positions,
                                                 const c10::List<std::optional<at::Tensor>>& class_weights,
                                                 at::ArrayRef<double> head_weights, int64_t ignore_index,
                                                 double label_smoothing, int64_t reduction, int64_t grad_mode) {
   TORCH_CHECK(!heads.empty() && heads[0].is_cuda(), "auxfuse: the CUDA kernels need CUDA heads");
   CudaLauncher launcher(heads[0].device());
-  return per_head_forward_impl(launcher, heads, targets, class_weights, head_weights, ignore_index, label_smoothing,
-                               reduction, grad_mode);
+  return per_head_forward_impl(launcher, heads, targets, target_positions, class_weights, head_weights, ignore_index,
+                               label_smoothing, reduction, grad_mode);
 }
 
 void multihead_ce_scale_grad_cuda(const at::Tensor& grads, const at::Tensor& grad_loss) {

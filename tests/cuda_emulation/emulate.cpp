@@ -91,12 +91,13 @@ ForwardResult emulated_forward(at::TensorList heads, const at::Tensor& target,
 }
 
 PerHeadResult emulated_per_head_forward(at::TensorList heads, at::TensorList targets,
+                                        const c10::List<std::optional<at::Tensor>>& target_positions,
                                         const c10::List<std::optional<at::Tensor>>& class_weights,
                                         at::ArrayRef<double> head_weights, int64_t ignore_index,
                                         double label_smoothing, int64_t reduction, int64_t grad_mode) {
   EmulatedLauncher launcher;
-  return per_head_forward_impl(launcher, heads, targets, class_weights, head_weights, ignore_index, label_smoothing,
-                               reduction, grad_mode);
+  return per_head_forward_impl(launcher, heads, targets, target_positions, class_weights, head_weights, ignore_index,
+                               label_smoothing, reduction, grad_mode);
 }
 
 // The per-head op's launch plan, so the tests can check their coverage: (mapping, grid, items) of the main launch.
