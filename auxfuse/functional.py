@@ -179,7 +179,8 @@ def build_problem(
 
 
 def _with_tensors(
-    template: Problem, heads: list[torch.Tensor], target: torch.Tensor, weight: Optional[torch.Tensor], batched: bool
+    template: Problem, heads: list[torch.Tensor], target: torch.Tensor, weight: Optional[torch.Tensor], batched: bool,
+    target_positions: Optional[torch.Tensor] = None,
 ) -> Problem:
     """`template` (a validated Problem without tensors) for these tensors, normalized as the backends expect:
     one sample made a batch of one, class indices int64, probabilities and class weights in their dtypes."""
@@ -192,7 +193,7 @@ def _with_tensors(
     class_weight = None
     if weight is not None:
         class_weight = weight.to(acc_dtype_of(dtype)).contiguous()
-    return template.with_tensors(heads, target, class_weight)
+    return template.with_tensors(heads, target, class_weight, target_positions)
 
 
 def multi_head_cross_entropy(
@@ -390,14 +391,29 @@ def _per_head_cross_entropy(outputs: Any, target: Targets, weights: Weights, *, 
     """multi_head_cross_entropy with a target (and class weight) per head: one call of the fused op for all heads
     when every head picks the same backend and it offers one (compute_per_head); else one call per head. The
     loss is the weighted sum, the details per head."""
-    problems = _per_head_problems(outputs, target, weights, want_details=return_details, **options)
-    chosen = [select_backend(backend, problem) for _, problem, _ in problems]
+    key = (options["aux_weight"], options["main"], options["ignore_index"], options["label_smoothing"],
+           options["reduction"], backend, check_targets, return_details, options["target_resize"], "per head")
+    found = None if torch.compiler.is_compiling() else _signature(outputs, target, weights, options["weight"], key)
+    plan = None if found is None else _PLANS.get(found[0])
+    if plan is not None:
+        problems = plan.problems(found[1], target, options["weight"])
+    else:
+        problems = _per_head_problems(outputs, target, weights, want_details=return_details, **options)
+        plan = _PerHeadPlan.of(problems, [select_backend(backend, problem) for _, problem, _ in problems], outputs,
+                               weights, options)
+        if found is not None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[found[0]] = plan
+    chosen, one_call = plan.backends, plan.one_call
     fused = chosen[0]
-    one_call = len(problems) > 1 and all(b is fused for b in chosen) and _per_head_unavailable_reason(fused) is None
     if not (one_call and fused.reads_target_positions):  # a resized target copied for each head that needs it
         problems = [(name, problem.gathered(), index_shape) for name, problem, index_shape in problems]
-    for (_, problem, _), head_backend in zip(problems, chosen):
-        _check_target_range(problem, head_backend, check_targets)
+    for (name, problem, _), head_backend in zip(problems, chosen):
+        try:
+            _check_target_range(problem, head_backend, check_targets)
+        except ValueError as error:
+            raise ValueError(f"auxfuse: head {name!r}: {str(error).removeprefix('auxfuse: ')}") from None
     if one_call:
         result = fused.compute_per_head([problem for _, problem, _ in problems])
         loss = result.loss.reshape(problems[0][2]) if options["reduction"] == "none" else result.loss
@@ -422,6 +438,48 @@ def _per_head_cross_entropy(outputs: Any, target: Targets, weights: Weights, *, 
         torch.stack([r.count for r in results]),
         torch.stack([r.invalid for r in results]).sum(),
     )
+
+
+class _PerHeadPlan(NamedTuple):
+    """What the front end decided for one signature of a per-head call (_per_head_cross_entropy): where the heads
+    are among the output's values, their names, each head's validated Problem without tensors (with its
+    target_resize positions), the shape of its 'none' loss and backend, and whether one fused call takes all."""
+
+    positions: tuple[int, ...]
+    names: list[str]
+    templates: list[Problem]
+    index_shapes: list[tuple[int, ...]]
+    backends: list[Any]
+    one_call: bool
+    target_resize: Optional[str]
+
+    @staticmethod
+    def of(problems: list, backends: list, outputs: Any, weights: Weights, options: dict) -> "_PerHeadPlan":
+        heads = collect_heads(outputs, weights, aux_weight=options["aux_weight"], main=options["main"])
+        fused = backends[0]
+        one_call = (len(problems) > 1 and all(b is fused for b in backends)
+                    and _per_head_unavailable_reason(fused) is None)
+        templates = [problem.with_tensors([], None, None, problem.target_positions) for _, problem, _ in problems]
+        return _PerHeadPlan(heads.positions, heads.names, templates, [shape for _, _, shape in problems], backends,
+                            one_call, options["target_resize"])
+
+    def problems(self, values: tuple, target: Targets, weight: ClassWeights) -> list:
+        """(name, Problem, index shape) per head for this call's tensors, as _per_head_problems gives them."""
+        H = len(self.names)
+        if self.target_resize is not None:
+            targets = [target.long()] * H
+        elif type(target) is torch.Tensor:
+            targets = [target] * H
+        else:
+            targets = [target[name] for name in self.names] if type(target) is dict else list(target)
+        if weight is None or type(weight) is torch.Tensor:
+            class_weights = [weight] * H
+        else:
+            class_weights = [weight[name] for name in self.names] if type(weight) is dict else list(weight)
+        return [(name, _with_tensors(template, [values[position]], head_target, class_weight, bool(index_shape),
+                                     template.target_positions), index_shape)
+                for name, position, template, index_shape, head_target, class_weight
+                in zip(self.names, self.positions, self.templates, self.index_shapes, targets, class_weights)]
 
 
 def _per_head_unavailable_reason(backend: Any) -> Optional[str]:
@@ -449,8 +507,9 @@ class _Plan(NamedTuple):
 # Plans per call signature (_signature): collect_heads, build_problem and select_backend decide from the
 # signature alone, never from tensor values, so a later call with the same signature skips them: 62 -> 46 us
 # per forward of 3 small CPU heads on a 2-core Xeon VM, host time that a GPU run at classifier sizes is made
-# of. A program has a few signatures (one per batch shape); the cache is emptied when full. Not used while
-# torch.compile traces (it sees the full path once).
+# of. Per-head calls (_PerHeadPlan) keep theirs here too, under keys of their own. A program has a few
+# signatures (one per batch shape); the cache is emptied when full. Not used while torch.compile traces (it
+# sees the full path once).
 _PLANS: dict = {}
 _MAX_PLANS = 64
 _SCALARS = (int, float, str, bool, type(None))
@@ -482,13 +541,8 @@ def _signature(outputs: Any, target: Any, weights: Weights, weight: Any, options
             facts.append((value.shape, value.dtype, value.device, value.requires_grad))
         else:
             return None
-    if type(target) is not torch.Tensor:
-        return None
-    if weight is None:
-        weight_facts = None
-    elif type(weight) is torch.Tensor:
-        weight_facts = (weight.shape, weight.dtype, weight.device, weight.requires_grad)
-    else:
+    target_facts, weight_facts = _tensor_facts(target), _tensor_facts(weight)
+    if target_facts is None or (weight is not None and weight_facts is None):
         return None
     if weights is None:
         weights_key = None
@@ -507,9 +561,30 @@ def _signature(outputs: Any, target: Any, weights: Weights, weight: Any, options
             return None
     if type(options[1]) is bool:  # main=True is no position (True == 1 as a key)
         return None
-    key = (layout, tuple(facts), target.shape, target.dtype, target.device, target.requires_grad, weight_facts,
-           weights_key, options, torch.is_grad_enabled())
+    key = (layout, tuple(facts), target_facts, weight_facts, weights_key, options, torch.is_grad_enabled())
     return key, values
+
+
+def _tensor_facts(value: Any) -> Optional[tuple]:
+    """Shape, dtype, device and requires_grad of a Tensor, or of each Tensor (or None) of a list, tuple or dict
+    of them (per-head targets and class weights); None for anything else."""
+    if type(value) is torch.Tensor:
+        return (value.shape, value.dtype, value.device, value.requires_grad)
+    if type(value) is list or type(value) is tuple:
+        items = tuple(enumerate(value))
+    elif type(value) is dict:
+        items = tuple(value.items())
+    else:
+        return None
+    facts = []
+    for key, item in items:
+        if item is None:
+            facts.append((key, None))
+        elif type(item) is torch.Tensor:
+            facts.append((key, item.shape, item.dtype, item.device, item.requires_grad))
+        else:
+            return None
+    return (type(value), tuple(facts))
 
 
 def explain_backend(outputs: Any, target: Targets, weights: Weights = None, *, backend: str = "auto",

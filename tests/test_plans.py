@@ -12,7 +12,7 @@ import torch
 
 import auxfuse
 from auxfuse import functional
-from oracle import assert_matches_naive, assert_matches_reference, generator, naive_loss, to_reference
+from oracle import assert_matches_naive, assert_matches_reference, generator, naive_loss, naive_per_head, to_reference
 
 GoogLeNetOutputs = collections.namedtuple("GoogLeNetOutputs", "logits aux_logits2 aux_logits1")
 
@@ -209,3 +209,60 @@ def test_torchvision_segmentation_output_uses_a_plan():
         loss = criterion(outputs, masks)
         assert type(outputs) is collections.OrderedDict and len(functional._PLANS) == 1
         assert_matches_naive(loss, [outputs["out"], outputs["aux"]], masks, [1.0, 0.5], ignore_index=255)
+
+
+# Per-head targets (_PerHeadPlan): the same rules, with the targets' and class weights' facts in the signature.
+
+def _pyramid(seed, sizes=((8, 6), (4, 3), (2, 2)), C=5):
+    g = generator(("plan pyramid", seed))
+    heads = [torch.randn(2, C, *size, generator=g).requires_grad_(True) for size in sizes]
+    targets = [torch.randint(0, C, (2, *size), generator=g) for size in sizes]
+    return heads, targets
+
+
+PER_HEAD_CALLS = {
+    # name: (the call's output, target and options from heads and targets; the naive loop's targets and options)
+    "list": (lambda h, t: (h, t, {}), lambda h, t: (t, {})),
+    "dict": (lambda h, t: ({"a": h[0], "b": h[1], "c": h[2]}, {"c": t[2], "a": t[0], "b": t[1]}, {}),
+             lambda h, t: (t, {})),
+    "class weights": (lambda h, t: (h, t, {"weight": [None, torch.arange(1.0, 6.0), None]}),
+                      lambda h, t: (t, {"class_weights": [None, torch.arange(1.0, 6.0), None]})),
+    "resize": (lambda h, t: (h, t[0], {"target_resize": "nearest"}),
+               lambda h, t: ([auxfuse.resize_target(t[0], x.shape[2:]) for x in h], {})),
+}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("kind", list(PER_HEAD_CALLS))
+def test_per_head_calls_use_a_plan_and_match_the_oracle(backend, kind):
+    make_call, make_naive = PER_HEAD_CALLS[kind]
+    weights = [1.0, 0.5, 0.25]
+    for call in range(3):  # new values every time
+        heads, targets = _pyramid(call)
+        outputs, target, options = make_call(heads, targets)
+        loss = auxfuse.multi_head_cross_entropy(outputs, target, weights, backend=backend, **options)
+        assert len(functional._PLANS) == 1
+        naive_targets, naive_options = make_naive(heads, targets)
+        want = naive_per_head([to_reference(h) for h in heads], naive_targets, weights, **naive_options)
+        assert_matches_reference(loss, want, torch.float32, msg=f"call {call}")
+
+
+def test_per_head_plans_keep_every_check():
+    """After valid calls of one signature: an invalid class index still raises, a target of another shape gets
+    the front end's error, a target for a head of another size makes a plan of its own."""
+    heads, targets = _pyramid(0)
+    for backend in ("cpu", "torch"):
+        for _ in range(2):
+            auxfuse.multi_head_cross_entropy(heads, targets, backend=backend)
+        bad = [t.clone() for t in targets]
+        bad[1][0, 0, 0] = 9
+        with pytest.raises(ValueError, match="head '1': target value 9"):
+            auxfuse.multi_head_cross_entropy(heads, bad, backend=backend)
+    with pytest.raises(ValueError, match="head '2': target has shape"):
+        auxfuse.multi_head_cross_entropy(heads, [targets[0], targets[1], targets[1]])
+    plans = len(functional._PLANS)
+    other, other_targets = _pyramid(1, sizes=((8, 6), (4, 3), (3, 3)))
+    loss = auxfuse.multi_head_cross_entropy(other, other_targets)
+    assert len(functional._PLANS) == plans + 1
+    assert_matches_reference(loss, naive_per_head([to_reference(h) for h in other], other_targets, [1.0, 0.3, 0.3]),
+                             torch.float32)
