@@ -253,8 +253,13 @@ TargetStats scan_targets(const Head& d, int64_t ignore_index, int64_t head = -1)
       int64_t count = 0, first_bad = -1;
       double denom = 0;
       const int64_t r1 = std::min(rows, (b + 1) * kBlock);
+      int64_t n = b * kBlock / d.S, s = b * kBlock % d.S;  // row r = n * S + s, stepped (no division per row)
       for (int64_t r = b * kBlock; r < r1; ++r) {
-        const int64_t y = d.y[d.target_offset(r / d.S, r % d.S)];
+        const int64_t y = d.y[d.target_offset(n, s)];
+        if (++s == d.S) {
+          s = 0;
+          ++n;
+        }
         if (y == ignore_index) continue;
         if (y < 0 || y >= d.C) {
           if (first_bad < 0) first_bad = r;
@@ -767,7 +772,7 @@ void forward_tile_block(const Args<scalar_t>& a, const Group& g, int64_t u0, int
   // One vector of kW rows at a time goes through all three passes with its running values in registers;
   // its logits (then their exponentials) wait in `ev` (C x kW: in L1 for segmentation class counts).
   acc_t* ev = scratch.exps.get();
-  // Per-lane values for the scalar epilogue (the row math of multihead_ce.h), stored from the registers.
+  // Per-lane values for the epilogue, stored from the registers (vwt: also the class weights of the targets).
   acc_t vmax[kW], vidx[kW], vsum[kW], vlog[kW], vwx[kW], vwt[kW], vwtx[kW], vtidx[kW];
   acc_t la[kW], lb[kW], lfix[kW], ly[kW], xy[kW];
   for (int64_t h = g.h0; h < g.h1; ++h) {
@@ -825,49 +830,70 @@ void forward_tile_block(const Args<scalar_t>& a, const Group& g, int64_t u0, int
             if (kProb) wtx = at::vec::fmadd(wd, T::load(tb + c * d.tC, d.tS, j, valid), wtx);
           }
         }
-        m.store(vmax);
-        idx.store(vidx);
-        sum.store(vsum);
-        sum.log().store(vlog);
-        wx.store(vwx);
-        wt.store(vwt);
-        wtx.store(vwtx);
-        tidx.store(vtidx);
-        // Per-lane epilogue: loss, hits, lse, gradient coefficients.
-        for (int l = 0; l < kW; ++l) {
-          la[l] = lb[l] = lfix[l] = 0;
-          if (l >= lanes) continue;
-          const int64_t r = n * S + s0 + o + l;
-          const acc_t ml = vmax[l], sl = vsum[l];
-          const bool finite = std::isfinite(ml);
-          const int64_t argmax = static_cast<int64_t>(vidx[l]);
-          if (d.lse) d.lse[r] = ml + vlog[l];
-          acc_t row_loss = 0;
-          if (kProb) {
+        if (kProb) {
+          m.store(vmax);
+          idx.store(vidx);
+          sum.store(vsum);
+          sum.log().store(vlog);
+          wx.store(vwx);
+          wt.store(vwt);
+          wtx.store(vwtx);
+          tidx.store(vtidx);
+        }
+        // Epilogue: loss, hits, lse, gradient coefficients. Class indices: in vector registers, every lane at
+        // once (per lane, it cost as much as the three passes at segmentation class counts); probabilities: per
+        // lane, the row math of multihead_ce.h.
+        acc_t row_losses[kW];
+        if (!kProb) {
+          const Vec y = Vec::loadu(ly);
+          const Vec counted = y >= Vec(0);  // ly is -1 for ignored rows and padding lanes
+          const Vec finite = (m - m) == Vec(0);  // false for an infinite or NaN max
+          const Vec nan(nan_value<acc_t>()), zero(0);
+          Vec w_y(1);
+          if (d.cw) {
+            for (int l = 0; l < kW; ++l) vwt[l] = ly[l] >= 0 ? d.cw[static_cast<int64_t>(ly[l])] : acc_t(0);
+            w_y = Vec::loadu(vwt);
+          }
+          const Vec target_coef = Vec(acc_t(1) - a.eps) * w_y;  // index_target_coeffs, per lane
+          const acc_t smooth_coef = a.eps / acc_t(C);
+          const Vec lse_coef = target_coef + Vec(smooth_coef * d.weight_sum);
+          const Vec log_sum = sum.log();
+          // index_target_row_loss with the max shifted to 0 (wx holds sum_c w_c (x_c - m)).
+          Vec loss = target_coef * (log_sum - (Vec::loadu(xy) - m));
+          if (smooth_coef != acc_t(0)) loss = loss + Vec(smooth_coef) * (Vec(d.weight_sum) * log_sum - wx);
+          Vec::blendv(zero, Vec::blendv(nan, loss, finite), counted).store(row_losses);
+          Vec::blendv(zero, Vec::blendv(nan, Vec(scale) * lse_coef / sum, finite), counted).store(la);
+          Vec::blendv(zero, Vec(scale * smooth_coef), counted).store(lb);
+          Vec::blendv(zero, Vec(scale) * target_coef, counted).store(lfix);
+          hits += static_cast<int64_t>(hsum(Vec::blendv(zero, Vec(1), (idx == y) & counted)));
+          if (d.lse) {
+            (m + log_sum).store(vmax);
+            for (int l = 0; l < lanes; ++l) d.lse[n * S + s0 + o + l] = vmax[l];
+          }
+        } else {
+          for (int l = 0; l < kW; ++l) {
+            la[l] = lb[l] = lfix[l] = row_losses[l] = 0;
+            if (l >= lanes) continue;
+            const int64_t r = n * S + s0 + o + l;
+            const acc_t ml = vmax[l], sl = vsum[l];
+            const bool finite = std::isfinite(ml);
+            if (d.lse) d.lse[r] = ml + vlog[l];
             ProbRowSums<acc_t> sums{vwt[l], vwtx[l], vwx[l], 0, 0};
             const acc_t lse_coef = prob_target_lse_coef(sums, d.weight_sum, a.eps, C);
-            row_loss = finite ? prob_target_row_loss(SoftmaxState<acc_t>{0, sl, 0}, vlog[l], sums, lse_coef,
-                                                     a.eps, C)
-                              : nan_value<acc_t>();
-            hits += argmax == static_cast<int64_t>(vtidx[l]);
+            row_losses[l] = finite ? prob_target_row_loss(SoftmaxState<acc_t>{0, sl, 0}, vlog[l], sums, lse_coef,
+                                                          a.eps, C)
+                                   : nan_value<acc_t>();
+            hits += static_cast<int64_t>(vidx[l]) == static_cast<int64_t>(vtidx[l]);
             la[l] = finite ? scale * lse_coef / sl : nan_value<acc_t>();
             lb[l] = scale * (acc_t(1) - a.eps);
             lfix[l] = scale * a.eps / acc_t(C);
-          } else if (ly[l] >= 0) {
-            const int64_t y = static_cast<int64_t>(ly[l]);
-            const acc_t w_y = d.class_weight(y);
-            const RowCoeffs<acc_t> k = index_target_coeffs(w_y, d.weight_sum, a.eps, C);
-            row_loss = finite ? index_target_row_loss(SoftmaxState<acc_t>{0, sl, 0}, vlog[l], xy[l] - ml, vwx[l],
-                                                      d.weight_sum, k)
-                              : nan_value<acc_t>();
-            hits += argmax == y;
-            la[l] = finite ? scale * k.lse_coef / sl : nan_value<acc_t>();
-            lb[l] = scale * k.smooth_coef;
-            lfix[l] = scale * k.target_coef;
           }
-          loss_sum += static_cast<double>(row_loss);
+        }
+        for (int l = 0; l < lanes; ++l) {
+          loss_sum += static_cast<double>(row_losses[l]);
           if (loss_rows) {
-            const acc_t weighted = d.weight * row_loss;
+            const int64_t r = n * S + s0 + o + l;
+            const acc_t weighted = d.weight * row_losses[l];
             loss_rows[r] = h == g.h0 ? weighted : loss_rows[r] + weighted;
           }
         }
