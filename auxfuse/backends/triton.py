@@ -45,6 +45,11 @@ gradients, so no second gradient-sized buffer exists, unless that buffer may be 
 is kept (retain_graph=True, create_graph=True) or the backward is being traced (compiled autograd, make_fx,
 a dispatch mode, fake / functional tensors) it writes grads * grad_output to a new buffer instead.
 
+A probability target that requires grad (distillation: a teacher's soft labels being trained) gets its gradient
+in the backward of every path (eager and traced, shared and per-head targets) from torch ops on the saved logits
+(_prob_target_grad, the formula of csrc/autograd.cpp's prob_target_grad); the logits are then saved in
+grad-in-forward mode too. The kernels keep their single pass for the common case, targets without gradient.
+
 Eager calls go through _EagerFunction (a torch.autograd.Function that launches the kernels directly):
 triton_op's dispatch, register_autograd's generated Function and wrap_triton cost tens of microseconds of
 host time per call, which is what a 3 x 256 x 1000 loss is made of on a GPU. With the launches stubbed out
@@ -233,8 +238,6 @@ def not_supported_reasons(problem: Problem) -> list[str]:
                        f"got {len(problem.inputs)}")
     if problem.num_classes < 1:
         reasons.append("the heads have no classes")
-    if problem.prob_target and problem.target.requires_grad:
-        reasons.append("gradients w.r.t. probability targets are computed by the torch backend only")
     if problem.class_weight is not None and problem.class_weight.requires_grad:
         reasons.append("gradients w.r.t. class weights are computed by the torch backend only")
     return reasons
@@ -271,6 +274,51 @@ def grad_mode(problem: Problem) -> int:
     return GRAD_IN_FORWARD if (C > NARROW_MAX_C or S > 1) else SAVE_LSE
 
 
+def _target_needs_grad(problem: Problem) -> bool:
+    """A probability target that requires grad (class indices never do) while autograd records."""
+    return torch.is_grad_enabled() and problem.target.requires_grad
+
+
+def _prob_target_grad(heads, head_weights, class_weight: Optional[torch.Tensor], label_smoothing: float,
+                      reduction: int, grad_loss: torch.Tensor) -> torch.Tensor:
+    """The gradient w.r.t. a probability target (N, C, S) that every head of `heads` ((N, C, S) each) reads: per
+    row and class -(1 - eps) * w_c * sum_h w_h * log_softmax(x_h)_c, times the row's scale (grad_output; / N * S
+    for the mean, the divisor of probability targets), in the heads' dtype (a probability target's, Problem):
+    csrc/autograd.cpp's prob_target_grad in torch ops."""
+    total = None
+    for x, w in zip(heads, head_weights):
+        term = torch.log_softmax(x, 1, dtype=torch.float32) * -float(w)
+        total = term if total is None else total + term
+    total = total * (1.0 - label_smoothing)
+    if class_weight is not None:
+        total = total * class_weight.view(1, -1, 1)
+    N, _, S = total.shape
+    scale = grad_loss.to(torch.float32)
+    if reduction == MEAN:
+        scale = scale / (N * S)
+    elif reduction == NONE:
+        scale = scale.reshape(N, 1, S)
+    return (total * scale).to(heads[0].dtype)
+
+
+def _target_grad_inputs(target_grad_heads: list[int], heads, class_weights) -> list:
+    """What _per_head_target_grads needs saved: the logits, then the class weights (or None), of the heads whose
+    probability target requires grad."""
+    return [heads[h] for h in target_grad_heads] + [class_weights[h] for h in target_grad_heads]
+
+
+def _per_head_target_grads(num_heads: int, target_grad_heads: list[int], kept, head_weights,
+                           label_smoothing: float, reduction: int, grad_loss: torch.Tensor) -> list:
+    """Each head's target's gradient: None, or for the heads of target_grad_heads _prob_target_grad of that head
+    alone, from `kept` (_target_grad_inputs)."""
+    grads = [None] * num_heads
+    K = len(target_grad_heads)
+    for h, x, class_weight in zip(target_grad_heads, kept[:K], kept[K:]):
+        grads[h] = _prob_target_grad([as_rows(x)], [head_weights[h]], class_weight, label_smoothing, reduction,
+                                     grad_loss)
+    return grads
+
+
 def compute(problem: Problem) -> BackendResult:
     """Weighted cross-entropy of all heads with the Triton kernels.
 
@@ -289,13 +337,15 @@ def compute(problem: Problem) -> BackendResult:
         )[:5]
     else:
         mode = grad_mode(problem)
-        if mode == NO_GRAD:
+        target_grad = _target_needs_grad(problem)
+        if mode == NO_GRAD and not target_grad:
             out = _forward_impl(problem.heads, problem.target, problem.class_weight, *options,
                                 problem.want_details, NO_GRAD, traced=False)
             loss, head_losses, head_correct, count, invalid = out[:5]
         else:
             loss, head_losses, head_correct, count, invalid = _EagerFunction.apply(
-                (*options, problem.want_details, mode), problem.target, problem.class_weight, *problem.inputs
+                (*options, problem.want_details, mode, target_grad), problem.target, problem.class_weight,
+                *problem.inputs
             )
     return BackendResult(loss, head_losses, head_correct if problem.want_details else None, count, invalid)
 
@@ -328,7 +378,8 @@ def linear_chunk_rows_and_grad(z: torch.Tensor, target: torch.Tensor, ignore_ind
 def compute_per_head(problems: list[Problem]) -> BackendResult:
     """Every head with its own target and class weight (one validated one-head Problem each) in one launch per
     pass: heads of their own sizes, class counts and target kinds; each head's mean divides by its own
-    divisor. count is per head, (H,). Gradients are computed in the forward (see _PerHeadFunction).
+    divisor. count is per head, (H,). The heads' gradients are computed in the forward, a probability target's
+    in backward (see _PerHeadFunction).
 
     Example (CUDA, or CPU tensors under TRITON_INTERPRET=1):
         >>> loss = auxfuse.multi_head_cross_entropy([out8, out4], [t8, t4], [1.0, 0.5],     # doctest: +SKIP
@@ -343,8 +394,8 @@ def compute_per_head(problems: list[Problem]) -> BackendResult:
     needs_grad = any(p.needs_grad for p in problems)
     if _tracing():
         out = torch.ops.auxfuse.triton_per_head_forward(inputs, targets, class_weights, *options, needs_grad)[:5]
-    elif needs_grad:
-        out = _PerHeadFunction.apply(options, targets, class_weights, *inputs)
+    elif needs_grad or any(_target_needs_grad(p) for p in problems):
+        out = _PerHeadFunction.apply(options, needs_grad, class_weights, *targets, *inputs)
     else:
         out = _per_head_impl(inputs, targets, class_weights, *options, grad=False)[:5]
     loss, head_losses, head_correct, count, invalid = out
@@ -1367,43 +1418,59 @@ if _IMPORT_ERROR is None:
             # The heads come as the model gave them, (N, C, d1, ..., dk): their (N, C, S) views are made here,
             # where autograd does not record them (outside, each would be a node in forward and in backward).
             heads = [as_rows(x) for x in inputs]
-            head_weights, ignore_index, label_smoothing, reduction, want_hits, mode = options
+            head_weights, ignore_index, label_smoothing, reduction, want_hits, mode, target_grad = options
             loss, head_losses, head_correct, count, invalid, denom, lse, coef, buffer = _forward_impl(
                 heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction, want_hits,
                 mode, traced=False)
             ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs below
             ctx.mark_non_differentiable(head_losses, head_correct, count, invalid)
-            ctx.mode = mode
+            ctx.mode, ctx.target_grad = mode, target_grad
             ctx.num_heads, ctx.head_shape = len(inputs), inputs[0].shape
+            ctx.options = (head_weights, ignore_index, label_smoothing, reduction)
+            # The logits (and class weights) are kept for the lse-mode backward and for a probability target's
+            # gradient only: grad-in-forward mode saves nothing else, so the caller's logits can be freed.
+            kept = []
+            if mode == SAVE_LSE or target_grad:
+                kept = ([class_weight] if class_weight is not None else []) + list(inputs)
+            ctx.kept_class_weight = class_weight is not None and bool(kept)
             if mode == GRAD_IN_FORWARD:
-                ctx.save_for_backward(buffer)
-            else:
-                ctx.options = (head_weights, ignore_index, label_smoothing, reduction)
-                ctx.has_class_weight = class_weight is not None
-                extra = [class_weight] if class_weight is not None else []
-                ctx.save_for_backward(lse, coef, denom, target, *extra, *inputs)
+                leading = (buffer,)
+            elif mode == SAVE_LSE:
+                leading = (lse, coef, denom, target)
+            else:  # only the target's gradient
+                leading = ()
+            ctx.num_leading = len(leading)
+            ctx.save_for_backward(*leading, *kept)
             return loss, head_losses, head_correct, count, invalid
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, grad_loss, *unused):
-            none = (None, None, None)
             if grad_loss is None:
-                return none + (None,) * ctx.num_heads
+                return (None,) * (3 + ctx.num_heads)
+            saved = ctx.saved_tensors
+            leading, kept = saved[:ctx.num_leading], saved[ctx.num_leading:]
+            class_weight = kept[0] if ctx.kept_class_weight else None
+            heads = [as_rows(x) for x in (kept[1:] if ctx.kept_class_weight else kept)]
+            head_weights, _, label_smoothing, reduction = ctx.options
+            target_grad = None
+            if ctx.target_grad:
+                target_grad = _prob_target_grad(heads, head_weights, class_weight, label_smoothing, reduction,
+                                                grad_loss)
             if ctx.mode == GRAD_IN_FORWARD:
-                (buffer,) = ctx.saved_tensors
+                (buffer,) = leading
                 # In place only where this backward is the buffer's last reader and values are real.
                 in_place = not torch._C._autograd._get_current_graph_task_keep_graph() and not (
                     _is_traced(grad_loss) or _is_traced(buffer))
                 grads = scale_gradients(buffer, grad_loss, in_place).unbind(0)
-            else:
-                lse, coef, denom, target, *rest = ctx.saved_tensors
-                class_weight = rest[0] if ctx.has_class_weight else None
-                heads = [as_rows(x) for x in (rest[1:] if ctx.has_class_weight else rest)]
+            elif ctx.mode == SAVE_LSE:
+                lse, coef, denom, target = leading
                 grads = _backward_impl(grad_loss, heads, target, class_weight, *ctx.options, lse, coef, denom,
                                        traced=_is_traced(grad_loss), one_buffer=True)
+            else:  # the heads need no gradient
+                return (None, target_grad, None) + (None,) * ctx.num_heads
             shape = ctx.head_shape
-            return none + tuple(g if g.shape == shape else g.view(shape) for g in grads)
+            return (None, target_grad, None) + tuple(g if g.shape == shape else g.view(shape) for g in grads)
 
     def _per_head_plan(heads, targets, class_weights, label_smoothing, reduction, want_hits, grad) -> dict:
         """The non-tensor part of a per-head call's launches (static shapes only): the work items (head, first
@@ -1545,31 +1612,42 @@ if _IMPORT_ERROR is None:
         return loss, head_losses, head_correct, count, invalid, flat, views
 
     class _PerHeadFunction(torch.autograd.Function):
-        """compute_per_head's autograd: the gradients computed in the forward (one flat buffer), times
-        grad_output in backward: one scale launch for mean / sum (nothing moves when it is 1.0), a per-row
-        multiply broadcast over the classes for none."""
+        """compute_per_head's autograd: the heads' gradients computed in the forward (one flat buffer; none when
+        only targets need one), times grad_output in backward: one scale launch for mean / sum (nothing moves
+        when it is 1.0), a per-row multiply broadcast over the classes for none. A probability target that
+        requires grad gets its gradient from its head's saved logits (_prob_target_grad). The targets come one
+        argument each (autograd does not look into a list), then the heads."""
 
         @staticmethod
-        def forward(ctx, options, targets, class_weights, *inputs):
+        def forward(ctx, options, grad, class_weights, *tensors):
+            H = len(tensors) // 2
+            targets, inputs = tensors[:H], tensors[H:]
             loss, head_losses, head_correct, count, invalid, flat, views = _per_head_impl(
-                inputs, targets, class_weights, *options, grad=True)
+                inputs, targets, class_weights, *options, grad=grad)
             ctx.set_materialize_grads(False)
             ctx.mark_non_differentiable(head_losses, head_correct, count, invalid)
-            ctx.save_for_backward(flat)
+            ctx.num_heads, ctx.options = H, options
+            ctx.target_grad_heads = [h for h in range(H) if ctx.needs_input_grad[3 + h]]
+            ctx.save_for_backward(flat, *_target_grad_inputs(ctx.target_grad_heads, inputs, class_weights))
             ctx.views = [(v.shape, v.stride(), v.storage_offset()) for v in views]
-            ctx.reduction = options[3]
             return loss, head_losses, head_correct, count, invalid
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, grad_loss, *unused):
+            H = ctx.num_heads
             if grad_loss is None:
-                return (None,) * (3 + len(ctx.views))
-            (flat,) = ctx.saved_tensors
+                return (None,) * (3 + 2 * H)
+            flat, *kept = ctx.saved_tensors
+            head_weights, _, label_smoothing, reduction, _ = ctx.options
+            target_grads = _per_head_target_grads(H, ctx.target_grad_heads, kept, head_weights, label_smoothing,
+                                                  reduction, grad_loss)
+            if flat is None:  # the heads need no gradient
+                return (None, None, None, *target_grads, *([None] * H))
             # In place only where this backward is the buffer's last reader and values are real.
             in_place = not torch._C._autograd._get_current_graph_task_keep_graph() and not (
                 _is_traced(grad_loss) or _is_traced(flat))
-            if ctx.reduction != NONE:
+            if reduction != NONE:
                 flat = scale_gradients(flat, grad_loss, in_place)
                 grads = [flat.as_strided(*view) for view in ctx.views]
             else:
@@ -1578,7 +1656,7 @@ if _IMPORT_ERROR is None:
                     g = flat.as_strided(size, stride, offset)
                     scale = grad_loss.reshape(size[0], 1, *size[2:]).to(g.dtype)
                     grads.append(g.mul_(scale) if in_place else g * scale)
-            return (None, None, None, *grads)
+            return (None, None, None, *target_grads, *grads)
 
     # Traced calls (torch.compile, make_fx): an opaque custom op, not a triton_op, because the head table needs
     # the tensors' data_ptr()s, which only the real call has; its fake kernel gives the shapes. cudagraph_unsafe:
@@ -1618,24 +1696,34 @@ if _IMPORT_ERROR is None:
         )
 
     def _per_head_setup_context(ctx, inputs, output):
+        heads, targets, class_weights, head_weights, _, label_smoothing, reduction = inputs[:7]
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*output[1:5], *output[5])
-        ctx.reduction = inputs[6]
+        ctx.options = (head_weights, label_smoothing, reduction)
         # backward returns the inputs' structure as register_autograd flattens it: a list (of None) for each
         # list of tensors only (class_weights with a None in it is one input)
         ctx.no_grads = [[None] * len(x) if isinstance(x, list) and all(isinstance(v, torch.Tensor) for v in x)
-                        else None for x in inputs[1:]]
-        ctx.save_for_backward(*output[5])
+                        else None for x in inputs]
+        # Probability targets that require grad: their heads' logits and class weights (_prob_target_grad).
+        ctx.target_grad_heads = [h for h, t in enumerate(targets) if t.requires_grad]
+        ctx.num_grads = len(output[5])
+        ctx.save_for_backward(*output[5], *_target_grad_inputs(ctx.target_grad_heads, heads, class_weights))
 
     def _per_head_op_backward(ctx, grad_loss, *unused):
-        grads = ctx.saved_tensors
-        if grad_loss is None or not grads:
-            return None, *ctx.no_grads
-        if ctx.reduction == NONE:  # (N, S): per row, broadcast over the classes
-            grads = [g * grad_loss.reshape(g.shape[0], 1, *g.shape[2:]).to(g.dtype) for g in grads]
-        else:
-            grads = [g * grad_loss.to(g.dtype) for g in grads]
-        return list(grads), *ctx.no_grads
+        result = list(ctx.no_grads)
+        if grad_loss is None:
+            return tuple(result)
+        saved = ctx.saved_tensors
+        grads, kept = saved[:ctx.num_grads], saved[ctx.num_grads:]
+        head_weights, label_smoothing, reduction = ctx.options
+        if grads:
+            if reduction == NONE:  # (N, S): per row, broadcast over the classes
+                result[0] = [g * grad_loss.reshape(g.shape[0], 1, *g.shape[2:]).to(g.dtype) for g in grads]
+            else:
+                result[0] = [g * grad_loss.to(g.dtype) for g in grads]
+        result[1] = _per_head_target_grads(len(result[1]), ctx.target_grad_heads, kept, head_weights,
+                                           label_smoothing, reduction, grad_loss)
+        return tuple(result)
 
     _per_head_op.register_autograd(_per_head_op_backward, setup_context=_per_head_setup_context)
 
@@ -1686,6 +1774,7 @@ if _IMPORT_ERROR is None:
         ctx.num_heads = len(heads)
         ctx.has_class_weight = class_weight is not None
         ctx.saved_lse = save_lse
+        ctx.target_grad = target.requires_grad  # a probability target (_prob_target_grad)
         denom, lse, coef = output[5], output[6], output[7]
         extra = [class_weight] if class_weight is not None else []
         ctx.save_for_backward(lse, coef, denom, target, *extra, *heads)
@@ -1693,14 +1782,21 @@ if _IMPORT_ERROR is None:
     def _backward(ctx, grad_loss, *unused):
         if grad_loss is None:
             return (None,) * 9
-        if not ctx.saved_lse:
-            raise RuntimeError("auxfuse: the triton forward ran with save_lse=False (no gradient was expected)")
         lse, coef, denom, target, *rest = ctx.saved_tensors
         class_weight = rest[0] if ctx.has_class_weight else None
         heads = rest[1:] if ctx.has_class_weight else rest
-        grads = torch.ops.auxfuse.triton_multihead_ce_backward(
-            grad_loss, list(heads), target, class_weight, *ctx.options, lse, coef, denom
-        )
-        return list(grads), None, None, None, None, None, None, None, None
+        head_weights, _, label_smoothing, reduction = ctx.options
+        target_grad = None
+        if ctx.target_grad:
+            target_grad = _prob_target_grad(heads, head_weights, class_weight, label_smoothing, reduction, grad_loss)
+        if ctx.saved_lse:
+            grads = list(torch.ops.auxfuse.triton_multihead_ce_backward(
+                grad_loss, list(heads), target, class_weight, *ctx.options, lse, coef, denom
+            ))
+        elif ctx.target_grad:  # the heads need no gradient
+            grads = [None] * len(heads)
+        else:
+            raise RuntimeError("auxfuse: the triton forward ran with save_lse=False (no gradient was expected)")
+        return grads, target_grad, None, None, None, None, None, None, None
 
     _forward_op.register_autograd(_backward, setup_context=_setup_context)
