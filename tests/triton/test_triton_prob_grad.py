@@ -147,5 +147,5 @@ def test_torch_compile_fullgraph(per_head):
     else:
         targets = [_soft((4, 6, 3), g)] * 2
         call_target, class_weights = targets[0], _class_weight(6, g)
-    check_target_grads(heads, targets, [1.0, 0.4], call_target=call_target, class_weights=class_weights, label_smoothing=0.1,
-                       compile_backend=backend)
+    check_target_grads(heads, targets, [1.0, 0.4], call_target=call_target, class_weights=class_weights,
+                       label_smoothing=0.1, compile_backend=backend)
