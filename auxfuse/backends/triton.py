@@ -45,6 +45,11 @@ gradients, so no second gradient-sized buffer exists, unless that buffer may be 
 is kept (retain_graph=True, create_graph=True) or the backward is being traced (compiled autograd, make_fx,
 a dispatch mode, fake / functional tensors) it writes grads * grad_output to a new buffer instead.
 
+A probability target that requires grad (distillation: a teacher's soft labels being trained) gets its gradient
+in the backward of every path (eager and traced, shared and per-head targets) from torch ops on the saved logits
+(_prob_target_grad, the formula of csrc/autograd.cpp's prob_target_grad); the logits are then saved in
+grad-in-forward mode too. The kernels keep their single pass for the common case, targets without gradient.
+
 Eager calls go through _EagerFunction (a torch.autograd.Function that launches the kernels directly):
 triton_op's dispatch, register_autograd's generated Function and wrap_triton cost tens of microseconds of
 host time per call, which is what a 3 x 256 x 1000 loss is made of on a GPU. With the launches stubbed out
@@ -87,14 +92,16 @@ Each program reads its head from a head table: the fields of HeadDesc (csrc/mult
 int64 tensor (pointers as data_ptr() values, cast in the kernel; 0 for none), with the work items and HeadDesc's
 float fields (as float32 bits) after it: one host-to-device copy per call (pinned, asynchronous). A head's
 class-index or probability target, class weights or none, sizes and strides are read at run time, so one compiled
-kernel takes any mix. Tiles have one shape ([BLOCK_R, BLOCK_C] from the widest head), so a 3-class head next to a
-37-class one computes on masked lanes. The compiler cannot see alignment in the table's values: when every head
-(and probability target, and gradient) is 16-byte aligned with contiguous classes and C and row strides multiples
-of 16 bytes (LM vocabularies), the host says so (VEC, checked per call) and the kernel hints it, so rows stream in
-16-byte loads and stores; other layouts (NCHW heads: classes strided by S) use scalar, still coalesced, accesses.
-The table needs data_ptr(), which traced tensors lack, so traced calls (torch.compile, make_fx) reach the same
-launches through an opaque custom op, auxfuse::triton_per_head_forward (a fake kernel for the shapes; its
-gradients are one tensor per head, multiplied by grad_output in the traced backward); it is tagged
+kernel takes any mix. A head of a resized target (target_resize) reads the full-resolution class indices through its
+positions (Problem.target_positions, one more pointer in its row; the POS constexpr when any head of the call has
+them), so the front end makes no copy per head. Tiles have one shape ([BLOCK_R, BLOCK_C] from the widest head), so a
+3-class head next to a 37-class one computes on masked lanes. The compiler cannot see alignment in the table's
+values: when every head (and probability target, and gradient) is 16-byte aligned with contiguous classes and C and
+row strides multiples of 16 bytes (LM vocabularies), the host says so (VEC, checked per call) and the kernel hints
+it, so rows stream in 16-byte loads and stores; other layouts (NCHW heads: classes strided by S) use scalar, still
+coalesced, accesses. The table needs data_ptr(), which traced tensors lack, so traced calls (torch.compile, make_fx)
+reach the same launches through an opaque custom op, auxfuse::triton_per_head_forward (a fake kernel for the shapes;
+its gradients are one tensor per head, multiplied by grad_output in the traced backward); it is tagged
 cudagraph_unsafe, and while a CUDA graph is captured per_head_unavailable_reason() sends the front end back to one
 call per head (a replay would read the table's freed host buffer).
 
@@ -148,7 +155,7 @@ from .problem import BackendResult, Problem, as_rows
 
 name = "triton"
 checks_targets = False  # the caller checks class indices on CPU (or when asked)
-reads_target_positions = False  # a resized target comes gathered (Problem.gathered)
+reads_target_positions = True  # compute_per_head reads a resized target through Problem.target_positions
 
 MAX_HEADS = 8
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -201,7 +208,7 @@ else:
     PH_TILE = TILE // 2  # 8 warps: 8 elements of a tile per thread; a mixed call spills at 4096
     PH_PROGRAMS = 4 * MIN_PROGRAMS
 PH_MAX_ROWS = 1 << 20  # rows of a per-head work item, at most: its partial counts stay exact in float32
-PH_FIELDS = 21  # int64 fields per head in the per-head table (_head_fields)
+PH_FIELDS = 22  # int64 fields per head in the per-head table (_head_fields)
 DENOM_MAX_PROGRAMS = 1024  # the main kernel sums this many pre-pass partials, at most
 FINALIZE_BLOCK = 256
 
@@ -233,8 +240,6 @@ def not_supported_reasons(problem: Problem) -> list[str]:
                        f"got {len(problem.inputs)}")
     if problem.num_classes < 1:
         reasons.append("the heads have no classes")
-    if problem.prob_target and problem.target.requires_grad:
-        reasons.append("gradients w.r.t. probability targets are computed by the torch backend only")
     if problem.class_weight is not None and problem.class_weight.requires_grad:
         reasons.append("gradients w.r.t. class weights are computed by the torch backend only")
     return reasons
@@ -271,6 +276,51 @@ def grad_mode(problem: Problem) -> int:
     return GRAD_IN_FORWARD if (C > NARROW_MAX_C or S > 1) else SAVE_LSE
 
 
+def _target_needs_grad(problem: Problem) -> bool:
+    """A probability target that requires grad (class indices never do) while autograd records."""
+    return torch.is_grad_enabled() and problem.target.requires_grad
+
+
+def _prob_target_grad(heads, head_weights, class_weight: Optional[torch.Tensor], label_smoothing: float,
+                      reduction: int, grad_loss: torch.Tensor) -> torch.Tensor:
+    """The gradient w.r.t. a probability target (N, C, S) that every head of `heads` ((N, C, S) each) reads: per
+    row and class -(1 - eps) * w_c * sum_h w_h * log_softmax(x_h)_c, times the row's scale (grad_output; / N * S
+    for the mean, the divisor of probability targets), in the heads' dtype (a probability target's, Problem):
+    csrc/autograd.cpp's prob_target_grad in torch ops."""
+    total = None
+    for x, w in zip(heads, head_weights):
+        term = torch.log_softmax(x, 1, dtype=torch.float32) * -float(w)
+        total = term if total is None else total + term
+    total = total * (1.0 - label_smoothing)
+    if class_weight is not None:
+        total = total * class_weight.view(1, -1, 1)
+    N, _, S = total.shape
+    scale = grad_loss.to(torch.float32)
+    if reduction == MEAN:
+        scale = scale / (N * S)
+    elif reduction == NONE:
+        scale = scale.reshape(N, 1, S)
+    return (total * scale).to(heads[0].dtype)
+
+
+def _target_grad_inputs(target_grad_heads: list[int], heads, class_weights) -> list:
+    """What _per_head_target_grads needs saved: the logits, then the class weights (or None), of the heads whose
+    probability target requires grad."""
+    return [heads[h] for h in target_grad_heads] + [class_weights[h] for h in target_grad_heads]
+
+
+def _per_head_target_grads(num_heads: int, target_grad_heads: list[int], kept, head_weights,
+                           label_smoothing: float, reduction: int, grad_loss: torch.Tensor) -> list:
+    """Each head's target's gradient: None, or for the heads of target_grad_heads _prob_target_grad of that head
+    alone, from `kept` (_target_grad_inputs)."""
+    grads = [None] * num_heads
+    K = len(target_grad_heads)
+    for h, x, class_weight in zip(target_grad_heads, kept[:K], kept[K:]):
+        grads[h] = _prob_target_grad([as_rows(x)], [head_weights[h]], class_weight, label_smoothing, reduction,
+                                     grad_loss)
+    return grads
+
+
 def compute(problem: Problem) -> BackendResult:
     """Weighted cross-entropy of all heads with the Triton kernels.
 
@@ -289,13 +339,15 @@ def compute(problem: Problem) -> BackendResult:
         )[:5]
     else:
         mode = grad_mode(problem)
-        if mode == NO_GRAD:
+        target_grad = _target_needs_grad(problem)
+        if mode == NO_GRAD and not target_grad:
             out = _forward_impl(problem.heads, problem.target, problem.class_weight, *options,
                                 problem.want_details, NO_GRAD, traced=False)
             loss, head_losses, head_correct, count, invalid = out[:5]
         else:
             loss, head_losses, head_correct, count, invalid = _EagerFunction.apply(
-                (*options, problem.want_details, mode), problem.target, problem.class_weight, *problem.inputs
+                (*options, problem.want_details, mode, target_grad), problem.target, problem.class_weight,
+                *problem.inputs
             )
     return BackendResult(loss, head_losses, head_correct if problem.want_details else None, count, invalid)
 
@@ -320,15 +372,17 @@ def linear_chunk_rows_and_grad(z: torch.Tensor, target: torch.Tensor, ignore_ind
         raise ValueError("auxfuse: the triton backend of the fused linear + cross-entropy runs in eager mode only "
                          "(its head table needs data_ptr()); use backend='cuda' or 'torch' under torch.compile")
     # The kernels read targets as (N, S) views, as Problem.target gives them.
-    rows, _, hits, _, invalid, _, grads = _per_head_impl([z], [target.reshape(-1, 1)], [None], [1.0], ignore_index,
-                                                         label_smoothing, NONE, True, want_grad, one_buffer=False)
+    rows, _, hits, _, invalid, _, grads = _per_head_impl([z], [target.reshape(-1, 1)], [None], [None], [1.0],
+                                                         ignore_index, label_smoothing, NONE, True, want_grad,
+                                                         one_buffer=False)
     return rows.reshape(-1), hits[0], invalid, grads[0] if want_grad else None
 
 
 def compute_per_head(problems: list[Problem]) -> BackendResult:
     """Every head with its own target and class weight (one validated one-head Problem each) in one launch per
     pass: heads of their own sizes, class counts and target kinds; each head's mean divides by its own
-    divisor. count is per head, (H,). Gradients are computed in the forward (see _PerHeadFunction).
+    divisor. count is per head, (H,). The heads' gradients are computed in the forward, a probability target's
+    in backward (see _PerHeadFunction).
 
     Example (CUDA, or CPU tensors under TRITON_INTERPRET=1):
         >>> loss = auxfuse.multi_head_cross_entropy([out8, out4], [t8, t4], [1.0, 0.5],     # doctest: +SKIP
@@ -337,16 +391,18 @@ def compute_per_head(problems: list[Problem]) -> BackendResult:
     first = problems[0]
     inputs = [p.inputs[0] for p in problems]
     targets = [p.target for p in problems]
+    positions = [p.target_positions for p in problems]
     class_weights = [p.class_weight for p in problems]
     options = ([p.head_weights[0] for p in problems], first.ignore_index, first.label_smoothing,
                first.reduction_code, first.want_details)
     needs_grad = any(p.needs_grad for p in problems)
     if _tracing():
-        out = torch.ops.auxfuse.triton_per_head_forward(inputs, targets, class_weights, *options, needs_grad)[:5]
-    elif needs_grad:
-        out = _PerHeadFunction.apply(options, targets, class_weights, *inputs)
+        out = torch.ops.auxfuse.triton_per_head_forward(inputs, targets, positions, class_weights, *options,
+                                                        needs_grad)[:5]
+    elif needs_grad or any(_target_needs_grad(p) for p in problems):
+        out = _PerHeadFunction.apply(options, needs_grad, positions, class_weights, *targets, *inputs)
     else:
-        out = _per_head_impl(inputs, targets, class_weights, *options, grad=False)[:5]
+        out = _per_head_impl(inputs, targets, positions, class_weights, *options, grad=False)[:5]
     loss, head_losses, head_correct, count, invalid = out
     return BackendResult(loss, head_losses, head_correct if first.want_details else None, count, invalid)
 
@@ -800,13 +856,24 @@ if _IMPORT_ERROR is None:
     @triton.jit
     def _head_fields(TABLE, h, FI: tl.constexpr):
         """Head h's row of the head table: the integer fields of HeadDesc (csrc/multihead_ce.h) in its order,
-        pointers as integers (0 for none), then the range of the head's divisor partials (PH_FIELDS)."""
+        pointers as integers (0 for none), then the range of the head's divisor partials, then its target
+        positions (target_resize; 0 for none) (PH_FIELDS)."""
         row = TABLE + h * FI
         return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
                 tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), tl.load(row + 9),
                 tl.load(row + 10), tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), tl.load(row + 14),
                 tl.load(row + 15), tl.load(row + 16), tl.load(row + 17), tl.load(row + 18), tl.load(row + 19),
-                tl.load(row + 20))
+                tl.load(row + 20), tl.load(row + 21))
+
+    @triton.jit
+    def _target_offsets(n, s, yN, yS, pos_ptr, row_mask, POS: tl.constexpr):
+        """Where rows (n, s) of a head read their class indices: at (n, s) of the head's own target or, for a
+        head with target positions (target_resize: pos_ptr not 0; POS: some head of the call has them), at
+        (n, positions[s]) of the full-resolution (N, S') target."""
+        if POS:
+            pos = tl.load(pos_ptr.to(tl.pointer_type(tl.int64)) + s, mask=row_mask & (pos_ptr != 0), other=0)
+            s = tl.where(pos_ptr != 0, pos, s)
+        return n * yN + s * yS
 
     @triton.jit
     def _head_rows(first, local, nrows, S):
@@ -826,20 +893,22 @@ if _IMPORT_ERROR is None:
         return tl.sum(acc, 0)
 
     @triton.jit
-    def _per_head_denom_kernel(TABLE, D_OFF, DPART, ignore_index, FI: tl.constexpr, BLOCK: tl.constexpr):
+    def _per_head_denom_kernel(TABLE, D_OFF, DPART, ignore_index, FI: tl.constexpr, POS: tl.constexpr,
+                               BLOCK: tl.constexpr):
         """Pre-pass of a grad-in-forward mean: DPART[q] = the sum of w_y over the counted targets of divisor item
         q (head, first row, rows), in a fixed order; a head with a probability target counts its rows."""
         q = tl.program_id(0).to(tl.int64)
         item = TABLE + D_OFF + 3 * q
         h, first, nrows = tl.load(item), tl.load(item + 1), tl.load(item + 2)
-        _, _, C, S, _, _, _, y_ptr, yN, yS, t_ptr, _, _, _, cw_ptr, _, _, _, _, _, _ = _head_fields(TABLE, h, FI)
+        (_, _, C, S, _, _, _, y_ptr, yN, yS, t_ptr, _, _, _, cw_ptr, _, _, _, _, _, _,
+         pos_ptr) = _head_fields(TABLE, h, FI)
         Y = y_ptr.to(tl.pointer_type(tl.int64))
         CW = cw_ptr.to(tl.pointer_type(tl.float32))
         acc = tl.zeros([BLOCK], tl.float32)
         for i in range(0, nrows, BLOCK):
             row_mask, n, s = _head_rows(first, i + tl.arange(0, BLOCK), nrows, S)
-            w_y = _index_row_terms(Y, n * yN + s * yS, CW, cw_ptr != 0, row_mask & (y_ptr != 0), C, ignore_index,
-                                   0.0, True)[4]
+            w_y = _index_row_terms(Y, _target_offsets(n, s, yN, yS, pos_ptr, row_mask, POS), CW, cw_ptr != 0,
+                                   row_mask & (y_ptr != 0), C, ignore_index, 0.0, True)[4]
             acc += tl.where(t_ptr != 0, tl.where(row_mask, 1.0, 0.0), w_y)
         tl.store(DPART + q, tl.sum(acc, 0))
 
@@ -863,14 +932,14 @@ if _IMPORT_ERROR is None:
 
     @triton.jit
     def _per_head_tile(TABLE, h, weight_sum, scale, first, local, nrows, ignore_index, eps, ELEM: tl.constexpr,
-                       FI: tl.constexpr, PROB: tl.constexpr, INDEX: tl.constexpr, HAS_CW: tl.constexpr,
-                       SMOOTH: tl.constexpr, HITS: tl.constexpr, GRAD: tl.constexpr, EVICT: tl.constexpr,
-                       VEC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                       FI: tl.constexpr, PROB: tl.constexpr, INDEX: tl.constexpr, POS: tl.constexpr,
+                       HAS_CW: tl.constexpr, SMOOTH: tl.constexpr, HITS: tl.constexpr, GRAD: tl.constexpr,
+                       EVICT: tl.constexpr, VEC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """BLOCK_R rows of head h (rows first + local, of nrows): each row's loss, whether it is counted, w_y
         (the mean's divisor term), hit and invalid class index; with GRAD the rows' gradient times `scale`
         (see _head_scalars). The head's fields are reloaded per tile (a few scalars, cached)."""
-        (x_ptr, _, C, S, sN, sC, sS, y_ptr, yN, yS, t_ptr, tN, tC, tS, cw_ptr, g_ptr, gN, gC, gS, _,
-         _) = _head_fields(TABLE, h, FI)
+        (x_ptr, _, C, S, sN, sC, sS, y_ptr, yN, yS, t_ptr, tN, tC, tS, cw_ptr, g_ptr, gN, gC, gS, _, _,
+         pos_ptr) = _head_fields(TABLE, h, FI)
         C = C.to(tl.int32)  # class indices as in the shared-target kernels (their C is an int32 argument)
         X = x_ptr.to(tl.pointer_type(ELEM))
         T = t_ptr.to(tl.pointer_type(ELEM))
@@ -899,8 +968,8 @@ if _IMPORT_ERROR is None:
         smooth_coef = eps / C
         # Class-index terms, all 0 (nothing counted) for a head with a probability target (y_ptr 0).
         counted, good, y, y_safe, w_y, target_coef, smooth_row = _index_row_terms(
-            y_ptr.to(tl.pointer_type(tl.int64)), n * yN + s * yS, CW, cw_on, row_mask & (y_ptr != 0), C,
-            ignore_index, eps, HAS_CW)
+            y_ptr.to(tl.pointer_type(tl.int64)), _target_offsets(n, s, yN, yS, pos_ptr, row_mask, POS), CW, cw_on,
+            row_mask & (y_ptr != 0), C, ignore_index, eps, HAS_CW)
         bad = counted != good  # a class index outside [0, C): never read, NaN loss and gradient
         coef = tl.where(good, target_coef + smooth_coef * weight_sum, 0.0)
         coef = tl.where(bad, float("nan"), coef)
@@ -940,10 +1009,10 @@ if _IMPORT_ERROR is None:
     @triton.jit
     def _per_head_forward_kernel(
         TABLE, F_OFF, W_OFF, REF, DPART, PART, LOSS_ROWS, H, ignore_index, eps,
-        FI: tl.constexpr, ALL_HEADS: tl.constexpr, PROB: tl.constexpr, INDEX: tl.constexpr, HAS_CW: tl.constexpr,
-        SMOOTH: tl.constexpr, RED: tl.constexpr, HITS: tl.constexpr, GRAD: tl.constexpr, KP: tl.constexpr,
-        HP: tl.constexpr, EVICT: tl.constexpr, VEC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        FI: tl.constexpr, ALL_HEADS: tl.constexpr, PROB: tl.constexpr, INDEX: tl.constexpr, POS: tl.constexpr,
+        HAS_CW: tl.constexpr, SMOOTH: tl.constexpr, RED: tl.constexpr, HITS: tl.constexpr, GRAD: tl.constexpr,
+        KP: tl.constexpr, HP: tl.constexpr, EVICT: tl.constexpr, VEC: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Work item p = (head, first row, rows) of a per-head call, BLOCK_R rows at a time. ALL_HEADS
         (reduction none: every head has the same rows, whose weighted losses are summed): the item's rows of
@@ -964,7 +1033,7 @@ if _IMPORT_ERROR is None:
                                                       BLOCK_C, BLOCK_D)
                     loss, counted, w_y, hit, bad = _per_head_tile(
                         TABLE, h, weight_sum, scale, first, local, nrows, ignore_index, eps, ELEM, FI, PROB, INDEX,
-                        HAS_CW, SMOOTH, HITS, GRAD, EVICT, VEC, BLOCK_R, BLOCK_C)
+                        POS, HAS_CW, SMOOTH, HITS, GRAD, EVICT, VEC, BLOCK_R, BLOCK_C)
                     weighted += tl.load(FTABLE + 3 * h + 1) * loss
                     acc = _add_partials(acc, h, loss, counted, w_y, hit, bad, KP, HP)
                 tl.store(LOSS_ROWS + (first + local.to(tl.int64)), weighted, mask=local < nrows)
@@ -974,7 +1043,7 @@ if _IMPORT_ERROR is None:
             for i in range(0, nrows, BLOCK_R):
                 loss, counted, w_y, hit, bad = _per_head_tile(
                     TABLE, head, weight_sum, scale, first, i + tl.arange(0, BLOCK_R), nrows, ignore_index, eps,
-                    ELEM, FI, PROB, INDEX, HAS_CW, SMOOTH, HITS, GRAD, EVICT, VEC, BLOCK_R, BLOCK_C)
+                    ELEM, FI, PROB, INDEX, POS, HAS_CW, SMOOTH, HITS, GRAD, EVICT, VEC, BLOCK_R, BLOCK_C)
                 acc = _add_partials(acc, 0, loss, counted, w_y, hit, bad, KP, HP)
         hs = tl.arange(0, HP)
         ks = tl.arange(0, KP)
@@ -1367,45 +1436,62 @@ if _IMPORT_ERROR is None:
             # The heads come as the model gave them, (N, C, d1, ..., dk): their (N, C, S) views are made here,
             # where autograd does not record them (outside, each would be a node in forward and in backward).
             heads = [as_rows(x) for x in inputs]
-            head_weights, ignore_index, label_smoothing, reduction, want_hits, mode = options
+            head_weights, ignore_index, label_smoothing, reduction, want_hits, mode, target_grad = options
             loss, head_losses, head_correct, count, invalid, denom, lse, coef, buffer = _forward_impl(
                 heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction, want_hits,
                 mode, traced=False)
             ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs below
             ctx.mark_non_differentiable(head_losses, head_correct, count, invalid)
-            ctx.mode = mode
+            ctx.mode, ctx.target_grad = mode, target_grad
             ctx.num_heads, ctx.head_shape = len(inputs), inputs[0].shape
+            ctx.options = (head_weights, ignore_index, label_smoothing, reduction)
+            # The logits (and class weights) are kept for the lse-mode backward and for a probability target's
+            # gradient only: grad-in-forward mode saves nothing else, so the caller's logits can be freed.
+            kept = []
+            if mode == SAVE_LSE or target_grad:
+                kept = ([class_weight] if class_weight is not None else []) + list(inputs)
+            ctx.kept_class_weight = class_weight is not None and bool(kept)
             if mode == GRAD_IN_FORWARD:
-                ctx.save_for_backward(buffer)
-            else:
-                ctx.options = (head_weights, ignore_index, label_smoothing, reduction)
-                ctx.has_class_weight = class_weight is not None
-                extra = [class_weight] if class_weight is not None else []
-                ctx.save_for_backward(lse, coef, denom, target, *extra, *inputs)
+                leading = (buffer,)
+            elif mode == SAVE_LSE:
+                leading = (lse, coef, denom, target)
+            else:  # only the target's gradient
+                leading = ()
+            ctx.num_leading = len(leading)
+            ctx.save_for_backward(*leading, *kept)
             return loss, head_losses, head_correct, count, invalid
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, grad_loss, *unused):
-            none = (None, None, None)
             if grad_loss is None:
-                return none + (None,) * ctx.num_heads
+                return (None,) * (3 + ctx.num_heads)
+            saved = ctx.saved_tensors
+            leading, kept = saved[:ctx.num_leading], saved[ctx.num_leading:]
+            class_weight = kept[0] if ctx.kept_class_weight else None
+            heads = [as_rows(x) for x in (kept[1:] if ctx.kept_class_weight else kept)]
+            head_weights, _, label_smoothing, reduction = ctx.options
+            target_grad = None
+            if ctx.target_grad:
+                target_grad = _prob_target_grad(heads, head_weights, class_weight, label_smoothing, reduction,
+                                                grad_loss)
             if ctx.mode == GRAD_IN_FORWARD:
-                (buffer,) = ctx.saved_tensors
+                (buffer,) = leading
                 # In place only where this backward is the buffer's last reader and values are real.
                 in_place = not torch._C._autograd._get_current_graph_task_keep_graph() and not (
                     _is_traced(grad_loss) or _is_traced(buffer))
                 grads = scale_gradients(buffer, grad_loss, in_place).unbind(0)
-            else:
-                lse, coef, denom, target, *rest = ctx.saved_tensors
-                class_weight = rest[0] if ctx.has_class_weight else None
-                heads = [as_rows(x) for x in (rest[1:] if ctx.has_class_weight else rest)]
+            elif ctx.mode == SAVE_LSE:
+                lse, coef, denom, target = leading
                 grads = _backward_impl(grad_loss, heads, target, class_weight, *ctx.options, lse, coef, denom,
                                        traced=_is_traced(grad_loss), one_buffer=True)
+            else:  # the heads need no gradient
+                return (None, target_grad, None) + (None,) * ctx.num_heads
             shape = ctx.head_shape
-            return none + tuple(g if g.shape == shape else g.view(shape) for g in grads)
+            return (None, target_grad, None) + tuple(g if g.shape == shape else g.view(shape) for g in grads)
 
-    def _per_head_plan(heads, targets, class_weights, label_smoothing, reduction, want_hits, grad) -> dict:
+    def _per_head_plan(heads, targets, positions, class_weights, label_smoothing, reduction, want_hits,
+                       grad) -> dict:
         """The non-tensor part of a per-head call's launches (static shapes only): the work items (head, first
         row, rows) of the main kernel, the divisor pre-pass's items, each head's range of divisor partials, the
         constexprs."""
@@ -1436,11 +1522,13 @@ if _IMPORT_ERROR is None:
             ditems += [(h, q * rows, min(rows, R - q * rows)) for q in range(programs)]
         block_d = max(16, min(DENOM_MAX_PROGRAMS, _next_pow2(max(n for _, n in dranges))))
         prob = [t.dim() == 3 for t in targets]
-        flags = dict(PROB=any(prob), INDEX=not all(prob), HAS_CW=any(cw is not None for cw in class_weights),
-                     SMOOTH=label_smoothing != 0.0, RED=reduction, HITS=want_hits, KP=8, BLOCK_D=block_d)
+        pos = any(p is not None for p in positions)  # some head reads a resized target through its positions
+        flags = dict(PROB=any(prob), INDEX=not all(prob), POS=pos,
+                     HAS_CW=any(cw is not None for cw in class_weights), SMOOTH=label_smoothing != 0.0,
+                     RED=reduction, HITS=want_hits, KP=8, BLOCK_D=block_d)
         return dict(
             H=H, items=[v for item in items + ditems for v in item], P=len(items), Q=len(ditems), dranges=dranges,
-            segs=H if all_heads else 1,
+            segs=H if all_heads else 1, denom=dict(POS=pos, BLOCK=DENOM_BLOCK),
             forward=dict(flags, ALL_HEADS=all_heads, GRAD=grad, HP=max(2, _next_pow2(H)) if all_heads else 2,
                          EVICT="evict_last" if grad else "", BLOCK_R=block_r, BLOCK_C=block_c,
                          num_warps=8),
@@ -1477,20 +1565,23 @@ if _IMPORT_ERROR is None:
         return vec if all(x.shape[1] % vec == 0 and aligned(x) and (t.dim() == 2 or aligned(t))
                           and (g is None or aligned(g)) for x, t, g in zip(heads, targets, grads)) else 0
 
-    def _head_table(plan, heads, targets, class_weights, grads, head_weights) -> torch.Tensor:
+    def _head_table(plan, heads, targets, positions, class_weights, grads, head_weights) -> torch.Tensor:
         """The call's table as one int64 tensor on the heads' device (one host-to-device copy): PH_FIELDS per
-        head (HeadDesc's integer fields and the head's divisor partials), the work items, the divisor items,
-        then HeadDesc's float fields (weight_sum, weight, grad_scale) per head as float32 bits. weight_sum holds
-        C; for a head with class weights the kernel sums them on the device (the host never reads device
-        values). grad_scale is the head weight; the kernel divides it by the head's divisor for the mean."""
+        head (HeadDesc's integer fields, the head's divisor partials and its target positions), the work items,
+        the divisor items, then HeadDesc's float fields (weight_sum, weight, grad_scale) per head as float32
+        bits. weight_sum holds C; for a head with class weights the kernel sums them on the device (the host
+        never reads device values). grad_scale is the head weight; the kernel divides it by the head's divisor
+        for the mean."""
         ints, floats = [], []
-        for x, t, cw, g, w, drange in zip(heads, targets, class_weights, grads, head_weights, plan["dranges"]):
+        for x, t, pos, cw, g, w, drange in zip(heads, targets, positions, class_weights, grads, head_weights,
+                                               plan["dranges"]):
             index = t.dim() == 2
             ints += [x.data_ptr(), *x.shape, *x.stride()]
             ints += [t.data_ptr(), *t.stride(), 0, 0, 0, 0] if index else [0, 0, 0, t.data_ptr(), *t.stride()]
             ints.append(cw.data_ptr() if cw is not None else 0)
             ints += [g.data_ptr(), *g.stride()] if g is not None else [0, 0, 0, 0]
             ints += drange
+            ints.append(pos.data_ptr() if pos is not None else 0)
             floats += [float(x.shape[1]), float(w), float(w)]
         floats += [0.0] * (len(floats) % 2)  # whole int64 words
         table = torch.cat([torch.tensor(ints + plan["items"], dtype=torch.int64),
@@ -1503,21 +1594,22 @@ if _IMPORT_ERROR is None:
             table = table.pin_memory().to(device, non_blocking=True)
         return table
 
-    def _per_head_impl(inputs, targets, class_weights, head_weights, ignore_index: int, label_smoothing: float,
-                       reduction: int, want_hits: bool, grad: bool, one_buffer: bool = True):
+    def _per_head_impl(inputs, targets, positions, class_weights, head_weights, ignore_index: int,
+                       label_smoothing: float, reduction: int, want_hits: bool, grad: bool, one_buffer: bool = True):
         """The launches of a per-head call: the divisor pre-pass (grad-in-forward mean), the main kernel over
-        the work items, the finalize. Returns loss (() or (N, S)), head_losses, head_correct ((0,) unless
-        want_hits), count (H,), invalid, and with grad the gradient buffer (one_buffer) and each head's
-        gradient in its shape."""
+        the work items, the finalize. A head's target is (N, S) class indices, (N, C, S) probabilities, or with
+        its positions (Problem.target_positions, else None) the full-resolution (N, S') class indices. Returns
+        loss (() or (N, S)), head_losses, head_correct ((0,) unless want_hits), count (H,), invalid, and with
+        grad the gradient buffer (one_buffer) and each head's gradient in its shape."""
         heads = [as_rows(x) for x in inputs]
         options = (label_smoothing, reduction, want_hits, grad)
         key = ("per_head", tuple((tuple(x.shape), x.stride()) for x in heads),
-               tuple((tuple(t.shape), t.stride()) for t in targets), tuple(cw is None for cw in class_weights),
-               heads[0].dtype, heads[0].device, *options)
-        plan = _cached_plan(lambda: _per_head_plan(heads, targets, class_weights, *options), key, False)
+               tuple((tuple(t.shape), t.stride()) for t in targets), tuple(p is None for p in positions),
+               tuple(cw is None for cw in class_weights), heads[0].dtype, heads[0].device, *options)
+        plan = _cached_plan(lambda: _per_head_plan(heads, targets, positions, class_weights, *options), key, False)
         flat, grads, views = (_per_head_grads(inputs, heads, one_buffer) if grad
                               else (None, [None] * len(heads), []))
-        table = _head_table(plan, heads, targets, class_weights, grads, head_weights)
+        table = _head_table(plan, heads, targets, positions, class_weights, grads, head_weights)
         H, P, Q = plan["H"], plan["P"], plan["Q"]
         offsets = dict(W_OFF=H * PH_FIELDS, F_OFF=H * PH_FIELDS + 3 * (P + Q))
         device = heads[0].device
@@ -1532,8 +1624,8 @@ if _IMPORT_ERROR is None:
         dpart = torch.empty((max(Q, 1),), **f32)
         common = dict(TABLE=table, FI=PH_FIELDS)
         if Q:  # grad-in-forward mean: the divisors before the gradients
-            _run(_per_head_denom_kernel, (Q,), dict(common, D_OFF=offsets["W_OFF"] + 3 * P, DPART=dpart,
-                                                     ignore_index=ignore_index, BLOCK=DENOM_BLOCK), traced=False)
+            _run(_per_head_denom_kernel, (Q,), dict(common, **plan["denom"], D_OFF=offsets["W_OFF"] + 3 * P,
+                                                     DPART=dpart, ignore_index=ignore_index), traced=False)
         _run(_per_head_forward_kernel, (P,), dict(
             common, **offsets, **plan["forward"], VEC=_vector_width(heads, targets, grads), REF=heads[0],
             DPART=dpart, PART=part, LOSS_ROWS=loss, H=H, ignore_index=ignore_index, eps=float(label_smoothing)),
@@ -1545,31 +1637,42 @@ if _IMPORT_ERROR is None:
         return loss, head_losses, head_correct, count, invalid, flat, views
 
     class _PerHeadFunction(torch.autograd.Function):
-        """compute_per_head's autograd: the gradients computed in the forward (one flat buffer), times
-        grad_output in backward: one scale launch for mean / sum (nothing moves when it is 1.0), a per-row
-        multiply broadcast over the classes for none."""
+        """compute_per_head's autograd: the heads' gradients computed in the forward (one flat buffer; none when
+        only targets need one), times grad_output in backward: one scale launch for mean / sum (nothing moves
+        when it is 1.0), a per-row multiply broadcast over the classes for none. A probability target that
+        requires grad gets its gradient from its head's saved logits (_prob_target_grad). The targets come one
+        argument each (autograd does not look into a list), then the heads."""
 
         @staticmethod
-        def forward(ctx, options, targets, class_weights, *inputs):
+        def forward(ctx, options, grad, positions, class_weights, *tensors):
+            H = len(tensors) // 2
+            targets, inputs = tensors[:H], tensors[H:]
             loss, head_losses, head_correct, count, invalid, flat, views = _per_head_impl(
-                inputs, targets, class_weights, *options, grad=True)
+                inputs, targets, positions, class_weights, *options, grad=grad)
             ctx.set_materialize_grads(False)
             ctx.mark_non_differentiable(head_losses, head_correct, count, invalid)
-            ctx.save_for_backward(flat)
+            ctx.num_heads, ctx.options = H, options
+            ctx.target_grad_heads = [h for h in range(H) if ctx.needs_input_grad[4 + h]]
+            ctx.save_for_backward(flat, *_target_grad_inputs(ctx.target_grad_heads, inputs, class_weights))
             ctx.views = [(v.shape, v.stride(), v.storage_offset()) for v in views]
-            ctx.reduction = options[3]
             return loss, head_losses, head_correct, count, invalid
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, grad_loss, *unused):
+            H = ctx.num_heads
             if grad_loss is None:
-                return (None,) * (3 + len(ctx.views))
-            (flat,) = ctx.saved_tensors
+                return (None,) * (4 + 2 * H)
+            flat, *kept = ctx.saved_tensors
+            head_weights, _, label_smoothing, reduction, _ = ctx.options
+            target_grads = _per_head_target_grads(H, ctx.target_grad_heads, kept, head_weights, label_smoothing,
+                                                  reduction, grad_loss)
+            if flat is None:  # the heads need no gradient
+                return (None, None, None, None, *target_grads, *([None] * H))
             # In place only where this backward is the buffer's last reader and values are real.
             in_place = not torch._C._autograd._get_current_graph_task_keep_graph() and not (
                 _is_traced(grad_loss) or _is_traced(flat))
-            if ctx.reduction != NONE:
+            if reduction != NONE:
                 flat = scale_gradients(flat, grad_loss, in_place)
                 grads = [flat.as_strided(*view) for view in ctx.views]
             else:
@@ -1578,7 +1681,7 @@ if _IMPORT_ERROR is None:
                     g = flat.as_strided(size, stride, offset)
                     scale = grad_loss.reshape(size[0], 1, *size[2:]).to(g.dtype)
                     grads.append(g.mul_(scale) if in_place else g * scale)
-            return (None, None, None, *grads)
+            return (None, None, None, None, *target_grads, *grads)
 
     # Traced calls (torch.compile, make_fx): an opaque custom op, not a triton_op, because the head table needs
     # the tensors' data_ptr()s, which only the real call has; its fake kernel gives the shapes. cudagraph_unsafe:
@@ -1587,6 +1690,7 @@ if _IMPORT_ERROR is None:
     def _per_head_op(
         heads: list[torch.Tensor],
         targets: list[torch.Tensor],
+        target_positions: list[Optional[torch.Tensor]],
         class_weights: list[Optional[torch.Tensor]],
         head_weights: list[float],
         ignore_index: int,
@@ -1597,13 +1701,13 @@ if _IMPORT_ERROR is None:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """loss, head_losses, head_correct ((0,) unless want_hits), count (H,), invalid and (grad) each head's
         gradient, weight and divisor folded in, one tensor per head."""
-        out = _per_head_impl(heads, targets, class_weights, head_weights, ignore_index, label_smoothing, reduction,
-                             want_hits, grad, one_buffer=False)
+        out = _per_head_impl(heads, targets, target_positions, class_weights, head_weights, ignore_index,
+                             label_smoothing, reduction, want_hits, grad, one_buffer=False)
         return (*out[:5], out[6])
 
     @_per_head_op.register_fake
-    def _per_head_fake(heads, targets, class_weights, head_weights, ignore_index, label_smoothing, reduction,
-                       want_hits, grad):
+    def _per_head_fake(heads, targets, target_positions, class_weights, head_weights, ignore_index, label_smoothing,
+                       reduction, want_hits, grad):
         H, device = len(heads), heads[0].device
         rows = [as_rows(x) for x in heads]
         f32 = dict(dtype=torch.float32, device=device)
@@ -1618,24 +1722,34 @@ if _IMPORT_ERROR is None:
         )
 
     def _per_head_setup_context(ctx, inputs, output):
+        heads, targets, _, class_weights, head_weights, _, label_smoothing, reduction = inputs[:8]
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*output[1:5], *output[5])
-        ctx.reduction = inputs[6]
+        ctx.options = (head_weights, label_smoothing, reduction)
         # backward returns the inputs' structure as register_autograd flattens it: a list (of None) for each
-        # list of tensors only (class_weights with a None in it is one input)
+        # list of tensors only (class_weights or target_positions with a None in it is one input)
         ctx.no_grads = [[None] * len(x) if isinstance(x, list) and all(isinstance(v, torch.Tensor) for v in x)
-                        else None for x in inputs[1:]]
-        ctx.save_for_backward(*output[5])
+                        else None for x in inputs]
+        # Probability targets that require grad: their heads' logits and class weights (_prob_target_grad).
+        ctx.target_grad_heads = [h for h, t in enumerate(targets) if t.requires_grad]
+        ctx.num_grads = len(output[5])
+        ctx.save_for_backward(*output[5], *_target_grad_inputs(ctx.target_grad_heads, heads, class_weights))
 
     def _per_head_op_backward(ctx, grad_loss, *unused):
-        grads = ctx.saved_tensors
-        if grad_loss is None or not grads:
-            return None, *ctx.no_grads
-        if ctx.reduction == NONE:  # (N, S): per row, broadcast over the classes
-            grads = [g * grad_loss.reshape(g.shape[0], 1, *g.shape[2:]).to(g.dtype) for g in grads]
-        else:
-            grads = [g * grad_loss.to(g.dtype) for g in grads]
-        return list(grads), *ctx.no_grads
+        result = list(ctx.no_grads)
+        if grad_loss is None:
+            return tuple(result)
+        saved = ctx.saved_tensors
+        grads, kept = saved[:ctx.num_grads], saved[ctx.num_grads:]
+        head_weights, label_smoothing, reduction = ctx.options
+        if grads:
+            if reduction == NONE:  # (N, S): per row, broadcast over the classes
+                result[0] = [g * grad_loss.reshape(g.shape[0], 1, *g.shape[2:]).to(g.dtype) for g in grads]
+            else:
+                result[0] = [g * grad_loss.to(g.dtype) for g in grads]
+        result[1] = _per_head_target_grads(len(result[1]), ctx.target_grad_heads, kept, head_weights,
+                                           label_smoothing, reduction, grad_loss)
+        return tuple(result)
 
     _per_head_op.register_autograd(_per_head_op_backward, setup_context=_per_head_setup_context)
 
@@ -1686,6 +1800,7 @@ if _IMPORT_ERROR is None:
         ctx.num_heads = len(heads)
         ctx.has_class_weight = class_weight is not None
         ctx.saved_lse = save_lse
+        ctx.target_grad = target.requires_grad  # a probability target (_prob_target_grad)
         denom, lse, coef = output[5], output[6], output[7]
         extra = [class_weight] if class_weight is not None else []
         ctx.save_for_backward(lse, coef, denom, target, *extra, *heads)
@@ -1693,14 +1808,21 @@ if _IMPORT_ERROR is None:
     def _backward(ctx, grad_loss, *unused):
         if grad_loss is None:
             return (None,) * 9
-        if not ctx.saved_lse:
-            raise RuntimeError("auxfuse: the triton forward ran with save_lse=False (no gradient was expected)")
         lse, coef, denom, target, *rest = ctx.saved_tensors
         class_weight = rest[0] if ctx.has_class_weight else None
         heads = rest[1:] if ctx.has_class_weight else rest
-        grads = torch.ops.auxfuse.triton_multihead_ce_backward(
-            grad_loss, list(heads), target, class_weight, *ctx.options, lse, coef, denom
-        )
-        return list(grads), None, None, None, None, None, None, None, None
+        head_weights, _, label_smoothing, reduction = ctx.options
+        target_grad = None
+        if ctx.target_grad:
+            target_grad = _prob_target_grad(heads, head_weights, class_weight, label_smoothing, reduction, grad_loss)
+        if ctx.saved_lse:
+            grads = list(torch.ops.auxfuse.triton_multihead_ce_backward(
+                grad_loss, list(heads), target, class_weight, *ctx.options, lse, coef, denom
+            ))
+        elif ctx.target_grad:  # the heads need no gradient
+            grads = [None] * len(heads)
+        else:
+            raise RuntimeError("auxfuse: the triton forward ran with save_lse=False (no gradient was expected)")
+        return grads, target_grad, None, None, None, None, None, None, None
 
     _forward_op.register_autograd(_backward, setup_context=_setup_context)

@@ -21,6 +21,7 @@ from test_triton_interpret import DEVICE, WIDE_C, compiled_without_interpreter, 
 import auxfuse
 from auxfuse.backends import triton as tb
 from auxfuse.functional import _per_head_problems
+from auxfuse.targets import target_positions
 
 DTYPES = [torch.float32, torch.bfloat16]
 # Forward: divisor pre-pass (grad-in-forward mean), main, finalize; backward: one scale of every gradient.
@@ -82,16 +83,96 @@ def test_deep_supervision_pyramid(one_call, dtype, reduction, variant):
         "_scale_kernel": 1}
 
 
+@pytest.fixture
+def positions_read(monkeypatch):
+    """Per compute_per_head call, which heads read a resized target through their positions (not a copy)."""
+    calls = []
+    compute_per_head = tb.compute_per_head
+
+    def record(problems):
+        calls.append([problem.target_positions is not None for problem in problems])
+        return compute_per_head(problems)
+
+    monkeypatch.setattr(tb, "compute_per_head", record)
+    return calls
+
+
+def _resized(mask, head, mode):
+    """The oracle's target of `head`: the class-index mask resized by F.interpolate."""
+    return F.interpolate(mask[:, None].float(), size=head.shape[2:], mode=mode)[:, 0].long()
+
+
+RESIZE_PYRAMID = ((8, 8), (5, 5), (3, 3), (2, 2))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("mode", ["nearest", "nearest-exact"])
-def test_target_resize(one_call, mode):
-    """One 8x8 mask (void label 255) mapped onto every head's size, as F.interpolate would."""
-    g = generator(("ph-resize", mode))
-    heads = [_randn((2, 5, *size), g, torch.float32) for size in PYRAMID]
-    mask = _index((2, 8, 8), 5, g)
+def test_target_resize(one_call, positions_read, mode, reduction):
+    """One 8x8 mask (void label 255) mapped onto a 4-scale pyramid as F.interpolate would: the 8x8 head reads it
+    as it is, the others through their positions in the kernel (reduction none: two 5x5 heads)."""
+    g = generator(("ph-resize", mode, reduction))
+    sizes = RESIZE_PYRAMID if reduction != "none" else RESIZE_PYRAMID[1:2] * 2
+    heads = [_randn((2, 5, *size), g, torch.float32) for size in sizes]
+    mask = _index((2, 8, 8), 5, g, ignore_every=7, ignore_index=255)
     mask[:, :2] = 255
-    targets = [F.interpolate(mask[:, None].float(), size=h.shape[2:], mode=mode)[:, 0].long() for h in heads]
-    check_per_head("triton", heads, targets, [1.0, 0.5, 0.25], call_target=mask, target_resize=mode,
-                   ignore_index=255)
+    check_per_head("triton", heads, [_resized(mask, h, mode) for h in heads], [1.0, 0.5, 0.25, 0.125][:len(heads)],
+                   call_target=mask, target_resize=mode, ignore_index=255, reduction=reduction, label_smoothing=0.1)
+    assert positions_read == [[size != (8, 8) for size in sizes]]
+
+
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact"])
+@pytest.mark.parametrize("dims", [1, 3])
+def test_target_resize_1d_and_3d(one_call, positions_read, dims, mode):
+    """A 1-D sequence mask read by a shorter and a longer head; a 3-D volume mask read by two smaller heads."""
+    g = generator(("ph-resize-dims", dims, mode))
+    if dims == 1:
+        mask, sizes = _index((2, 9), 4, g, ignore_every=5), ((4,), (13,))
+    else:
+        mask, sizes = _index((2, 4, 6, 6), 4, g, ignore_every=7), ((2, 3, 3), (3, 4, 5))
+    heads = [_randn((2, 4, *size), g, torch.float32) for size in sizes]
+    check_per_head("triton", heads, [_resized(mask, h, mode) for h in heads], [1.0, 0.5], call_target=mask,
+                   target_resize=mode)
+    assert positions_read == [[True, True]]
+
+
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact"])
+def test_target_resize_invalid_class_index(mode):
+    """An out-of-range class index at a position that heads read: NaN loss, `invalid` counts every row that reads
+    it, the front end raises on CPU (compute_per_head is called directly for the rest, as in
+    test_invalid_class_index). At a position no head reads it changes nothing."""
+    g = generator(("ph-resize-invalid", mode))
+    sizes = ((4, 4), (2, 2))  # none at full resolution: some positions are never read
+    heads = [_randn((2, 5, *size), g, torch.float32).requires_grad_(True) for size in sizes]
+    mask = _index((2, 8, 8), 5, g)
+    positions = [target_positions((8, 8), size, mode) for size in sizes]
+    read = set(torch.cat(positions).tolist())
+
+    def compute_per_head(bad_position):
+        bad = mask.clone()
+        bad.view(2, -1)[1, bad_position] = 5
+        problems = _per_head_problems(heads, bad, [1.0, 0.5], aux_weight=0.4, main=None, weight=None,
+                                      ignore_index=-100, label_smoothing=0.0, reduction="mean", target_resize=mode,
+                                      want_details=True)
+        assert all(problem.target_positions is not None for _, problem, _ in problems)
+        return bad, tb.compute_per_head([problem for _, problem, _ in problems])
+
+    bad_position = int(positions[1][-1])  # read by the 2x2 head (and by the 4x4 head where it reads it too)
+    bad, result = compute_per_head(bad_position)
+    readers = [int((p == bad_position).sum()) for p in positions]
+    assert torch.isnan(result.loss) and int(result.invalid) == sum(readers)
+    assert [bool(torch.isnan(loss)) for loss in result.head_losses] == [n > 0 for n in readers]
+    (grad,) = torch.autograd.grad(result.loss, heads[1])
+    reads_bad = (positions[1] == bad_position).view(2, 2)
+    assert torch.isnan(grad[1][:, reads_bad]).all() and not torch.isnan(grad[1][:, ~reads_bad]).any()
+    assert not torch.isnan(grad[0]).any()
+    with pytest.raises(ValueError, match="outside"):
+        auxfuse.multi_head_cross_entropy(heads, bad, target_resize=mode, backend="triton")
+
+    unread = min(set(range(64)) - read)
+    bad, result = compute_per_head(unread)
+    assert int(result.invalid) == 0 and torch.isfinite(result.loss) and torch.isfinite(result.head_losses).all()
+    check_per_head("triton", heads, [_resized(bad, h, mode) for h in heads], [1.0, 0.5], call_target=bad,
+                   target_resize=mode)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -233,7 +314,7 @@ def test_unequal_heads_share_the_grid():
     """A 128x128 head and a 16x16 head: work items of about equal size, not one program per head."""
     heads = [torch.empty(1, 5, 128 * 128), torch.empty(1, 5, 16 * 16)]
     targets = [torch.empty(1, 128 * 128, dtype=torch.long), torch.empty(1, 16 * 16, dtype=torch.long)]
-    plan = tb._per_head_plan(heads, targets, [None, None], 0.0, tb.MEAN, False, True)
+    plan = tb._per_head_plan(heads, targets, [None, None], [None, None], 0.0, tb.MEAN, False, True)
     items = [plan["items"][3 * i: 3 * i + 3] for i in range(plan["P"])]
     sizes = {h: {rows for head, _, rows in items if head == h} for h in (0, 1)}
     assert len([i for i in items if i[0] == 0]) > 1 and max(sizes[1]) <= max(sizes[0])
@@ -297,14 +378,37 @@ def test_torch_compile_fullgraph(one_call, reduction):
     assert "_per_head_forward_kernel" in one_call
 
 
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact"])
+def test_torch_compile_target_resize(one_call, positions_read, mode):
+    """torch.compile(fullgraph=True) of a resized target: the traced op reads it through the heads' positions."""
+    backend = "aot_eager" if DEVICE == "cpu" else "inductor"
+    g = generator(("ph-compile-resize", mode))
+    heads = [_randn((2, 5, *size), g, torch.float32).requires_grad_(True) for size in RESIZE_PYRAMID[1:3]]
+    mask = _index((2, 8, 8), 5, g, ignore_every=3)
+    ref_in = [h.detach().double().requires_grad_(True) for h in heads]
+
+    def fn(a, b, mask):
+        return auxfuse.multi_head_cross_entropy((a, b), mask, [1.0, 0.5], backend="triton", target_resize=mode)
+
+    torch._dynamo.reset()
+    loss = torch.compile(fn, fullgraph=True, backend=backend)(*heads, mask)
+    ref = naive_per_head(ref_in, [_resized(mask, h, mode) for h in heads], [1.0, 0.5])
+    assert_matches_reference(loss, ref, torch.float32)
+    for h, (a, b) in enumerate(zip(torch.autograd.grad(loss, heads), torch.autograd.grad(ref, ref_in))):
+        assert_matches_reference(a, b, torch.float32, 5, msg=f"head {h} gradient")
+    assert positions_read == [[True, True]]
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_opcheck(grad):
-    """The op's schema, fake kernel and autograd registration (torch.library.opcheck)."""
+    """The op's schema, fake kernel and autograd registration (torch.library.opcheck); the second head reads the
+    first one's target through its positions."""
     heads, targets = _compile_case("mean")
     heads = [h.requires_grad_(grad) for h in heads]
+    full = targets[0].reshape(2, -1)
     torch.library.opcheck(torch.ops.auxfuse.triton_per_head_forward.default,
-                          (heads, [t.reshape(2, -1) for t in targets], [None, _class_weight(5, generator(1))],
-                           [1.0, 0.5], -100, 0.1, tb.MEAN, True, grad))
+                          (heads, [full, full], [None, target_positions((8, 8), (4, 4))],
+                           [None, _class_weight(5, generator(1))], [1.0, 0.5], -100, 0.1, tb.MEAN, True, grad))
 
 
 # --- Compiling the per-head kernels for a Hopper GPU without one (see test_triton_interpret.compile_sm90) ------
@@ -324,17 +428,18 @@ def compile_per_head_sm90() -> list[dict]:
     def index(N, C, S=1):
         return torch.zeros(N, S, dtype=torch.long)
 
-    cases = {  # heads, targets, class weights, head weights, ignore_index, smoothing, reduction, details, grad
+    cases = {  # heads, targets, target positions, class weights, head weights, ignore_index, smoothing, reduction,
+        # details, grad; the pyramid's second head reads the first one's target through its positions
         "pyramid": ([torch.zeros(2, 5, 64, dtype=torch.float16), torch.zeros(2, 5, 16, dtype=torch.float16)],
-                    [index(2, 5, 64), index(2, 5, 16)], [torch.ones(5), None], [1.0, 0.5], 255, 0.1, tb.MEAN,
-                    True, True),
+                    [index(2, 5, 64)] * 2, [None, torch.arange(16) * 4], [torch.ones(5), None], [1.0, 0.5], 255,
+                    0.1, tb.MEAN, True, True),
         "mixed-none": ([torch.zeros(4, 21, 8, dtype=torch.bfloat16) for _ in range(3)],
                        [torch.zeros(4, 21, 8, dtype=torch.bfloat16), index(4, 21, 8), index(4, 21, 8)],
-                       [None, torch.ones(21), None], [1.0, 0.3, 0.3], -100, 0.0, tb.NONE, True, True),
+                       [None] * 3, [None, torch.ones(21), None], [1.0, 0.3, 0.3], -100, 0.0, tb.NONE, True, True),
         "lm": ([torch.zeros(2, 128256, 1, dtype=torch.bfloat16) for _ in range(2)], [index(2, 128256)] * 2,
-               [None, None], [1.0, 0.5], -100, 0.0, tb.SUM, False, True),
+               [None, None], [None, None], [1.0, 0.5], -100, 0.0, tb.SUM, False, True),
         "no-grad": ([torch.zeros(8, 1000, 1), torch.zeros(8, 10, 1)], [index(8, 1000), index(8, 10)],
-                    [None, None], [1.0, 0.3], -100, 0.0, tb.MEAN, True, False),
+                    [None, None], [None, None], [1.0, 0.3], -100, 0.0, tb.MEAN, True, False),
     }
     original = tb._run
     tb._run = record
