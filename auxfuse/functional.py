@@ -405,8 +405,10 @@ def _per_head_cross_entropy(outputs: Any, target: Targets, weights: Weights, *, 
             if len(_PLANS) >= _MAX_PLANS:
                 _PLANS.clear()
             _PLANS[found[0]] = plan
-    chosen, one_call = plan.backends, plan.one_call
+    chosen = plan.backends
     fused = chosen[0]
+    # Asked on every call: a backend's answer may change (triton's, while a CUDA graph is being captured).
+    one_call = plan.same_backend and _per_head_unavailable_reason(fused) is None
     if not (one_call and fused.reads_target_positions):  # a resized target copied for each head that needs it
         problems = [(name, problem.gathered(), index_shape) for name, problem, index_shape in problems]
     for (name, problem, _), head_backend in zip(problems, chosen):
@@ -443,25 +445,24 @@ def _per_head_cross_entropy(outputs: Any, target: Targets, weights: Weights, *, 
 class _PerHeadPlan(NamedTuple):
     """What the front end decided for one signature of a per-head call (_per_head_cross_entropy): where the heads
     are among the output's values, their names, each head's validated Problem without tensors (with its
-    target_resize positions), the shape of its 'none' loss and backend, and whether one fused call takes all."""
+    target_resize positions), the shape of its 'none' loss and backend, and whether all heads (more than one)
+    chose one backend."""
 
     positions: tuple[int, ...]
     names: list[str]
     templates: list[Problem]
     index_shapes: list[tuple[int, ...]]
     backends: list[Any]
-    one_call: bool
+    same_backend: bool
     target_resize: Optional[str]
 
     @staticmethod
     def of(problems: list, backends: list, outputs: Any, weights: Weights, options: dict) -> "_PerHeadPlan":
         heads = collect_heads(outputs, weights, aux_weight=options["aux_weight"], main=options["main"])
-        fused = backends[0]
-        one_call = (len(problems) > 1 and all(b is fused for b in backends)
-                    and _per_head_unavailable_reason(fused) is None)
+        same_backend = len(problems) > 1 and all(b is backends[0] for b in backends)
         templates = [problem.with_tensors([], None, None, problem.target_positions) for _, problem, _ in problems]
         return _PerHeadPlan(heads.positions, heads.names, templates, [shape for _, _, shape in problems], backends,
-                            one_call, options["target_resize"])
+                            same_backend, options["target_resize"])
 
     def problems(self, values: tuple, target: Targets, weight: ClassWeights) -> list:
         """(name, Problem, index shape) per head for this call's tensors, as _per_head_problems gives them."""

@@ -266,3 +266,19 @@ def test_per_head_plans_keep_every_check():
     assert len(functional._PLANS) == plans + 1
     assert_matches_reference(loss, naive_per_head([to_reference(h) for h in other], other_targets, [1.0, 0.3, 0.3]),
                              torch.float32)
+
+
+def test_per_head_plans_ask_for_the_fused_call_every_time(monkeypatch):
+    """Whether the backend takes all heads in one call is asked on every call, not kept in the plan: triton
+    says no while a CUDA graph is being captured. A plan made when it said yes then runs one call per head."""
+    cpu = auxfuse.backends.BACKENDS["cpu"]
+    if cpu.per_head_unavailable_reason() is not None:
+        pytest.skip(cpu.per_head_unavailable_reason())
+    heads, targets = _pyramid(0)
+    auxfuse.multi_head_cross_entropy(heads, targets, backend="cpu")
+    monkeypatch.setattr(type(cpu), "per_head_unavailable_reason", lambda self: "a CUDA graph is being captured")
+    monkeypatch.setattr(type(cpu), "compute_per_head", lambda self, problems: pytest.fail("one call for all heads"))
+    loss = auxfuse.multi_head_cross_entropy(heads, targets, backend="cpu")
+    assert len(functional._PLANS) == 1
+    assert_matches_reference(loss, naive_per_head([to_reference(h) for h in heads], targets, [1.0, 0.3, 0.3]),
+                             torch.float32)
