@@ -604,6 +604,19 @@ def test_per_head_multi_task(dtype):
 
 
 @needs_cuda_backend
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact"])
+def test_per_head_target_resize_reads_the_full_mask(mode):
+    """target_resize: every scale reads the one full-resolution mask through its positions (no copy per head)."""
+    heads, _ = _per_head_pyramid(torch.float32)
+    g = generator(("cuda-resize", mode))
+    mask = torch.randint(0, 5, (2, 64, 48), generator=g)
+    mask[:, :4] = 255
+    targets = [F.interpolate(mask[:, None].float(), size=h.shape[2:], mode=mode)[:, 0].long().to(DEV) for h in heads]
+    check_per_head("cuda", heads, targets, [1.0, 0.5, 0.25, 0.125], call_target=mask.to(DEV), target_resize=mode,
+                   ignore_index=255, label_smoothing=0.1)
+
+
+@needs_cuda_backend
 def test_per_head_invalid_target_is_nan_and_counted():
     heads, targets = _per_head_pyramid(torch.float32)
     targets[2].view(-1)[3] = 7  # 5 classes

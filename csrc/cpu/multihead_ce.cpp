@@ -238,7 +238,7 @@ TargetStats scan_targets(const Head& d, int64_t ignore_index, int64_t head = -1)
     stats.denom = static_cast<double>(rows);
     return stats;
   }
-  for (int64_t s = 0; s < d.S; ++s) {  // target_resize's positions, before any is read
+  for (int64_t s = 0; d.y_pos && s < d.S; ++s) {  // target_resize's positions, before any is read
     TORCH_CHECK_VALUE(d.target_in_range(s), "auxfuse: ", head >= 0 ? "head " + std::to_string(head) + ": " : "",
                       "target position ", d.y_pos ? d.y_pos[s] : s, " of spatial element ", s,
                       " is outside the target's ", d.y_spatial, " positions per sample");
