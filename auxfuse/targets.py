@@ -8,6 +8,7 @@ helpers give the schemes of nnU-Net, Medusa and DeepSeek-V3 by their names.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -110,7 +111,8 @@ def resize_target(target: torch.Tensor, size: Sequence[int], mode: str = "neares
     positions = target_positions(target.shape[1:], size, mode, target.device)
     if positions is None:
         return target
-    return target.reshape(target.shape[0], -1).index_select(1, positions).view(target.shape[0], *size)
+    rows = target.reshape(target.shape[0], math.prod(target.shape[1:]))
+    return rows.index_select(1, positions).view(target.shape[0], *size)
 
 
 def shifted_targets(

@@ -53,8 +53,8 @@ struct HeadDesc {
   int64_t sN, sC, sS;  // logits' strides
   const int64_t* y;    // class-index target: (n, s) at y[n*yN + s*yS]; nullptr for probability targets
   int64_t yN, yS;
-  const int64_t* y_pos;  // target_resize: (n, s) at y[n*yN + y_pos[s]*yS], a full-resolution target of y_spatial
-  int64_t y_spatial;     // positions per sample (no downsampled copy); nullptr: the head's own target
+  const int64_t* y_pos;  // target_resize: (n, s) at y[n*yN + y_pos[s]*yS] of the full-resolution target, no
+  int64_t y_spatial;     // downsampled copy (nullptr: the head's own target); y_spatial: y's positions per sample
   const scalar_t* t;   // probability target: (n, c, s) at t[n*tN + c*tC + s*tS]; nullptr for class indices
   int64_t tN, tC, tS;
   const acc_t* cw;     // class weights (C,), or nullptr

@@ -182,7 +182,7 @@ inline at::Tensor resized_target_stand_in(RowViews& rows, const at::Tensor& posi
               "auxfuse: head ", h, ": target_positions must be a contiguous int64 (", S, ",) tensor on the head's "
               "device, one position per spatial element of the head; got ", positions.scalar_type(), " ",
               positions.sizes());
-  rows.target = target.reshape({N, -1});
+  rows.target = target.reshape({N, c10::multiply_integers(target.sizes().slice(1))});  // N = 0 too
   return at::empty({}, target.options()).expand({N, S});
 }
 

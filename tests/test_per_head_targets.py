@@ -451,3 +451,17 @@ def test_gradient_wrt_probability_targets_per_head(backend, reduction):
     assert_matches_reference(ours, ref, torch.float32)
     for a, b, x in zip(torch.autograd.grad(ours, heads + targets), torch.autograd.grad(ref, ref_in), heads * 2):
         assert_matches_reference(a, b, torch.float32, x.shape[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_target_resize_of_an_empty_batch(backend, reduction):
+    """No rows at all: as the naive loop, 0 for sum and NaN for mean, with empty gradients."""
+    g = generator(("empty resize", reduction))
+    heads = [torch.randn(0, 3, *size, generator=g).requires_grad_(True) for size in ((4, 4), (2, 2))]
+    mask = torch.zeros(0, 4, 4, dtype=torch.long)
+    loss = auxfuse.multi_head_cross_entropy(heads, mask, [1.0, 0.5], target_resize="nearest", backend=backend,
+                                            reduction=reduction)
+    want = naive_per_head(heads, [mask, mask[:, ::2, ::2]], [1.0, 0.5], reduction=reduction)
+    assert torch.equal(loss.isnan(), want.isnan()) and (reduction == "mean" or float(loss.detach()) == 0.0)
+    assert [g.shape for g in torch.autograd.grad(loss, heads)] == [h.shape for h in heads]

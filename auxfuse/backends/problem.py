@@ -90,7 +90,7 @@ class Problem:
         if self.target_positions is None:
             return self
         head = self.inputs[0]
-        full = self.input_target.reshape(self.input_target.shape[0], -1)
+        full = self.input_target.reshape(self.input_target.shape[0], math.prod(self.input_target.shape[1:]))
         target = full.index_select(1, self.target_positions).view(head.shape[:1] + head.shape[2:])
         return self.with_tensors(self.inputs, target, self.class_weight)
 
