@@ -151,6 +151,37 @@ inline ForwardOutputs allocate_forward_outputs(at::TensorList heads, const Probl
 }
 
 
+// The head table's fields that come from one head's tensors: its (N, C, S) view, its target view ((N, S) class
+// indices, with `positions` the full-resolution (N, S') mask and where the head reads it; or (N, C, S)
+// probabilities), its class weights and loss weight. Shared by the CPU and CUDA hosts, which set weight_sum,
+// grad_scale and the outputs. `Desc` is HeadDesc or the CPU copies' own type derived from it, so every CPU copy
+// instantiates its own (no inline function compiled for two instruction sets).
+template <typename Desc>
+void describe_head_inputs(Desc& d, const at::Tensor& head, const at::Tensor& target, const at::Tensor& positions,
+                          const c10::optional<at::Tensor>& class_weight, double head_weight, bool prob_target) {
+  d.x = static_cast<decltype(d.x)>(head.const_data_ptr());
+  d.N = head.size(0);
+  d.C = head.size(1);
+  d.S = head.size(2);
+  d.sN = head.stride(0);
+  d.sC = head.stride(1);
+  d.sS = head.stride(2);
+  if (prob_target) {
+    d.t = static_cast<decltype(d.t)>(target.const_data_ptr());
+    d.tN = target.stride(0);
+    d.tC = target.stride(1);
+    d.tS = target.stride(2);
+  } else {
+    d.y = target.const_data_ptr<int64_t>();
+    d.yN = target.stride(0);
+    d.yS = target.stride(1);
+    d.y_pos = positions.defined() ? positions.const_data_ptr<int64_t>() : nullptr;
+    d.y_spatial = target.size(1);
+  }
+  d.cw = class_weight.has_value() ? static_cast<decltype(d.cw)>(class_weight->const_data_ptr()) : nullptr;
+  d.weight = static_cast<decltype(d.weight)>(head_weight);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // multihead_ce_per_head_forward: one target and class weight per head (contract in auxfuse.cpp).
 

@@ -186,33 +186,13 @@ Head<scalar_t> describe_head(const at::Tensor& head, const at::Tensor& target, c
                              const ProblemShape& shape) {
   using acc_t = at::opmath_type<scalar_t>;
   Head<scalar_t> d{};
-  d.x = head.const_data_ptr<scalar_t>();
-  d.N = shape.batch;
-  d.C = shape.classes;
-  d.S = shape.spatial;
-  d.sN = head.stride(0);
-  d.sC = head.stride(1);
-  d.sS = head.stride(2);
-  if (shape.prob_target) {
-    d.t = target.const_data_ptr<scalar_t>();
-    d.tN = target.stride(0);
-    d.tC = target.stride(1);
-    d.tS = target.stride(2);
-  } else {
-    d.y = target.const_data_ptr<int64_t>();
-    d.yN = target.stride(0);
-    d.yS = target.stride(1);
-    d.y_pos = positions.defined() ? positions.const_data_ptr<int64_t>() : nullptr;
-    d.y_spatial = target.size(1);
-  }
-  d.cw = class_weight.has_value() ? class_weight->const_data_ptr<acc_t>() : nullptr;
+  describe_head_inputs(d, head, target, positions, class_weight, head_weight, shape.prob_target);
   double weight_sum = static_cast<double>(d.C);
   if (d.cw) {
     weight_sum = 0;
     for (int64_t c = 0; c < d.C; ++c) weight_sum += static_cast<double>(d.cw[c]);
   }
   d.weight_sum = static_cast<acc_t>(weight_sum);
-  d.weight = static_cast<acc_t>(head_weight);
   d.grad_scale = d.weight;
   return d;
 }
@@ -772,9 +752,9 @@ void forward_tile_block(const Args<scalar_t>& a, const Group& g, int64_t u0, int
   // One vector of kW rows at a time goes through all three passes with its running values in registers;
   // its logits (then their exponentials) wait in `ev` (C x kW: in L1 for segmentation class counts).
   acc_t* ev = scratch.exps.get();
-  // Per-lane values for the epilogue, stored from the registers (vwt: also the class weights of the targets).
+  // Per-lane values for the epilogue, stored from the registers.
   acc_t vmax[kW], vidx[kW], vsum[kW], vlog[kW], vwx[kW], vwt[kW], vwtx[kW], vtidx[kW];
-  acc_t la[kW], lb[kW], lfix[kW], ly[kW], xy[kW];
+  acc_t la[kW], lb[kW], lfix[kW], ly[kW], xy[kW], wy[kW];
   for (int64_t h = g.h0; h < g.h1; ++h) {
     const auto& d = a.head[h];
     const int64_t C = d.C;
@@ -851,8 +831,8 @@ void forward_tile_block(const Args<scalar_t>& a, const Group& g, int64_t u0, int
           const Vec nan(nan_value<acc_t>()), zero(0);
           Vec w_y(1);
           if (d.cw) {
-            for (int l = 0; l < kW; ++l) vwt[l] = ly[l] >= 0 ? d.cw[static_cast<int64_t>(ly[l])] : acc_t(0);
-            w_y = Vec::loadu(vwt);
+            for (int l = 0; l < kW; ++l) wy[l] = ly[l] >= 0 ? d.cw[static_cast<int64_t>(ly[l])] : acc_t(0);
+            w_y = Vec::loadu(wy);
           }
           const Vec target_coef = Vec(acc_t(1) - a.eps) * w_y;  // index_target_coeffs, per lane
           const acc_t smooth_coef = a.eps / acc_t(C);

@@ -1233,6 +1233,17 @@ void with_mapping(Mapping m, F&& f) {
   }
 }
 
+// Calls f(GRAD) with the run-time flag as std::integral_constant: the forward and per-head kernels take whether
+// they write the gradient as a template argument (both launchers instantiate both through this one branch).
+template <typename F>
+void with_grad(bool grad, F&& f) {
+  if (grad) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 inline Mapping choose_mapping(int64_t C, int64_t class_stride) {
   const bool classes_contiguous = C == 1 || class_stride == 1;
   if (!classes_contiguous || C < kThreadMaxClasses) return Mapping::kThread;
@@ -1636,31 +1647,10 @@ PerHeadResult per_head_forward_impl(Launcher& launcher, at::TensorList heads_in,
     at::Tensor host = launcher.host_bytes(table_bytes + spans_bytes + pre_bytes);
     auto* bytes = static_cast<unsigned char*>(host.data_ptr());
     for (int64_t h = 0; h < H; ++h) {
-      const at::Tensor& x = heads[h];
-      const at::Tensor& t = targets[h];
       Desc desc{};
-      desc.x = static_cast<const T*>(x.data_ptr());
-      desc.N = x.size(0);
-      desc.C = x.size(1);
-      desc.S = x.size(2);
-      desc.sN = x.stride(0);
-      desc.sC = x.stride(1);
-      desc.sS = x.stride(2);
-      if (shapes[h].prob_target) {
-        desc.t = static_cast<const T*>(t.data_ptr());
-        desc.tN = t.stride(0);
-        desc.tC = t.stride(1);
-        desc.tS = t.stride(2);
-      } else {
-        desc.y = t.data_ptr<int64_t>();
-        desc.yN = t.stride(0);
-        desc.yS = t.stride(1);
-        desc.y_pos = v.positions[h].defined() ? v.positions[h].data_ptr<int64_t>() : nullptr;
-        desc.y_spatial = t.size(1);
-      }
-      desc.cw = v.class_weights[h].has_value() ? v.class_weights[h]->data_ptr<float>() : nullptr;
+      auxfuse::describe_head_inputs(desc, heads[h], targets[h], v.positions[h], v.class_weights[h], head_weights[h],
+                                    shapes[h].prob_target);
       desc.weight_sum = static_cast<float>(desc.C);  // with class weights: summed on the device
-      desc.weight = static_cast<float>(head_weights[h]);
       desc.grad_scale = desc.weight;  // for mean: divided on the device by the pre-pass's denominator
       if (grad_mode == auxfuse::kGradInForward) {
         const at::Tensor& g = out.grads[h];  // (N, C, S), laid out like the head
@@ -1730,17 +1720,10 @@ struct CudaLauncher {
 
   template <typename T>
   void forward(Mapping m, int grid, const ForwardParams& fp) {
-    if (fp.grad != nullptr) {
-      forward_kernel<T, true>(m, grid, fp);
-    } else {
-      forward_kernel<T, false>(m, grid, fp);
-    }
-  }
-
-  template <typename T, bool GRAD>
-  void forward_kernel(Mapping m, int grid, const ForwardParams& fp) {
     with_mapping(m, [&](auto g, auto block) {
-      multihead_ce_forward_kernel<T, g(), block(), GRAD><<<grid, block(), 0, stream.stream()>>>(fp);
+      with_grad(fp.grad != nullptr, [&](auto write_grad) {
+        multihead_ce_forward_kernel<T, g(), block(), write_grad()><<<grid, block(), 0, stream.stream()>>>(fp);
+      });
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -1767,17 +1750,10 @@ struct CudaLauncher {
 
   template <typename T>
   void per_head(Mapping m, int grid, const PerHeadParams& pp, bool grad) {
-    if (grad) {
-      per_head_kernel<T, true>(m, grid, pp);
-    } else {
-      per_head_kernel<T, false>(m, grid, pp);
-    }
-  }
-
-  template <typename T, bool GRAD>
-  void per_head_kernel(Mapping m, int grid, const PerHeadParams& pp) {
     with_mapping(m, [&](auto g, auto block) {
-      multihead_ce_per_head_kernel<T, g(), block(), GRAD><<<grid, block(), 0, stream.stream()>>>(pp);
+      with_grad(grad, [&](auto write_grad) {
+        multihead_ce_per_head_kernel<T, g(), block(), write_grad()><<<grid, block(), 0, stream.stream()>>>(pp);
+      });
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -29,19 +29,12 @@ struct EmulatedLauncher {
 
   template <typename T>
   void forward(Mapping m, int grid, const ForwardParams& fp) {
-    if (fp.grad != nullptr) {
-      forward_kernel<T, true>(m, grid, fp);
-    } else {
-      forward_kernel<T, false>(m, grid, fp);
-    }
-    TORCH_CHECK(*counter() == 0, "emulation: the forward kernel left its ticket at ", *counter());
-  }
-
-  template <typename T, bool GRAD>
-  void forward_kernel(Mapping m, int grid, const ForwardParams& fp) {
     with_mapping(m, [&](auto g, auto block) {
-      emu::launch(grid, block(), [&] { multihead_ce_forward_kernel<T, g(), block(), GRAD>(fp); });
+      with_grad(fp.grad != nullptr, [&](auto write_grad) {
+        emu::launch(grid, block(), [&] { multihead_ce_forward_kernel<T, g(), block(), write_grad()>(fp); });
+      });
     });
+    TORCH_CHECK(*counter() == 0, "emulation: the forward kernel left its ticket at ", *counter());
   }
 
   // The per-head kernel's head table: "device" memory is host memory here, the copy is a copy (so the kernels
@@ -51,19 +44,12 @@ struct EmulatedLauncher {
 
   template <typename T>
   void per_head(Mapping m, int grid, const PerHeadParams& pp, bool grad) {
-    if (grad) {
-      per_head_kernel<T, true>(m, grid, pp);
-    } else {
-      per_head_kernel<T, false>(m, grid, pp);
-    }
-    TORCH_CHECK(*counter() == 0, "emulation: the per-head kernel left its ticket at ", *counter());
-  }
-
-  template <typename T, bool GRAD>
-  void per_head_kernel(Mapping m, int grid, const PerHeadParams& pp) {
     with_mapping(m, [&](auto g, auto block) {
-      emu::launch(grid, block(), [&] { multihead_ce_per_head_kernel<T, g(), block(), GRAD>(pp); });
+      with_grad(grad, [&](auto write_grad) {
+        emu::launch(grid, block(), [&] { multihead_ce_per_head_kernel<T, g(), block(), write_grad()>(pp); });
+      });
     });
+    TORCH_CHECK(*counter() == 0, "emulation: the per-head kernel left its ticket at ", *counter());
   }
 
   // Few "SMs", so that grad_mode 1's one-block-per-SM grid strides too.
