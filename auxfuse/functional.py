@@ -353,9 +353,9 @@ def _stand_in_target(target: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
 def _per_head_problems(outputs: Any, target: Targets, weights: Weights, *, aux_weight: float,
                        main: Optional[Union[str, int]], weight: ClassWeights, ignore_index: int,
                        label_smoothing: float, reduction: str, target_resize: Optional[str],
-                       want_details: bool) -> list[tuple[str, Problem, tuple[int, ...]]]:
-    """Each head with its own target and class weight, validated as a call of its own would be: (name, its
-    one-head Problem, the shape of its 'none' loss) per head."""
+                       want_details: bool) -> tuple[Heads, list[tuple[str, Problem, tuple[int, ...]]]]:
+    """Each head with its own target and class weight, validated as a call of its own would be: the output's
+    heads, and (name, its one-head Problem, the shape of its 'none' loss) per head."""
     heads = collect_heads(outputs, weights, aux_weight=aux_weight, main=main)
     _check_heads(heads, shared=("dtype", "device"))
     targets = _per_head_targets(heads, target, target_resize)
@@ -383,7 +383,7 @@ def _per_head_problems(outputs: Any, target: Targets, weights: Weights, *, aux_w
                 f"auxfuse: reduction='none' sums the heads' per-element losses, but their shapes differ {shapes}; "
                 f"use 'mean' or 'sum', or return_details=True for each head's loss"
             )
-    return problems
+    return heads, problems
 
 
 def _per_head_cross_entropy(outputs: Any, target: Targets, weights: Weights, *, backend: str, check_targets: bool,
@@ -398,9 +398,9 @@ def _per_head_cross_entropy(outputs: Any, target: Targets, weights: Weights, *, 
     if plan is not None:
         problems = plan.problems(found[1], target, options["weight"])
     else:
-        problems = _per_head_problems(outputs, target, weights, want_details=return_details, **options)
-        plan = _PerHeadPlan.of(problems, [select_backend(backend, problem) for _, problem, _ in problems], outputs,
-                               weights, options)
+        heads, problems = _per_head_problems(outputs, target, weights, want_details=return_details, **options)
+        plan = _PerHeadPlan.of(heads, problems, [select_backend(backend, problem) for _, problem, _ in problems],
+                               options["target_resize"])
         if found is not None:
             if len(_PLANS) >= _MAX_PLANS:
                 _PLANS.clear()
@@ -457,12 +457,11 @@ class _PerHeadPlan(NamedTuple):
     target_resize: Optional[str]
 
     @staticmethod
-    def of(problems: list, backends: list, outputs: Any, weights: Weights, options: dict) -> "_PerHeadPlan":
-        heads = collect_heads(outputs, weights, aux_weight=options["aux_weight"], main=options["main"])
+    def of(heads: Heads, problems: list, backends: list, target_resize: Optional[str]) -> "_PerHeadPlan":
         same_backend = len(problems) > 1 and all(b is backends[0] for b in backends)
         templates = [problem.with_tensors([], None, None, problem.target_positions) for _, problem, _ in problems]
         return _PerHeadPlan(heads.positions, heads.names, templates, [shape for _, _, shape in problems], backends,
-                            same_backend, options["target_resize"])
+                            same_backend, target_resize)
 
     def problems(self, values: tuple, target: Targets, weight: ClassWeights) -> list:
         """(name, Problem, index shape) per head for this call's tensors, as _per_head_problems gives them."""
@@ -610,7 +609,7 @@ def explain_backend(outputs: Any, target: Targets, weights: Weights = None, *, b
     options = {**known, **options}
     if _takes_per_head_path(target, options["weight"], options["target_resize"]):
         want_details = options.pop("return_details")
-        problems = _per_head_problems(outputs, target, weights, want_details=want_details, **options)
+        _, problems = _per_head_problems(outputs, target, weights, want_details=want_details, **options)
         return {"per_head": {name: _explain(backend, problem) for name, problem, _ in problems}}
     heads = collect_heads(outputs, weights, aux_weight=options["aux_weight"], main=options["main"])
     problem, _ = build_problem(

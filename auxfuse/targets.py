@@ -109,8 +109,12 @@ def resize_target(target: torch.Tensor, size: Sequence[int], mode: str = "neares
     if target.dim() < 1:
         raise ValueError("auxfuse: a target to resize must be (N, d1, ..., dk)")
     positions = target_positions(target.shape[1:], size, mode, target.device)
-    if positions is None:
-        return target
+    return target if positions is None else read_at_positions(target, positions, size)
+
+
+def read_at_positions(target: torch.Tensor, positions: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """target (N, e1, ..., ek) read at `positions` (flat indices into e1 x ... x ek, target_positions'), as
+    (N, *size): what a head of spatial size `size` reads (a copy)."""
     rows = target.reshape(target.shape[0], math.prod(target.shape[1:]))
     return rows.index_select(1, positions).view(target.shape[0], *size)
 

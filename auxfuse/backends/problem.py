@@ -8,6 +8,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..targets import read_at_positions
+
 REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -89,9 +91,7 @@ class Problem:
         """This problem with the head's own target (N, d1, ..., dk) in place of target_positions (a copy)."""
         if self.target_positions is None:
             return self
-        head = self.inputs[0]
-        full = self.input_target.reshape(self.input_target.shape[0], math.prod(self.input_target.shape[1:]))
-        target = full.index_select(1, self.target_positions).view(head.shape[:1] + head.shape[2:])
+        target = read_at_positions(self.input_target, self.target_positions, self.inputs[0].shape[2:])
         return self.with_tensors(self.inputs, target, self.class_weight)
 
     @property

@@ -150,9 +150,9 @@ def test_target_resize_invalid_class_index(mode):
     def compute_per_head(bad_position):
         bad = mask.clone()
         bad.view(2, -1)[1, bad_position] = 5
-        problems = _per_head_problems(heads, bad, [1.0, 0.5], aux_weight=0.4, main=None, weight=None,
-                                      ignore_index=-100, label_smoothing=0.0, reduction="mean", target_resize=mode,
-                                      want_details=True)
+        _, problems = _per_head_problems(heads, bad, [1.0, 0.5], aux_weight=0.4, main=None, weight=None,
+                                         ignore_index=-100, label_smoothing=0.0, reduction="mean", target_resize=mode,
+                                         want_details=True)
         assert all(problem.target_positions is not None for _, problem, _ in problems)
         return bad, tb.compute_per_head([problem for _, problem, _ in problems])
 
@@ -298,9 +298,9 @@ def test_invalid_class_index():
     heads = [_randn((4, 5), g, torch.float32).requires_grad_(True), _randn((2, 7, 3), g, torch.float32)]
     targets = [_index((4,), 5, g), _index((2, 3), 7, g)]
     targets[0][1], targets[1][1, 2] = 5, -3
-    problems = _per_head_problems(heads, targets, [1.0, 0.5], aux_weight=0.4, main=None, weight=None,
-                                  ignore_index=-100, label_smoothing=0.0, reduction="mean", target_resize=None,
-                                  want_details=True)
+    _, problems = _per_head_problems(heads, targets, [1.0, 0.5], aux_weight=0.4, main=None, weight=None,
+                                     ignore_index=-100, label_smoothing=0.0, reduction="mean", target_resize=None,
+                                     want_details=True)
     result = tb.compute_per_head([problem for _, problem, _ in problems])
     assert torch.isnan(result.loss) and int(result.invalid) == 2
     assert torch.isnan(result.head_losses).all() and result.count.tolist() == [4, 6]
