@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/List.h>
 #include <c10/util/accumulate.h>
@@ -93,15 +94,21 @@ inline ProblemShape check_inputs(at::TensorList heads, const at::Tensor& target,
 }
 
 // Gradients (H, N, C, S) laid out like the heads: class-innermost heads (channels_last) get a
-// class-innermost gradient, so the kernels write it with the same access pattern as they read.
-inline at::Tensor allocate_head_grads(at::TensorList heads) {
+// class-innermost gradient, so the kernels write it with the same access pattern as they read. `allocator`:
+// where their memory comes from (the CPU kernels pass their cache of large blocks, csrc/cpu/gradient_cache.cpp);
+// null: the heads' device's default.
+inline at::Tensor allocate_head_grads(at::TensorList heads, at::Allocator* allocator) {
   const at::Tensor& h0 = heads[0];
   const int64_t H = heads.size(), N = h0.size(0), C = h0.size(1), S = h0.size(2);
   const bool class_innermost = S > 1 && h0.stride(1) == 1;
+  const auto empty = [&](at::IntArrayRef sizes) -> at::Tensor {
+    if (allocator == nullptr) return at::empty(sizes, h0.options());
+    return at::detail::empty_generic(sizes, allocator, h0.key_set(), h0.scalar_type(), std::nullopt);
+  };
   if (class_innermost) {
-    return at::empty({H, N, S, C}, h0.options()).permute({0, 1, 3, 2});
+    return empty({H, N, S, C}).permute({0, 1, 3, 2});
   }
-  return at::empty({H, N, C, S}, h0.options());
+  return empty({H, N, C, S});
 }
 
 // Gradients as autograd hands them out, (H, *shape of the heads as given): a view of the (H, N, C, S) layout
@@ -128,7 +135,7 @@ struct ForwardOutputs {
 };
 
 inline ForwardOutputs allocate_forward_outputs(at::TensorList heads, const ProblemShape& shape, int64_t reduction,
-                                               int64_t grad_mode) {
+                                               int64_t grad_mode, at::Allocator* grad_allocator) {
   const at::Tensor& h0 = heads[0];
   const auto acc_options = h0.options().dtype(at::toOpMathType(h0.scalar_type()));
   ForwardOutputs out;
@@ -140,7 +147,7 @@ inline ForwardOutputs allocate_forward_outputs(at::TensorList heads, const Probl
   out.denom = at::empty({}, acc_options);
   out.invalid = at::empty({}, h0.options().dtype(at::kLong));
   if (grad_mode == kGradInForward) {
-    out.saved = allocate_head_grads(heads);
+    out.saved = allocate_head_grads(heads, grad_allocator);
   } else if (grad_mode == kSaveLse) {
     out.saved = at::empty({shape.heads, shape.batch, shape.spatial}, acc_options);
   } else {
@@ -267,7 +274,8 @@ struct PerHeadOutputs {
   }
 };
 
-inline PerHeadOutputs allocate_per_head_outputs(const PerHeadViews& v, int64_t reduction, int64_t grad_mode) {
+inline PerHeadOutputs allocate_per_head_outputs(const PerHeadViews& v, int64_t reduction, int64_t grad_mode,
+                                                at::Allocator* grad_allocator) {
   const at::Tensor& h0 = v.heads[0];
   const int64_t H = v.heads.size();
   const auto acc_options = h0.options().dtype(at::toOpMathType(h0.scalar_type()));
@@ -280,7 +288,9 @@ inline PerHeadOutputs allocate_per_head_outputs(const PerHeadViews& v, int64_t r
   out.denom = at::empty({H}, acc_options);
   out.invalid = at::empty({}, h0.options().dtype(at::kLong));
   if (grad_mode == kGradInForward) {
-    for (const at::Tensor& head : v.heads) out.grads.push_back(allocate_head_grads({head}).select(0, 0));
+    for (const at::Tensor& head : v.heads) {
+      out.grads.push_back(allocate_head_grads({head}, grad_allocator).select(0, 0));
+    }
   }
   return out;
 }

@@ -22,6 +22,9 @@ struct CpuKernels {
                            int64_t reduction);
 };
 
+// Where the CPU kernels' gradients come from: large blocks are kept for the next step (gradient_cache.cpp).
+at::Allocator* cpu_gradient_allocator();
+
 namespace DEFAULT {
 extern const CpuKernels kKernels;
 }

@@ -1043,7 +1043,7 @@ ForwardResult forward_cpu(at::TensorList heads_in, const at::Tensor& target_in,
     }
     // Validates the targets (one scan: every head reads the same): raises before any output exists.
     const std::vector<TargetStats> stats = scan_head_targets(a, /*name_heads=*/false);
-    outs = allocate_forward_outputs(heads, shape, reduction, grad_mode);
+    outs = allocate_forward_outputs(heads, shape, reduction, grad_mode, cpu_gradient_allocator());
     for (size_t h = 0; h < heads.size(); ++h) {
       attach_outputs(a.head[h], grad_mode == kGradInForward ? outs.saved.select(0, h) : at::Tensor(),
                      grad_mode == kSaveLse ? outs.saved.data_ptr<acc_t>() + h * shape.rows() : nullptr, stats[h],
@@ -1300,7 +1300,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss_in, at::TensorList heads_in,
       a.head.push_back(describe_head<scalar_t>(heads[h], target, at::Tensor(), class_weight, head_weights[h], shape));
     }
     scan_targets(a.head[0], ignore_index);  // never read a class out of bounds
-    grads = allocate_head_grads(heads);
+    grads = allocate_head_grads(heads, cpu_gradient_allocator());
     BackwardIn<acc_t> in;
     in.grad_loss = grad_loss.const_data_ptr<acc_t>();
     in.per_row = per_row;

@@ -1341,7 +1341,7 @@ ForwardResult forward_impl(Launcher& launcher, at::TensorList heads_in, const at
   const auxfuse::ProblemShape shape = auxfuse::check_inputs(heads, target, class_weight, head_weights, reduction);
   check_kernel_limits(heads, shape);
   const at::Tensor& h0 = heads[0];
-  auxfuse::ForwardOutputs out = auxfuse::allocate_forward_outputs(heads, shape, reduction, grad_mode);
+  auxfuse::ForwardOutputs out = auxfuse::allocate_forward_outputs(heads, shape, reduction, grad_mode, nullptr);
 
   if (shape.rows() == 0) {
     // No rows: no launch. As PyTorch: mean is 0 / 0 = NaN, sum is 0, every count 0.
@@ -1438,7 +1438,7 @@ at::Tensor backward_impl(Launcher& launcher, const at::Tensor& grad_loss, at::Te
   }
   TORCH_CHECK(grad_loss.device() == h0.device(), "auxfuse: grad_loss is on ", grad_loss.device());
 
-  at::Tensor grads = auxfuse::allocate_head_grads(heads);
+  at::Tensor grads = auxfuse::allocate_head_grads(heads, nullptr);
   if (shape.rows() == 0) return auxfuse::grads_in_head_shape(grads, heads_in);
 
   const at::Tensor lse_c = lse.contiguous();
@@ -1572,7 +1572,7 @@ PerHeadResult per_head_forward_impl(Launcher& launcher, at::TensorList heads_in,
   const bool none = reduction == auxfuse::kReductionNone;
   const at::Tensor& h0_in = heads_in[0];
   // Outputs as on CPU: the acc dtype is float32 (the CUDA kernels take float32, float16 and bfloat16 heads).
-  const auxfuse::PerHeadOutputs out = auxfuse::allocate_per_head_outputs(v, reduction, grad_mode);
+  const auxfuse::PerHeadOutputs out = auxfuse::allocate_per_head_outputs(v, reduction, grad_mode, nullptr);
   const at::Tensor &loss = out.loss, &head_losses = out.head_losses, &head_correct = out.head_correct;
   const at::Tensor &count = out.count, &denom = out.denom, &invalid = out.invalid;
 
