@@ -95,15 +95,16 @@ inline ProblemShape check_inputs(at::TensorList heads, const at::Tensor& target,
 
 // Gradients (H, N, C, S) laid out like the heads: class-innermost heads (channels_last) get a
 // class-innermost gradient, so the kernels write it with the same access pattern as they read. `allocator`:
-// where their memory comes from (the CPU kernels pass their cache of large blocks, csrc/cpu/gradient_cache.cpp);
-// null: the heads' device's default.
+// where their memory comes from: null, the heads' device's default; else CPU memory (the CPU kernels pass their
+// cache of large blocks, csrc/cpu/gradient_cache.cpp).
 inline at::Tensor allocate_head_grads(at::TensorList heads, at::Allocator* allocator) {
   const at::Tensor& h0 = heads[0];
   const int64_t H = heads.size(), N = h0.size(0), C = h0.size(1), S = h0.size(2);
   const bool class_innermost = S > 1 && h0.stride(1) == 1;
   const auto empty = [&](at::IntArrayRef sizes) -> at::Tensor {
     if (allocator == nullptr) return at::empty(sizes, h0.options());
-    return at::detail::empty_generic(sizes, allocator, h0.key_set(), h0.scalar_type(), std::nullopt);
+    return at::detail::empty_generic(sizes, allocator, c10::DispatchKeySet(c10::DispatchKey::CPU), h0.scalar_type(),
+                                     std::nullopt);
   };
   if (class_innermost) {
     return empty({H, N, S, C}).permute({0, 1, 3, 2});
