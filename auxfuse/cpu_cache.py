@@ -1,6 +1,6 @@
 """The `cpu` backend's cache of large gradient buffers (csrc/cpu/gradient_cache.cpp says how it works).
 
-The fused CPU kernels write every head's gradient into a new buffer on every call. A buffer of 4 MiB or more
+The fused CPU kernels write every head's gradient into a new buffer on every call. A buffer of 32 MiB or more
 comes from this cache: when the last tensor using it is freed (``param.grad = None``, ``zero_grad()``), its
 memory waits here for the next call that needs the same size instead of going back to the operating system, so
 a training loop's large gradients cost no page faults after the first step (as CUDA's caching allocator does
@@ -24,7 +24,7 @@ class CpuCacheInfo(NamedTuple):
     cached_bytes: memory of the idle buffers waiting to be reused.
     cached_blocks: how many there are.
     limit_bytes: the most the idle buffers may hold (0: the cache is off).
-    hits, misses: requests for 4 MiB or more served from the cache, and from new memory, since the process
+    hits, misses: requests for 32 MiB or more served from the cache, and from new memory, since the process
         started.
     """
 

@@ -12,7 +12,7 @@ from oracle import assert_matches_reference, generator, naive_loss, naive_per_he
 pytestmark = pytest.mark.skipif(auxfuse.available_backends()["cpu"] is not None,
                                 reason=str(auxfuse.available_backends()["cpu"]))
 
-ROWS, CLASSES = 128, 8192  # 4 MiB of fp32 per head: the smallest gradient the cache takes
+ROWS, CLASSES = 1024, 8192  # 32 MiB of fp32 per head: the smallest gradient the cache takes
 
 
 @pytest.fixture

@@ -31,7 +31,9 @@
 namespace auxfuse {
 namespace {
 
-constexpr size_t kMinBytes = size_t(4) << 20;   // below: glibc's heap reuses freed memory already
+// glibc mmaps every block of 32 MiB or more (its mmap threshold grows with use up to there); below, its heap reuses
+// freed memory already, and idle blocks here would be memory the heap cannot give to other tensors.
+constexpr size_t kMinBytes = size_t(32) << 20;
 constexpr size_t kGranule = size_t(2) << 20;    // sizes rounded up to this, so nearby shapes share blocks
 
 size_t default_limit() {
