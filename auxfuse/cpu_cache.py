@@ -6,7 +6,7 @@ memory waits here for the next call that needs the same size instead of going ba
 a training loop's large gradients cost no page faults after the first step (as CUDA's caching allocator does
 for GPU memory). Idle memory is bounded: a call that needs a size no idle buffer has first releases them all,
 and the idle bytes never pass the limit (default: a quarter of physical memory, or ``AUXFUSE_CPU_CACHE_BYTES``
-read when the extension loads; 0 turns the cache off).
+read when the extension loads; 0 turns the cache off, anything but a number of bytes warns).
 """
 
 from __future__ import annotations

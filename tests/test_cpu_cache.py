@@ -150,3 +150,25 @@ def test_small_gradients_do_not_use_the_cache(cache_on):
 def test_a_bad_limit_raises(bad):
     with pytest.raises(ValueError, match="bytes >= 0"):
         auxfuse.set_cpu_cache_limit(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("value, expected", [("12345", 12345), ("0", 0), ("lots", None), ("-1", None)])
+def test_the_limit_from_the_environment(value, expected):
+    """AUXFUSE_CPU_CACHE_BYTES, read when the library loads; anything but a number of bytes warns and keeps the
+    default (a quarter of physical memory)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import auxfuse; print(auxfuse.cpu_cache_info().limit_bytes)"
+    env = {**os.environ, "AUXFUSE_CPU_CACHE_BYTES": value}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    limit = int(result.stdout.split()[-1])
+    if expected is None:
+        assert "is not a number of bytes" in result.stderr
+        quarter = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+        assert limit == quarter
+    else:
+        assert limit == expected and "not a number" not in result.stderr

@@ -21,6 +21,7 @@
 #include <torch/library.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdlib>
 #include <list>
 #include <mutex>
@@ -37,9 +38,17 @@ constexpr size_t kMinBytes = size_t(32) << 20;
 constexpr size_t kGranule = size_t(2) << 20;    // sizes rounded up to this, so nearby shapes share blocks
 
 size_t default_limit() {
-  if (const char* env = std::getenv("AUXFUSE_CPU_CACHE_BYTES")) return std::strtoull(env, nullptr, 10);
   const long pages = sysconf(_SC_PHYS_PAGES), page_size = sysconf(_SC_PAGESIZE);
-  return pages > 0 && page_size > 0 ? size_t(pages) * size_t(page_size) / 4 : 0;
+  const size_t quarter = pages > 0 && page_size > 0 ? size_t(pages) * size_t(page_size) / 4 : 0;
+  const char* env = std::getenv("AUXFUSE_CPU_CACHE_BYTES");
+  if (env == nullptr) return quarter;
+  char* end = nullptr;
+  errno = 0;
+  const unsigned long long bytes = std::strtoull(env, &end, 10);
+  if (end != env && *end == '\0' && errno == 0 && env[0] != '-') return bytes;
+  TORCH_WARN("auxfuse: AUXFUSE_CPU_CACHE_BYTES=", env, " is not a number of bytes; the CPU gradient cache keeps its "
+             "default limit, ", quarter, " bytes");
+  return quarter;
 }
 
 class GradientCache final : public c10::Allocator {
@@ -165,6 +174,7 @@ void cpu_cache_set_limit(int64_t bytes) {
 at::Allocator* cpu_gradient_allocator() { return &GradientCache::instance(); }
 
 TORCH_LIBRARY_FRAGMENT(auxfuse, m) {
+  GradientCache::instance();  // reads AUXFUSE_CPU_CACHE_BYTES now, when the library loads
   m.def("cpu_cache_info() -> int[]", &cpu_cache_info);
   m.def("cpu_cache_empty() -> ()", &cpu_cache_empty);
   m.def("cpu_cache_set_limit(int bytes) -> ()", &cpu_cache_set_limit);
