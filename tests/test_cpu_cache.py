@@ -64,6 +64,35 @@ def test_a_freed_gradient_serves_the_next_call_and_is_rewritten(cache_on):
     _check_grads(heads, second_targets, weights)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_spatial_heads_rewrite_reused_memory(cache_on, channels_last):
+    """Segmentation heads (the spatial tile path; channels_last: the row path over pixels) with 32 MiB gradients:
+    the second call ignores other pixels than the first and reads other labels, in the first call's memory."""
+    g = generator(("spatial cache", channels_last))
+    shape = (2, 16, 512, 512)  # 32 MiB of fp32 per head
+    heads = [torch.randn(shape, generator=g) * 3 for _ in range(2)]
+    if channels_last:
+        heads = [h.contiguous(memory_format=torch.channels_last) for h in heads]
+    heads = [h.requires_grad_(True) for h in heads]
+    weights = [1.0, 0.4]
+    targets = []
+    for ignored_from in (0, 3):
+        t = torch.randint(0, 16, (2, 512, 512), generator=g)
+        t.view(-1)[ignored_from::7] = -100
+        targets.append(t)
+    auxfuse.multi_head_cross_entropy(heads, targets[0], weights, backend="cpu").backward()
+    first_ptrs = {h.grad.untyped_storage().data_ptr() for h in heads}
+    for h in heads:
+        h.grad = None
+    auxfuse.multi_head_cross_entropy(heads, targets[1], weights, backend="cpu", label_smoothing=0.05).backward()
+    assert {h.grad.untyped_storage().data_ptr() for h in heads} == first_ptrs
+    ref_in = [to_reference(h).requires_grad_(True) for h in heads]
+    naive_loss(ref_in, targets[1], weights, label_smoothing=0.05).backward()
+    for i, (h, r) in enumerate(zip(heads, ref_in)):
+        assert_matches_reference(h.grad, r.grad, torch.float32, 16, msg=f"head {i}")
+
+
 def test_memory_in_use_is_never_handed_out(cache_on):
     """Gradients kept by the caller (accumulation, a retained reference) keep their memory and values."""
     weights = [1.0, 0.5]
