@@ -106,7 +106,8 @@ def _extensions():
     # a per-level one is linked from the first object that has it, so baseline code never calls an AVX-512 build
     # of it (PyTorch links its CPU kernels in the same order: "Linking AVX and non-AVX files").
     sources = [os.path.join("csrc", name) for name in ("auxfuse.cpp", "autograd.cpp")]
-    sources += [os.path.join("csrc", "cpu", name) for name in ("dispatch.cpp", "gradient_cache.cpp", "multihead_ce.cpp")]
+    sources += [os.path.join("csrc", "cpu", name)
+                for name in ("dispatch.cpp", "gradient_cache.cpp", "multihead_ce.cpp")]
     cpu_arch = os.environ.get("AUXFUSE_CPU_ARCH")
     if cpu_arch:
         cxx_flags.append(f"-march={cpu_arch}")

@@ -39,11 +39,12 @@ def _targets(key, n=2, rows=ROWS, classes=CLASSES, ignored_from=0):
     return targets
 
 
-def _check_grads(heads, targets, weights, **options):
+def _assert_grads_match(heads, naive_of, classes=CLASSES):
+    """Each head's .grad against the float64 gradient of naive_of(the heads in float64)."""
     ref_in = [to_reference(h).requires_grad_(True) for h in heads]
-    naive_per_head(ref_in, targets, weights, **options).backward()
+    naive_of(ref_in).backward()
     for i, (h, r) in enumerate(zip(heads, ref_in)):
-        assert_matches_reference(h.grad, r.grad, torch.float32, CLASSES, msg=f"head {i}")
+        assert_matches_reference(h.grad, r.grad, torch.float32, classes, msg=f"head {i}")
 
 
 def test_a_freed_gradient_serves_the_next_call_and_is_rewritten(cache_on):
@@ -61,7 +62,7 @@ def test_a_freed_gradient_serves_the_next_call_and_is_rewritten(cache_on):
     after = auxfuse.cpu_cache_info()
     assert {h.grad.data_ptr() for h in heads} == first_ptrs
     assert after.hits == before.hits + 2 and after.misses == before.misses
-    _check_grads(heads, second_targets, weights)
+    _assert_grads_match(heads, lambda ref: naive_per_head(ref, second_targets, weights))
 
 
 @pytest.mark.slow
@@ -87,10 +88,7 @@ def test_spatial_heads_rewrite_reused_memory(cache_on, channels_last):
         h.grad = None
     auxfuse.multi_head_cross_entropy(heads, targets[1], weights, backend="cpu", label_smoothing=0.05).backward()
     assert {h.grad.untyped_storage().data_ptr() for h in heads} == first_ptrs
-    ref_in = [to_reference(h).requires_grad_(True) for h in heads]
-    naive_loss(ref_in, targets[1], weights, label_smoothing=0.05).backward()
-    for i, (h, r) in enumerate(zip(heads, ref_in)):
-        assert_matches_reference(h.grad, r.grad, torch.float32, 16, msg=f"head {i}")
+    _assert_grads_match(heads, lambda ref: naive_loss(ref, targets[1], weights, label_smoothing=0.05), classes=16)
 
 
 def test_memory_in_use_is_never_handed_out(cache_on):
@@ -125,10 +123,7 @@ def test_shared_target_gradients_share_one_block(cache_on):
     assert auxfuse.cpu_cache_info().cached_blocks == before.cached_blocks + 1
     auxfuse.multi_head_cross_entropy(heads, target, weights, backend="cpu", label_smoothing=0.1).backward()
     assert heads[0].grad.untyped_storage().data_ptr() == base
-    ref_in = [to_reference(h).requires_grad_(True) for h in heads]
-    naive_loss(ref_in, target, weights, label_smoothing=0.1).backward()
-    for i, (h, r) in enumerate(zip(heads, ref_in)):
-        assert_matches_reference(h.grad, r.grad, torch.float32, CLASSES, msg=f"head {i}")
+    _assert_grads_match(heads, lambda ref: naive_loss(ref, target, weights, label_smoothing=0.1))
 
 
 def test_a_new_size_releases_the_idle_blocks(cache_on):

@@ -78,7 +78,7 @@ class GradientCache final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       limit_ = limit;
-      while (idle_bytes_ > limit_) released.push_back(pop_oldest());
+      evict_to(limit_, released);
     }
     release(released);
   }
@@ -87,7 +87,7 @@ class GradientCache final : public c10::Allocator {
     std::vector<Block*> released;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      while (!idle_.empty()) released.push_back(pop_oldest());
+      evict_to(0, released);
     }
     release(released);
   }
@@ -119,7 +119,7 @@ class GradientCache final : public c10::Allocator {
         ++hits_;
       } else {
         ++misses_;
-        while (!idle_.empty()) released.push_back(pop_oldest());
+        evict_to(0, released);
       }
     }
     release(released);
@@ -136,18 +136,21 @@ class GradientCache final : public c10::Allocator {
         cache.idle_.push_back(block);
         cache.idle_bytes_ += block->bytes;
         block = nullptr;
-        while (cache.idle_bytes_ > cache.limit_) released.push_back(cache.pop_oldest());
+        cache.evict_to(cache.limit_, released);
       }
     }
     if (block) released.push_back(block);
     release(released);
   }
 
-  Block* pop_oldest() {
-    Block* block = idle_.front();
-    idle_.pop_front();
-    idle_bytes_ -= block->bytes;
-    return block;
+  // Under the lock: moves the longest-waiting blocks to `released` until at most `bytes` wait.
+  void evict_to(size_t bytes, std::vector<Block*>& released) {
+    while (idle_bytes_ > bytes) {
+      Block* block = idle_.front();
+      idle_.pop_front();
+      idle_bytes_ -= block->bytes;
+      released.push_back(block);
+    }
   }
 
   // Outside the lock: freeing a large block is a munmap.
