@@ -190,10 +190,13 @@ def _with_tensors(
         target = target.to(target_dtype)
     if not batched:  # one sample: a batch of one
         heads, target = [x.unsqueeze(0) for x in heads], target.unsqueeze(0)
-    class_weight = None
-    if weight is not None:
-        class_weight = weight.to(acc_dtype_of(dtype)).contiguous()
+    class_weight = None if weight is None else _kernel_class_weight(weight, dtype)
     return template.with_tensors(heads, target, class_weight, target_positions)
+
+
+def _kernel_class_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Class weights as the kernels read them for logits of `dtype`: contiguous, in the accumulation dtype."""
+    return weight.to(acc_dtype_of(dtype)).contiguous()
 
 
 def multi_head_cross_entropy(
@@ -395,12 +398,16 @@ def _per_head_cross_entropy(outputs: Any, target: Targets, weights: Weights, *, 
            options["reduction"], backend, check_targets, return_details, options["target_resize"], "per head")
     found = None if torch.compiler.is_compiling() else _signature(outputs, target, weights, options["weight"], key)
     plan = None if found is None else _PLANS.get(found[0])
+    if plan is not None and plan.direct_options is not None and _per_head_unavailable_reason(plan.backends[0]) is None:
+        # A known signature on a native backend: the op's arguments straight from the plan, no Problem per head.
+        result = plan.run_direct(found[1], target, options["weight"])
+        return _per_head_output(result, plan.index_shapes[0], options["reduction"], return_details)
     if plan is not None:
         problems = plan.problems(found[1], target, options["weight"])
     else:
         heads, problems = _per_head_problems(outputs, target, weights, want_details=return_details, **options)
         plan = _PerHeadPlan.of(heads, problems, [select_backend(backend, problem) for _, problem, _ in problems],
-                               options["target_resize"])
+                               target, options["target_resize"], check_targets)
         if found is not None:
             if len(_PLANS) >= _MAX_PLANS:
                 _PLANS.clear()
@@ -418,11 +425,7 @@ def _per_head_cross_entropy(outputs: Any, target: Targets, weights: Weights, *, 
             raise ValueError(f"auxfuse: head {name!r}: {str(error).removeprefix('auxfuse: ')}") from None
     if one_call:
         result = fused.compute_per_head([problem for _, problem, _ in problems])
-        loss = result.loss.reshape(problems[0][2]) if options["reduction"] == "none" else result.loss
-        if not return_details:
-            return loss
-        return MultiHeadLossOutput(loss, result.head_losses.detach(), result.head_correct, result.count,
-                                   result.invalid)
+        return _per_head_output(result, problems[0][2], options["reduction"], return_details)
     results = []
     for (_, problem, index_shape), head_backend in zip(problems, chosen):
         result = head_backend.compute(problem)
@@ -442,11 +445,21 @@ def _per_head_cross_entropy(outputs: Any, target: Targets, weights: Weights, *, 
     )
 
 
+def _per_head_output(result, index_shape: tuple[int, ...], reduction: str, return_details: bool):
+    """The loss (shaped like a head's targets for 'none'), or the details, of one fused call for all heads."""
+    loss = result.loss.reshape(index_shape) if reduction == "none" else result.loss
+    if not return_details:
+        return loss
+    return MultiHeadLossOutput(loss, result.head_losses.detach(), result.head_correct, result.count, result.invalid)
+
+
 class _PerHeadPlan(NamedTuple):
     """What the front end decided for one signature of a per-head call (_per_head_cross_entropy): where the heads
     are among the output's values, their names, each head's validated Problem without tensors (with its
     target_resize positions), the shape of its 'none' loss and backend, and whether all heads (more than one)
-    chose one backend."""
+    chose one backend. `direct_options`: the op's arguments after the tensors when a later call may go straight
+    to that backend's op (a native backend, batched heads, int64 class-index targets, no target_resize and no
+    check left to the front end), else None."""
 
     positions: tuple[int, ...]
     names: list[str]
@@ -455,31 +468,46 @@ class _PerHeadPlan(NamedTuple):
     backends: list[Any]
     same_backend: bool
     target_resize: Optional[str]
+    direct_options: Optional[tuple]
 
     @staticmethod
-    def of(heads: Heads, problems: list, backends: list, target_resize: Optional[str]) -> "_PerHeadPlan":
+    def of(heads: Heads, problems: list, backends: list, target: Targets, target_resize: Optional[str],
+           check_targets: bool) -> "_PerHeadPlan":
         same_backend = len(problems) > 1 and all(b is backends[0] for b in backends)
         templates = [problem.with_tensors([], None, None, problem.target_positions) for _, problem, _ in problems]
+        fused = backends[0]
+        direct = (same_backend and target_resize is None and hasattr(fused, "run_per_head")
+                  and (fused.checks_targets or not check_targets)
+                  and all(bool(shape) for _, _, shape in problems)
+                  and all(t.dtype == torch.int64 for t in _each_head(target, heads.names)))
         return _PerHeadPlan(heads.positions, heads.names, templates, [shape for _, _, shape in problems], backends,
-                            same_backend, target_resize)
+                            same_backend, target_resize,
+                            fused.per_head_options([p for _, p, _ in problems]) if direct else None)
+
+    def run_direct(self, values: tuple, target: Targets, weight: ClassWeights):
+        """This call's heads, targets and class weights straight into the backend's op (direct_options set)."""
+        heads = [values[position] for position in self.positions]
+        class_weights = [None if w is None else _kernel_class_weight(w, heads[0].dtype)
+                         for w in _each_head(weight, self.names)]
+        return self.backends[0].run_per_head(self.names, heads, _each_head(target, self.names),
+                                             [None] * len(heads), class_weights, self.direct_options)
 
     def problems(self, values: tuple, target: Targets, weight: ClassWeights) -> list:
         """(name, Problem, index shape) per head for this call's tensors, as _per_head_problems gives them."""
-        H = len(self.names)
-        if self.target_resize is not None:
-            targets = [target.long()] * H
-        elif type(target) is torch.Tensor:
-            targets = [target] * H
-        else:
-            targets = [target[name] for name in self.names] if type(target) is dict else list(target)
-        if weight is None or type(weight) is torch.Tensor:
-            class_weights = [weight] * H
-        else:
-            class_weights = [weight[name] for name in self.names] if type(weight) is dict else list(weight)
+        targets = [target.long()] * len(self.names) if self.target_resize is not None else _each_head(target, self.names)
         return [(name, _with_tensors(template, [values[position]], head_target, class_weight, bool(index_shape),
                                      template.target_positions), index_shape)
                 for name, position, template, index_shape, head_target, class_weight
-                in zip(self.names, self.positions, self.templates, self.index_shapes, targets, class_weights)]
+                in zip(self.names, self.positions, self.templates, self.index_shapes, targets,
+                       _each_head(weight, self.names))]
+
+
+def _each_head(value: Any, names: list[str]) -> list:
+    """One entry per head from a value one signature's plan was made for: one Tensor (or None) for all heads, a
+    list or tuple in the heads' order, or a dict by head name (_tensor_facts takes no other kind)."""
+    if value is None or type(value) is torch.Tensor:
+        return [value] * len(names)
+    return [value[name] for name in names] if type(value) is dict else list(value)
 
 
 def _per_head_unavailable_reason(backend: Any) -> Optional[str]:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import auxfuse
+from auxfuse.backends import native
 from oracle import assert_matches_reference, check_per_head, generator, naive_per_head
 
 AVAILABLE = auxfuse.available_backends()
@@ -281,13 +282,13 @@ needs_cpu_kernel = pytest.mark.skipif(AVAILABLE["cpu"] is not None, reason=str(A
 def test_per_head_targets_take_one_call(monkeypatch):
     """Every head picks the cpu backend: the front end calls the fused op once, never the one-head path."""
     calls = []
-    fused = torch.ops.auxfuse.multihead_ce_per_head_forward
+    fused = native._PER_HEAD_FORWARD
 
     def counting(*args):
         calls.append(len(args[0]))
         return fused(*args)
 
-    monkeypatch.setattr(torch.ops.auxfuse, "multihead_ce_per_head_forward", counting)
+    monkeypatch.setattr(native, "_PER_HEAD_FORWARD", counting)
     monkeypatch.setattr(type(auxfuse.backends.BACKENDS["cpu"]), "compute",
                         lambda self, problem: pytest.fail("one call per head"))
     g = generator("one call")
@@ -374,13 +375,13 @@ def test_target_resize_reads_the_full_target_in_one_call(monkeypatch):
     positions (no downsampled copy). A class index only the full-resolution head reads names that head, and
     does not matter without it."""
     calls = []
-    fused = torch.ops.auxfuse.multihead_ce_per_head_forward
+    fused = native._PER_HEAD_FORWARD
 
     def recording(heads, targets, positions, *args):
         calls.append((targets, positions))
         return fused(heads, targets, positions, *args)
 
-    monkeypatch.setattr(torch.ops.auxfuse, "multihead_ce_per_head_forward", recording)
+    monkeypatch.setattr(native, "_PER_HEAD_FORWARD", recording)
     g = generator("resize one call")
     sizes = {"full": (12, 10), "half": (6, 5), "third": (3, 3)}  # "nearest" reads rows 0, 2, .. and 0, 4, 8
     heads = {name: torch.randn(2, 5, *size, generator=g) for name, size in sizes.items()}

@@ -12,7 +12,8 @@ import torch
 
 import auxfuse
 from auxfuse import functional
-from oracle import assert_matches_naive, assert_matches_reference, generator, naive_loss, naive_per_head, to_reference
+from oracle import (assert_matches_naive, assert_matches_reference, check_per_head, generator, naive_loss,
+                    naive_per_head, to_reference)
 
 GoogLeNetOutputs = collections.namedtuple("GoogLeNetOutputs", "logits aux_logits2 aux_logits1")
 
@@ -245,6 +246,42 @@ def test_per_head_calls_use_a_plan_and_match_the_oracle(backend, kind):
         naive_targets, naive_options = make_naive(heads, targets)
         want = naive_per_head([to_reference(h) for h in heads], naive_targets, weights, **naive_options)
         assert_matches_reference(loss, want, torch.float32, msg=f"call {call}")
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1, "ignore_index": 1},
+    {"class_weights": [torch.arange(1.0, 8.0), None, torch.tensor([0.5, 2.0])]},
+], ids=["mean", "sum", "none", "smoothing-ignore", "class-weights"])
+def test_per_head_plans_call_the_cpu_op_directly(monkeypatch, options):
+    """A known per-head signature on cpu goes straight to the fused op (no Problem per head, _PerHeadPlan
+    .run_direct) and matches the naive loop in loss, gradients and details, for multi-task heads."""
+    cpu = auxfuse.backends.BACKENDS["cpu"]
+    if cpu.per_head_unavailable_reason() is not None:
+        pytest.skip(cpu.per_head_unavailable_reason())
+
+    def multi_task(seed):
+        g = generator(("direct", seed))
+        heads = [torch.randn(6, c, generator=g) for c in (7, 3, 2)]
+        return heads, [torch.randint(0, c, (6,), generator=g) for c in (7, 3, 2)]
+
+    check_per_head("cpu", *multi_task(0), [1.0, 0.5, 0.25], **options)  # makes the plan
+    (plan,) = functional._PLANS.values()
+    assert plan.direct_options is not None
+    monkeypatch.setattr(functional._PerHeadPlan, "problems", lambda *args: pytest.fail("a Problem per head"))
+    for seed in (1, 2):
+        check_per_head("cpu", *multi_task(seed), [1.0, 0.5, 0.25], **options)
+    assert len(functional._PLANS) == 1
+
+
+def test_per_head_plans_convert_other_target_dtypes():
+    """int32 targets are converted for the kernels on every call: such a plan does not take the direct path."""
+    heads, targets = _pyramid(0)
+    for _ in range(2):
+        loss = auxfuse.multi_head_cross_entropy(heads, [t.int() for t in targets], backend="cpu")
+        assert_matches_reference(loss, naive_per_head([to_reference(h) for h in heads], targets, [1.0, 0.3, 0.3]),
+                                 torch.float32)
+    (plan,) = functional._PLANS.values()
+    assert plan.direct_options is None
 
 
 def test_per_head_plans_keep_every_check():

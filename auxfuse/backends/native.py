@@ -87,6 +87,7 @@ def _allocate_head_grads(heads):
 
 
 if _LOAD_ERROR is None:
+    _PER_HEAD_FORWARD = torch.ops.auxfuse.multihead_ce_per_head_forward.default
 
     @torch.library.register_fake("auxfuse::multihead_ce_forward")
     def _forward_fake(heads, target, class_weight, head_weights, ignore_index, label_smoothing, reduction, grad_mode):
@@ -210,25 +211,34 @@ class NativeBackend:
     def compute_per_head(self, problems: list[Problem]) -> BackendResult:
         """Every head with its own target and class weight (one one-head Problem each, validated) in one call
         of the fused op; count is per head, (H,)."""
-        needs_grad = any(p.needs_grad for p in problems)
+        return self.run_per_head([p.names[0] for p in problems], [p.inputs[0] for p in problems],
+                                 [p.input_target for p in problems], [p.target_positions for p in problems],
+                                 [p.class_weight for p in problems], self.per_head_options(problems))
+
+    @staticmethod
+    def per_head_options(problems: list[Problem]) -> tuple:
+        """The per-head op's arguments after the tensors: head weights, ignore_index, label smoothing, reduction
+        and grad mode. Fixed by the problems' validated options, so the front end keeps them in its plans."""
+        first = problems[0]
+        grad_mode = GRAD_IN_FORWARD if any(p.needs_grad for p in problems) else NO_GRAD
+        return ([p.head_weights[0] for p in problems], first.ignore_index, first.label_smoothing,
+                first.reduction_code, grad_mode)
+
+    @staticmethod
+    def run_per_head(names: list[str], heads: list[torch.Tensor], targets: list[torch.Tensor],
+                     positions: list[Optional[torch.Tensor]], class_weights: list[Optional[torch.Tensor]],
+                     options: tuple) -> BackendResult:
+        """One call of the per-head op on validated tensors as the kernels take them (class indices int64,
+        class weights contiguous in the accumulation dtype); an invalid class index raises a ValueError that
+        names its head."""
         try:
-            loss, head_losses, head_correct, count, _, _, invalid = torch.ops.auxfuse.multihead_ce_per_head_forward(
-                [p.inputs[0] for p in problems],
-                [p.input_target for p in problems],
-                [p.target_positions for p in problems],
-                [p.class_weight for p in problems],
-                [p.head_weights[0] for p in problems],
-                problems[0].ignore_index,
-                problems[0].label_smoothing,
-                problems[0].reduction_code,
-                GRAD_IN_FORWARD if needs_grad else NO_GRAD,
-            )
+            loss, head_losses, head_correct, count, _, _, invalid = _PER_HEAD_FORWARD(
+                heads, targets, positions, class_weights, *options)
         except ValueError as error:  # the kernel names a head by its index (an invalid class index): say its name
             found = _HEAD_INDEX.match(str(error))
             if found is None:
                 raise
-            name = problems[int(found.group(1))].names[0]
-            raise ValueError(f"auxfuse: head {name!r}: {str(error)[found.end():]}") from None
+            raise ValueError(f"auxfuse: head {names[int(found.group(1))]!r}: {str(error)[found.end():]}") from None
         return BackendResult(loss, head_losses, head_correct, count, invalid)
 
 
