@@ -17,12 +17,14 @@ pytestmark = pytest.mark.skipif(
 
 OPS = torch.ops.auxfuse
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-LAYOUTS = ["classifier", "spatial", "channels_last", "strided_classes", "transposed", "strided_spatial"]
+LAYOUTS = ["classifier", "spatial", "channels_last", "strided_classes", "transposed", "strided_spatial",
+           "few_classes", "few_classes_transposed"]
 
 
 def _logits(layout, dtype, g, scale=3.0):
     """One head in `layout`: the kernel's row path (classifier, channels_last, strided class dim) or its
-    spatial-tile path (spatial, strided spatial dim). Odd sizes everywhere."""
+    spatial-tile path (spatial, strided spatial dim; and classifiers of at most 24 classes, rows in the vector
+    lanes: few_classes). Odd sizes everywhere."""
     rand = lambda *shape: (torch.randn(*shape, generator=g) * scale).to(dtype)  # noqa: E731
     if layout == "classifier":
         return rand(3, 423)
@@ -36,6 +38,10 @@ def _logits(layout, dtype, g, scale=3.0):
         return rand(41, 6).t()  # (6, 41) with class stride 6, row stride 1
     if layout == "strided_spatial":
         return rand(2, 5, 3, 2 * 9)[..., ::2]  # (N, C, S) view with spatial stride 2
+    if layout == "few_classes":
+        return rand(37, 11)  # rows in lanes: two full vectors of rows and a tail
+    if layout == "few_classes_transposed":
+        return rand(13, 40).t()  # (40, 13) with class stride 40, row stride 1
     raise AssertionError(layout)
 
 
@@ -79,6 +85,7 @@ def test_layouts_reach_both_kernel_paths():
     expect = {  # (class stride == 1, S > 1)
         "classifier": (True, False), "spatial": (False, True), "channels_last": (True, True),
         "strided_classes": (False, False), "transposed": (False, False), "strided_spatial": (False, True),
+        "few_classes": (True, False), "few_classes_transposed": (False, False),
     }
     for layout, (unit_class_stride, spatial) in expect.items():
         x = _logits(layout, torch.float32, g)
@@ -109,7 +116,8 @@ def test_every_option(layout, reduction, prob):
             check_backend("cpu", heads, _target(heads[0], prob, g, ignore_index), weights, **options)
 
 
-@pytest.mark.parametrize("shape", [(4, 1), (5, 15), (3, 16), (2, 64), (3, 65), (2, 1000), (1, 4099)])
+@pytest.mark.parametrize("shape", [(4, 1), (5, 15), (3, 16), (2, 64), (3, 65), (2, 1000), (1, 4099), (17, 3),
+                                   (33, 24), (40, 25), (1, 7)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_vector_tails(shape, reduction):
     """Class counts around the vector width and the unrolled loops."""
@@ -220,6 +228,26 @@ def test_ties_count_first_maximum():
         check_backend("cpu", heads, prob, [1.0, 0.3])
 
 
+def test_a_nan_logit_is_the_argmax_of_its_row():
+    """head_correct counts torch.argmax's hits: a NaN is the maximum (the first NaN of a row); among equal maxima
+    the first. Shared-target and per-head calls (both read rows through the same hit test)."""
+    nan = float("nan")
+    x = torch.zeros(5, 6)
+    x[0, 2] = nan          # target 2: the NaN, a hit
+    x[1, 1] = x[1, 3] = nan  # target 3: a NaN, but not the first
+    x[2, 4] = nan          # target 0: a maximum of the others, not the NaN
+    x[3, 5] = 1.0          # target 5: the maximum
+    # row 4: all equal, target 1: not the first maximum
+    target = torch.tensor([2, 3, 0, 5, 1])
+    hits = int((x.argmax(1) == target).sum())
+    assert hits == 2
+    out = auxfuse.multi_head_cross_entropy(x, target, backend="cpu", return_details=True)
+    assert int(out.head_correct[0]) == hits
+    out = auxfuse.multi_head_cross_entropy([x, x[:, :5]], [target, target.clamp(max=4)], backend="cpu",
+                                           return_details=True)
+    assert out.head_correct.tolist() == [hits, int((x[:, :5].argmax(1) == target.clamp(max=4)).sum())]
+
+
 def test_nan_logit_poisons_its_row_only():
     g = generator(6)
     for shape in ((6, 50), (2, 7, 3, 5)):
@@ -247,11 +275,14 @@ def test_empty_and_all_ignored():
     assert loss.isnan() and torch.equal(heads[0].grad, torch.zeros(4, 6))
 
 
-@pytest.mark.parametrize("case", ["classifier", "spatial", "channels_last", "prob", "smooth_weight_none"])
+@pytest.mark.parametrize("case", ["classifier", "classifier_row_path", "spatial", "channels_last", "prob",
+                                  "smooth_weight_none"])
 def test_gradcheck_fp64(case):
     g = generator(7)
-    options, shape = {}, (3, 7)
-    if case == "spatial":
+    options, shape = {}, (3, 7)  # rows in vector lanes (at most 24 classes)
+    if case == "classifier_row_path":
+        shape = (3, 30)
+    elif case == "spatial":
         shape = (2, 4, 3, 2)
     elif case == "channels_last":
         shape = (2, 5, 2, 3)
@@ -390,12 +421,13 @@ def _snapshot(heads, target, **options):
     return [out.loss, out.head_losses, out.head_correct, out.count] + [h.grad for h in heads]
 
 
-@pytest.mark.parametrize("layout", ["classifier", "spatial", "channels_last"])
+@pytest.mark.parametrize("layout", ["classifier", "few_classes", "spatial", "channels_last"])
 def test_bitwise_deterministic_across_runs_and_threads(layout):
     g = generator(8)
-    if layout == "classifier":
-        heads = [torch.randn(512, 1000, generator=g) * 3 for _ in range(3)]
-        target = torch.randint(0, 1000, (512,), generator=g)
+    if layout in ("classifier", "few_classes"):
+        N, C = (512, 1000) if layout == "classifier" else (9000, 10)  # few classes: several tiles of rows
+        heads = [torch.randn(N, C, generator=g) * 3 for _ in range(3)]
+        target = torch.randint(0, C, (N,), generator=g)
     else:
         heads = [torch.randn(4, 21, 48, 40, generator=g) * 3 for _ in range(3)]
         if layout == "channels_last":

@@ -159,7 +159,9 @@ inline acc_t nan_value() {
 // The table entry, as a type of this compiled copy (the anonymous namespace of its CPU_CAPABILITY): the vector
 // functions of std::vector<Head> are then this copy's own, never linked into another copy or baseline code.
 template <typename scalar_t>
-struct Head : HeadDesc<scalar_t, at::opmath_type<scalar_t>> {};
+struct Head : HeadDesc<scalar_t, at::opmath_type<scalar_t>> {
+  bool rows_in_lanes = false;  // a classifier head laid out for the spatial path (lay_rows_in_lanes)
+};
 
 template <typename scalar_t>
 struct Args {
@@ -174,7 +176,26 @@ struct Args {
 // the spatial path the others, (N, C, S) with a strided class dimension (segmentation).
 template <typename Head>
 bool row_path(const Head& d) {
-  return d.S == 1 || d.sC == 1;
+  return !d.rows_in_lanes && (d.S == 1 || d.sC == 1);
+}
+
+// Classifier heads of few classes (multi-task and hierarchical heads): a row of the row path costs about 40 ns
+// of dependent latency whatever its classes (horizontal max and sum, exp, log). The forward lays such a head out
+// for the spatial path instead: its N rows are the spatial positions of one sample, kW rows per vector, no
+// horizontal step; its strided loads and stores are scalar. Per row, fp32 forward with gradient on the 2-core
+// AVX-512 VM: 43 -> 20 ns at 10 classes, 61 -> 54 at 24, but 41 -> 55 at 32: the row path from 25 classes on.
+constexpr int64_t kRowsInLanesMaxClasses = 24;
+
+template <typename Head>
+void lay_rows_in_lanes(Head& d) {
+  if (d.S != 1 || d.N < 2 || d.C > kRowsInLanesMaxClasses || d.y_pos) return;
+  d.S = d.N;
+  d.sS = d.sN;
+  d.yS = d.yN;
+  d.tS = d.tN;
+  d.gS = d.gN;
+  d.N = 1;
+  d.rows_in_lanes = true;
 }
 
 // One head's entry of the table, from its (N, C, S) view, its target view (with `positions`, target_resize: the
@@ -319,6 +340,15 @@ int64_t first_index_of(const scalar_t* x, int64_t C, at::opmath_type<scalar_t> t
     if (bits) return c + __builtin_ctzll(static_cast<uint64_t>(bits));
   }
   return -1;
+}
+
+// Whether y is the row's argmax (its first maximum, NaN counting as the maximum, as torch.argmax): x_y = x[y]
+// equals the max and no earlier logit does. Only rows whose target holds the max scan, and only up to y.
+template <typename scalar_t>
+bool is_first_max(const scalar_t* x, int64_t y, at::opmath_type<scalar_t> x_y, at::opmath_type<scalar_t> max) {
+  const bool nan = std::isnan(max);
+  if (nan ? !std::isnan(x_y) : x_y != max) return false;
+  return first_index_of(x, y, max) < 0;
 }
 
 // Pass 1 of a row: the max (NaN-propagating), and for probability targets the target's max and sum_c w_c t_c.
@@ -519,7 +549,7 @@ struct Partials {
   Partials(int64_t blocks, int64_t heads) : loss(blocks * heads, 0.0), hits(blocks * heads, 0) {}
 };
 
-constexpr int64_t kBlockElements = 32768;  // logits of all heads per block (fixes the partition)
+constexpr int64_t kBlockElements = 8192;  // logits of all heads per block (fixes the partition)
 
 // The unit of the block partition: consecutive heads with the same rows (N, S), path and kind of target, cut
 // into blocks of rows (row path) or of spatial tiles (spatial path) covering every head of the group, so that a
@@ -589,14 +619,20 @@ struct Scratch {
   }
 };
 
+// Row r = n * S + s of a tensor with strides sN, sS. Classifier heads (S == 1) skip the two 64-bit divisions,
+// which cost about as much as the rest of a 10-class row.
+inline int64_t row_offset(int64_t r, int64_t S, int64_t sN, int64_t sS) {
+  return S == 1 ? r * sN : (r / S) * sN + (r % S) * sS;
+}
+
 template <typename Head>
 auto logit_row(const Head& d, int64_t r) {
-  return d.x + (r / d.S) * d.sN + (r % d.S) * d.sS;
+  return d.x + row_offset(r, d.S, d.sN, d.sS);
 }
 
 template <typename Head>
 auto grad_row(const Head& d, int64_t r) {
-  return d.grad ? d.grad + (r / d.S) * d.gN + (r % d.S) * d.gS : nullptr;
+  return d.grad ? d.grad + row_offset(r, d.S, d.gN, d.gS) : nullptr;
 }
 
 // The rows [r0, r1) of the heads of group g: loss, hits, log-sum-exp, gradient (each as the head table asks).
@@ -616,7 +652,7 @@ void forward_row_block(const Args<scalar_t>& a, const Group& g, int64_t r0, int6
     double loss_sum = 0;
     int64_t hits = 0;
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / d.S, s = r % d.S;
+      const int64_t n = d.S == 1 ? r : r / d.S, s = d.S == 1 ? 0 : r % d.S;
       const scalar_t* x = contiguous_row(logit_row(d, r), d.sC, C, scratch.x_row);
       const scalar_t* next = nullptr;
       scalar_t* next_grad = nullptr;
@@ -678,7 +714,7 @@ void forward_row_block(const Args<scalar_t>& a, const Group& g, int64_t r0, int6
             const acc_t x_y = static_cast<acc_t>(x[y]);
             row_loss = finite ? index_target_row_loss(st, log_acc(sum), x_y - p1.max, p2.wd, d.weight_sum, k)
                               : nan_value<acc_t>();
-            hits += first_index_of(x, C, p1.max) == y;
+            hits += is_first_max(x, y, x_y, p1.max);
             if (gr) {
               const acc_t ga = finite ? scale * k.lse_coef / sum : nan_value<acc_t>();
               const acc_t gb = scale * k.smooth_coef;
@@ -720,9 +756,16 @@ struct Tile {
     for (int l = 0; l < kW; ++l) buf[l] = l < n ? static_cast<acc_t>(p[(j * kW + l) * ss]) : acc_t(0);
     return Vec::loadu(buf);
   }
-  static void store(scalar_t* p, int j, int valid, const Vec& v) {
+  // Stores positions [j*kW, j*kW + kW) of class row p (spatial stride ss), `valid` of them.
+  static void store(scalar_t* p, int64_t ss, int j, int valid, const Vec& v) {
     const int n = std::min(kW, valid - j * kW);
-    n == kW ? io::store(p + j * kW, v) : io::store(p + j * kW, v, n);
+    if (ss == 1) {
+      n == kW ? io::store(p + j * kW, v) : io::store(p + j * kW, v, n);
+      return;
+    }
+    acc_t buf[kW];
+    v.store(buf);
+    for (int l = 0; l < n; ++l) p[(j * kW + l) * ss] = static_cast<scalar_t>(buf[l]);
   }
 };
 
@@ -737,6 +780,98 @@ int64_t tile_width(int64_t C, int64_t S) {
   return std::min(width, s_pad);
 }
 
+// Pass 1 of a vector of kW rows: per-lane max over the classes (NaN-propagating), the logits kept in `ev`
+// (C x kW); for probability targets the target's max and sum_c w_c t_c. Only the max is carried from class to
+// class: tracking the argmax here too made a chain of about 12 cycles per class (mask, blend, compare).
+// Passes 1 and 2 are functions of their own (not inlined): inside forward_tile_block's many live values the
+// compiler kept their running values on the stack, a store and reload per class in the loop-carried chain.
+template <typename Vec>
+struct TilePass1 {
+  Vec max, wt, tmax;
+};
+
+template <typename scalar_t, bool kProb>
+C10_NOINLINE TilePass1<typename Tile<scalar_t>::Vec> tile_pass1(const Head<scalar_t>& d, const scalar_t* xb,
+                                                               const scalar_t* tb, int j, int valid,
+                                                               at::opmath_type<scalar_t>* ev) {
+  using T = Tile<scalar_t>;
+  using Vec = typename T::Vec;
+  using acc_t = typename T::acc_t;
+  constexpr int kW = T::kW;
+  const Vec ninf(-std::numeric_limits<acc_t>::infinity());
+  Vec m0(ninf), m1(ninf), wt(0), tm(ninf);  // two chains: even and odd classes
+  for (int64_t c = 0; c < d.C; ++c) {
+    const Vec xv = T::load(xb + c * d.sC, d.sS, j, valid);
+    xv.store(ev + c * kW);
+    if (c % 2) {
+      m1 = at::vec::maximum(m1, xv);
+    } else {
+      m0 = at::vec::maximum(m0, xv);
+    }
+    if (kProb) {
+      const Vec tv = T::load(tb + c * d.tC, d.tS, j, valid);
+      wt = at::vec::fmadd(Vec(d.class_weight(c)), tv, wt);
+      tm = at::vec::maximum(tm, tv);
+    }
+  }
+  return {at::vec::maximum(m0, m1), wt, tm};
+}
+
+// Pass 2, over the classes from the last to the first: exponentials (kept in `ev` for pass 3 when the head has a
+// gradient) and their sum; the first argmax of the logits (and of the targets), as torch.argmax: the smallest
+// class equal to the max, or the first NaN where the max is NaN (the last class found wins, off the chain).
+// With kSums, the weighted sums the loss needs relative to the max, x - m (no cancellation against the
+// log-sum-exp for large logits): wx = sum_c w_c (x_c - m), and for probability targets wtx = sum_c w_c t_c
+// (x_c - m).
+template <typename Vec>
+struct TilePass2 {
+  Vec sum, wx, wtx, idx, tidx;
+};
+
+template <typename Vec>
+inline Vec equal_or_both_nan(const Vec& v, const Vec& m, const Vec& m_nan) {
+  return (v == m) | (v.isnan() & m_nan);
+}
+
+// `next_x` / `next_grad` (or nullptr): where the next vector of rows starts in class plane 0 of the logits and of
+// the gradient (unit spatial stride), prefetched one class plane per step: with a plane per class the vectors'
+// lines come from C streams at once, more than the hardware prefetchers follow, and a gradient line written
+// without it waits for its read-for-ownership.
+template <typename scalar_t, bool kSums, bool kProb>
+C10_NOINLINE TilePass2<typename Tile<scalar_t>::Vec> tile_pass2(const Head<scalar_t>& d,
+                                                               const TilePass1<typename Tile<scalar_t>::Vec>& p1,
+                                                               const scalar_t* tb, int j, int valid,
+                                                               at::opmath_type<scalar_t>* ev, const scalar_t* next_x,
+                                                               scalar_t* next_grad) {
+  using T = Tile<scalar_t>;
+  using Vec = typename T::Vec;
+  using acc_t = typename T::acc_t;
+  constexpr int kW = T::kW;
+  const Vec m = p1.max, m_nan = m.isnan(), tm_nan = p1.tmax.isnan();
+  Vec sum(0), wx(0), wtx(0), idx(0), tidx(0);
+  for (int64_t c = d.C - 1; c >= 0; --c) {
+    if (next_x) __builtin_prefetch(next_x + c * d.sC, 0, 2);
+    if (next_grad) __builtin_prefetch(next_grad + c * d.gC, 1, 2);
+    const Vec cv(static_cast<acc_t>(c));
+    const Vec xv = Vec::loadu(ev + c * kW);
+    idx = Vec::blendv(idx, cv, equal_or_both_nan(xv, m, m_nan));
+    const Vec shifted = xv - m;
+    const Vec e = vexp(shifted);
+    if (d.grad) e.store(ev + c * kW);
+    sum = sum + e;
+    if (kSums) {
+      const Vec wd = Vec(d.class_weight(c)) * shifted;
+      wx = wx + wd;
+      if (kProb) {
+        const Vec tv = T::load(tb + c * d.tC, d.tS, j, valid);
+        wtx = at::vec::fmadd(wd, tv, wtx);
+        tidx = Vec::blendv(tidx, cv, equal_or_both_nan(tv, p1.tmax, tm_nan));
+      }
+    }
+  }
+  return {sum, wx, wtx, idx, tidx};
+}
+
 template <typename scalar_t, bool kProb>
 void forward_tile_block(const Args<scalar_t>& a, const Group& g, int64_t u0, int64_t u1,
                         Scratch<scalar_t>& scratch, double* loss_part, int64_t* hits_part,
@@ -748,7 +883,6 @@ void forward_tile_block(const Args<scalar_t>& a, const Group& g, int64_t u0, int
   const int64_t S = a.head[g.h0].S, width = g.width;
   const int64_t tiles_per_n = (S + width - 1) / width;
   const bool need_wx = a.eps != acc_t(0);
-  const Vec ninf(-std::numeric_limits<acc_t>::infinity());
   // One vector of kW rows at a time goes through all three passes with its running values in registers;
   // its logits (then their exponentials) wait in `ev` (C x kW: in L1 for segmentation class counts).
   acc_t* ev = scratch.exps.get();
@@ -770,24 +904,9 @@ void forward_tile_block(const Args<scalar_t>& a, const Group& g, int64_t u0, int
       for (int j = 0; j < nv; ++j) {
         const int o = j * kW;
         const int lanes = std::min(kW, valid - o);
-        // Pass 1: per-lane max and first argmax over the classes (NaN wins, like argmax); for probability
-        // targets the target's argmax and sum_c w_c t_c.
-        Vec m(ninf), idx(0), wt(0), tm(ninf), tidx(0);
-        for (int64_t c = 0; c < C; ++c) {
-          const Vec cv(static_cast<acc_t>(c));
-          const Vec xv = T::load(xb + c * d.sC, d.sS, j, valid);
-          xv.store(ev + c * kW);
-          const Vec gt = (xv > m) | (xv.isnan() & (m == m));
-          m = Vec::blendv(m, xv, gt);
-          idx = Vec::blendv(idx, cv, gt);
-          if (kProb) {
-            const Vec tv = T::load(tb + c * d.tC, d.tS, j, valid);
-            wt = at::vec::fmadd(Vec(d.class_weight(c)), tv, wt);
-            const Vec tgt = (tv > tm) | (tv.isnan() & (tm == tm));
-            tm = Vec::blendv(tm, tv, tgt);
-            tidx = Vec::blendv(tidx, cv, tgt);
-          }
-        }
+        // Pass 1: per-lane max over the classes; for probability targets the target's max and sum_c w_c t_c.
+        const TilePass1<Vec> p1 = tile_pass1<scalar_t, kProb>(d, xb, tb, j, valid, ev);
+        const Vec m = p1.max, wt = p1.wt;
         if (!kProb) {  // the logit at each lane's target, before pass 2 overwrites `ev`
           for (int l = 0; l < kW; ++l) {
             const int64_t y = l < lanes ? d.y[d.target_offset(n, s0 + o + l)] : a.ignore_index;
@@ -796,20 +915,14 @@ void forward_tile_block(const Args<scalar_t>& a, const Group& g, int64_t u0, int
             xy[l] = counted ? ev[y * kW + l] : acc_t(0);
           }
         }
-        // Pass 2: exponentials (kept for pass 3) and their sum; the weighted sums the loss needs relative to
-        // the max, x - m (no cancellation against the log-sum-exp for large logits).
-        Vec sum(0), wx(0), wtx(0);
-        for (int64_t c = 0; c < C; ++c) {
-          const Vec shifted = Vec::loadu(ev + c * kW) - m;
-          const Vec e = vexp(shifted);
-          if (d.grad) e.store(ev + c * kW);
-          sum = sum + e;
-          if (need_wx || kProb) {
-            const Vec wd = Vec(d.class_weight(c)) * shifted;
-            if (need_wx) wx = wx + wd;
-            if (kProb) wtx = at::vec::fmadd(wd, T::load(tb + c * d.tC, d.tS, j, valid), wtx);
-          }
-        }
+        // Pass 2: exponentials (kept for pass 3), their sum, the argmax and the sums the loss needs.
+        const bool next_in_tile = j + 1 < nv;
+        const scalar_t* next_x = next_in_tile && d.sS == 1 ? xb + o + kW : nullptr;
+        scalar_t* next_grad = next_in_tile && d.grad && d.gS == 1 ? d.grad + n * d.gN + s0 + o + kW : nullptr;
+        const TilePass2<Vec> p2 =
+            need_wx || kProb ? tile_pass2<scalar_t, true, kProb>(d, p1, tb, j, valid, ev, next_x, next_grad)
+                             : tile_pass2<scalar_t, false, false>(d, p1, tb, j, valid, ev, next_x, next_grad);
+        const Vec sum = p2.sum, wx = p2.wx, wtx = p2.wtx, idx = p2.idx, tidx = p2.tidx;
         if (kProb) {
           m.store(vmax);
           idx.store(vidx);
@@ -893,7 +1006,7 @@ void forward_tile_block(const Args<scalar_t>& a, const Group& g, int64_t u0, int
             gv = at::vec::fmsub(e, av, bv * wv);
             gv = gv - Vec::blendv(Vec(0), fv, yv == Vec(static_cast<acc_t>(c)));
           }
-          T::store(gb + c * d.gC, j, valid, gv);
+          T::store(gb + c * d.gC, d.gS, j, valid, gv);
         }
       }
     }
@@ -1048,6 +1161,7 @@ ForwardResult forward_cpu(at::TensorList heads_in, const at::Tensor& target_in,
       attach_outputs(a.head[h], grad_mode == kGradInForward ? outs.saved.select(0, h) : at::Tensor(),
                      grad_mode == kSaveLse ? outs.saved.data_ptr<acc_t>() + h * shape.rows() : nullptr, stats[h],
                      reduction);
+      lay_rows_in_lanes(a.head[h]);
     }
     const HeadTotals totals = run_forward(a, reduction == kReductionNone ? outs.loss.data_ptr<acc_t>() : nullptr);
     write_totals(a, totals, stats, outs.loss, outs.head_losses, outs.head_correct);
@@ -1077,6 +1191,7 @@ void forward_per_head_cpu(const PerHeadViews& v, const PerHeadOutputs& outs, at:
     const bool with_grads = !outs.grads.empty();
     for (int64_t h = 0; h < H; ++h) {
       attach_outputs(a.head[h], with_grads ? outs.grads[h] : at::Tensor(), nullptr, stats[h], reduction);
+      lay_rows_in_lanes(a.head[h]);
     }
     const HeadTotals totals = run_forward(a, reduction == kReductionNone ? outs.loss.data_ptr<acc_t>() : nullptr);
     write_totals(a, totals, stats, outs.loss, outs.head_losses, outs.head_correct);
@@ -1260,7 +1375,7 @@ void backward_tiles(const Args<scalar_t>& a, const BackwardIn<at::opmath_type<sc
               } else {
                 gv = at::vec::fmsub(ev, av, bv * wv) - Vec::blendv(Vec(0), fv, Vec::loadu(ly + o) == cv);
               }
-              T::store(gb + c * S, j, valid, gv);
+              T::store(gb + c * S, 1, j, valid, gv);
             }
           }
         }
