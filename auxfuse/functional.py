@@ -503,11 +503,13 @@ class _PerHeadPlan(NamedTuple):
 
 
 def _each_head(value: Any, names: list[str]) -> list:
-    """One entry per head from a value one signature's plan was made for: one Tensor (or None) for all heads, a
-    list or tuple in the heads' order, or a dict by head name (_tensor_facts takes no other kind)."""
+    """One entry per head from a validated target or class weight: one Tensor (or None) for all heads, a sequence
+    in the heads' order, or a mapping by head name."""
     if value is None or type(value) is torch.Tensor:
         return [value] * len(names)
-    return [value[name] for name in names] if type(value) is dict else list(value)
+    if type(value) is dict or isinstance(value, Mapping):
+        return [value[name] for name in names]
+    return list(value)
 
 
 def _per_head_unavailable_reason(backend: Any) -> Optional[str]:

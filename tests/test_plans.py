@@ -273,6 +273,18 @@ def test_per_head_plans_call_the_cpu_op_directly(monkeypatch, options):
     assert len(functional._PLANS) == 1
 
 
+def test_per_head_targets_in_other_mappings_take_the_full_path():
+    """An OrderedDict of targets has no plan (its signature is not taken): every call is validated in full."""
+    heads, targets = _pyramid(0)
+    outputs = collections.OrderedDict(zip("abc", heads))
+    for _ in range(2):
+        loss = auxfuse.multi_head_cross_entropy(outputs, collections.OrderedDict(zip("cba", targets[::-1])),
+                                                backend="cpu")
+        assert_matches_reference(loss, naive_per_head([to_reference(h) for h in heads], targets, [1.0, 0.3, 0.3]),
+                                 torch.float32)
+    assert not functional._PLANS
+
+
 def test_per_head_plans_convert_other_target_dtypes():
     """int32 targets are converted for the kernels on every call: such a plan does not take the direct path."""
     heads, targets = _pyramid(0)
