@@ -22,8 +22,10 @@
 //     positions of one sample (the unit of the block partition), vectorized along S (each lane is one row).
 //     The forward takes one vector of rows at a time through all passes, its running values in registers:
 //     pass 1 reads the vector's C logits (one cache line per class plane) into a C x kW buffer in L1 and keeps
-//     the per-lane max / argmax, pass 2 turns the buffer into exp(x - max) and sums it, a per-lane epilogue
-//     applies multihead_ce.h, pass 3 writes each gradient element once (true class folded in).
+//     the per-lane max, pass 2 turns the buffer into exp(x - max), sums it and finds the argmax, a per-lane
+//     epilogue applies multihead_ce.h, pass 3 writes each gradient element once (true class folded in).
+//     Classifiers of at most 24 classes take this path too, their rows as one sample's positions
+//     (lay_rows_in_lanes).
 //   Deterministic: the block partition depends only on the shape, never on the thread count; every row is
 //   computed by the same instruction sequence wherever it runs (no alignment-dependent peeling); partial
 //   sums are reduced in a fixed order.
@@ -182,8 +184,9 @@ bool row_path(const Head& d) {
 // Classifier heads of few classes (multi-task and hierarchical heads): a row of the row path costs about 40 ns
 // of dependent latency whatever its classes (horizontal max and sum, exp, log). The forward lays such a head out
 // for the spatial path instead: its N rows are the spatial positions of one sample, kW rows per vector, no
-// horizontal step; its strided loads and stores are scalar. Per row, fp32 forward with gradient on the 2-core
-// AVX-512 VM: 43 -> 20 ns at 10 classes, 61 -> 54 at 24, but 41 -> 55 at 32: the row path from 25 classes on.
+// horizontal step; its strided loads and stores are scalar. Per row, fp32 forward with gradient, one thread of
+// a 2-core AMD EPYC VM (AVX-512): 43 -> 20 ns at 10 classes, 61 -> 54 at 24, but 41 -> 55 at 32: the row path
+// from 25 classes on.
 constexpr int64_t kRowsInLanesMaxClasses = 24;
 
 template <typename Head>
