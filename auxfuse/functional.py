@@ -494,7 +494,8 @@ class _PerHeadPlan(NamedTuple):
 
     def problems(self, values: tuple, target: Targets, weight: ClassWeights) -> list:
         """(name, Problem, index shape) per head for this call's tensors, as _per_head_problems gives them."""
-        targets = [target.long()] * len(self.names) if self.target_resize is not None else _each_head(target, self.names)
+        resized = self.target_resize is not None  # one full-resolution mask, read through each head's positions
+        targets = [target.long()] * len(self.names) if resized else _each_head(target, self.names)
         return [(name, _with_tensors(template, [values[position]], head_target, class_weight, bool(index_shape),
                                      template.target_positions), index_shape)
                 for name, position, template, index_shape, head_target, class_weight
