@@ -904,6 +904,7 @@ void forward_tile_block(const Args<scalar_t>& a, const Group& g, int64_t u0, int
       const int nv = (valid + kW - 1) / kW;
       const scalar_t* xb = d.x + n * d.sN + s0 * d.sS;
       const scalar_t* tb = kProb ? d.t + n * d.tN + s0 * d.tS : nullptr;
+      scalar_t* gb = d.grad ? d.grad + n * d.gN + s0 * d.gS : nullptr;
       for (int j = 0; j < nv; ++j) {
         const int o = j * kW;
         const int lanes = std::min(kW, valid - o);
@@ -921,7 +922,7 @@ void forward_tile_block(const Args<scalar_t>& a, const Group& g, int64_t u0, int
         // Pass 2: exponentials (kept for pass 3), their sum, the argmax and the sums the loss needs.
         const bool next_in_tile = j + 1 < nv;
         const scalar_t* next_x = next_in_tile && d.sS == 1 ? xb + o + kW : nullptr;
-        scalar_t* next_grad = next_in_tile && d.grad && d.gS == 1 ? d.grad + n * d.gN + s0 + o + kW : nullptr;
+        scalar_t* next_grad = next_in_tile && gb && d.gS == 1 ? gb + o + kW : nullptr;
         const TilePass2<Vec> p2 =
             need_wx || kProb ? tile_pass2<scalar_t, true, kProb>(d, p1, tb, j, valid, ev, next_x, next_grad)
                              : tile_pass2<scalar_t, false, false>(d, p1, tb, j, valid, ev, next_x, next_grad);
@@ -993,10 +994,9 @@ void forward_tile_block(const Args<scalar_t>& a, const Group& g, int64_t u0, int
             loss_rows[r] = h == g.h0 ? weighted : loss_rows[r] + weighted;
           }
         }
-        if (!d.grad) continue;
+        if (!gb) continue;
         // Pass 3: the gradient from the kept exponentials, every element written once:
         //   index: e * a - b * w_c - [c == y] * fix;  probability: e * a - (b * t_c + fix) * w_c.
-        scalar_t* gb = d.grad + n * d.gN + s0 * d.gS;
         const Vec av = Vec::loadu(la), bv = Vec::loadu(lb), fv = Vec::loadu(lfix);
         const Vec yv = kProb ? Vec(0) : Vec::loadu(ly);
         for (int64_t c = 0; c < C; ++c) {
