@@ -5,10 +5,11 @@
 // strides, target, class weights, loss weight, outputs); the shared-target op's heads all point at one target.
 //   1. A pre-pass over each head's class-index targets (once for heads that share them): counted rows, the
 //      mean's divisor and the first out-of-range target, which raises a ValueError before anything is written.
-//   2. One at::parallel_for over fixed blocks of work, handed to the threads dynamically from one queue. Heads
-//      are grouped (consecutive heads with the same rows, layout and kind of target: every head of the shared
-//      op); a block is a range of rows (or of spatial tiles) for every head of its group, about kBlockElements
-//      logits, so the blocks of a 128 x 128 head and of a 16 x 16 head balance across the threads. Each block
+//   2. One at::parallel_for over fixed blocks of work, each thread taking its own range of them in order, then
+//      what is left of the others' (parallel_blocks). Heads are grouped (consecutive heads with the same rows,
+//      layout and kind of target: every head of the shared op); a block is a range of rows (or of spatial
+//      tiles) for every head of its group, about kBlockElements logits, so the blocks of a 128 x 128 head and
+//      of a 16 x 16 head balance across the threads. Each block
 //      writes its rows' outputs and one partial (loss sum in double, top-1 hits) per head into its own slot;
 //      the partials are reduced afterwards in block order.
 //   Two layouts, chosen per head from its strides:
@@ -532,16 +533,39 @@ const scalar_t* contiguous_row(const scalar_t* p, int64_t stride, int64_t C, std
   return buf.data();
 }
 
-// Runs worker(next_block) on at::parallel_for's threads; each worker takes block indices from next_block()
-// (a shared counter) until it returns >= blocks. Blocks are handed out dynamically, so a thread slowed down
-// (another process on its core) does less of the work; no result depends on which thread ran a block.
+// Runs worker(next_block) on at::parallel_for's threads; each worker takes block indices from next_block() until
+// it returns >= blocks. Each worker owns a contiguous range of the blocks and takes them in order (it streams
+// through consecutive rows, the hardware prefetchers keep up, and a step's blocks go to the same thread as in
+// the last step, so its gradient lines are still in that core's cache); a worker done with its range takes the
+// blocks left in the others' ranges, so a thread slowed down (another process on its core) does less of the
+// work. No result depends on which thread ran a block.
 template <typename F>
 void parallel_blocks(int64_t blocks, const F& worker) {
   if (blocks <= 0) return;
-  std::atomic<int64_t> counter{0};
-  const auto next_block = [&counter]() { return counter.fetch_add(1, std::memory_order_relaxed); };
   const int64_t workers = std::min<int64_t>(blocks, at::get_num_threads());
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(next_block); });
+  struct alignas(64) Range {  // one cache line each: a worker's claims do not contend with the others'
+    std::atomic<int64_t> next;
+    int64_t end;
+  };
+  std::vector<Range> ranges(workers);
+  for (int64_t w = 0; w < workers; ++w) {
+    ranges[w].next.store(w * blocks / workers, std::memory_order_relaxed);
+    ranges[w].end = (w + 1) * blocks / workers;
+  }
+  at::parallel_for(0, workers, 1, [&](int64_t own, int64_t) {
+    int64_t from = own;  // the range claimed from: its own first, then the others' in turn
+    const auto next_block = [&]() {
+      for (int64_t tried = 0; tried < workers; ++tried, from = (from + 1) % workers) {
+        Range& r = ranges[from];
+        if (r.next.load(std::memory_order_relaxed) < r.end) {
+          const int64_t b = r.next.fetch_add(1, std::memory_order_relaxed);
+          if (b < r.end) return b;
+        }
+      }
+      return blocks;
+    };
+    worker(next_block);
+  });
 }
 
 // Per-block partials: each block's unweighted loss sum (double) and top-1 hits, per head (0 for the heads a
