@@ -9,6 +9,7 @@
 #include <ATen/core/List.h>
 #include <c10/util/accumulate.h>
 
+#include <array>
 #include <tuple>
 #include <vector>
 
@@ -266,17 +267,43 @@ inline PerHeadViews check_per_head_inputs(at::TensorList heads_in, at::TensorLis
 
 struct PerHeadOutputs {
   at::Tensor loss, head_losses, head_correct, count, denom, invalid;
-  std::vector<at::Tensor> grads;  // (N, C, S) views laid out like the heads (grad_mode 1)
+  std::vector<at::Tensor> grads;  // in the heads' own shapes, laid out like them (grad_mode 1; allocate_head_grad)
 
-  PerHeadResult result(at::TensorList heads_in) const {
-    std::vector<at::Tensor> shaped;
-    for (size_t h = 0; h < grads.size(); ++h) shaped.push_back(grads[h].view(heads_in[h].sizes()));
-    return {loss, head_losses, head_correct, count, denom, shaped, invalid};
-  }
+  PerHeadResult result() const { return {loss, head_losses, head_correct, count, denom, grads, invalid}; }
 };
 
-inline PerHeadOutputs allocate_per_head_outputs(const PerHeadViews& v, int64_t reduction, int64_t grad_mode,
-                                                at::Allocator* grad_allocator) {
+// One head's gradient, allocated in the head's own shape (N, C, d1, ..., dk) as the op returns it (no view per
+// head) and laid out like the head's (N, C, S) view `rows`, as allocate_head_grads lays out the shared op's:
+// class-innermost strides for a class-innermost head (channels_last), else contiguous. grad_row_strides gives
+// the kernels its (N, C, S) strides.
+inline at::Tensor allocate_head_grad(const at::Tensor& head, const at::Tensor& rows, at::Allocator* allocator) {
+  const at::IntArrayRef sizes = head.sizes();
+  const int64_t dims = head.dim();
+  c10::SmallVector<int64_t, 6> strides(dims);
+  int64_t step = 1;
+  const bool class_innermost = rows.size(2) > 1 && rows.stride(1) == 1;
+  if (class_innermost) {
+    strides[1] = 1;
+    step = std::max<int64_t>(sizes[1], 1);
+  }
+  for (int64_t d = dims - 1; d >= 0; --d) {
+    if (class_innermost && d == 1) continue;
+    strides[d] = step;
+    step *= std::max<int64_t>(sizes[d], 1);
+  }
+  if (allocator == nullptr) return at::empty_strided(sizes, strides, head.options());
+  return at::detail::empty_strided_generic(sizes, strides, allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                           head.scalar_type());
+}
+
+// The (N, C, S) strides of a gradient in its head's shape (allocate_head_grad) or of an (N, C, S) gradient: its
+// spatial dimensions collapse into S with the last one's stride.
+inline std::array<int64_t, 3> grad_row_strides(const at::Tensor& grad) {
+  return {grad.stride(0), grad.stride(1), grad.dim() > 2 ? grad.stride(grad.dim() - 1) : 1};
+}
+
+inline PerHeadOutputs allocate_per_head_outputs(at::TensorList heads_in, const PerHeadViews& v, int64_t reduction,
+                                                int64_t grad_mode, at::Allocator* grad_allocator) {
   const at::Tensor& h0 = v.heads[0];
   const int64_t H = v.heads.size();
   const auto acc_options = h0.options().dtype(at::toOpMathType(h0.scalar_type()));
@@ -289,9 +316,7 @@ inline PerHeadOutputs allocate_per_head_outputs(const PerHeadViews& v, int64_t r
   out.denom = at::empty({H}, acc_options);
   out.invalid = at::empty({}, h0.options().dtype(at::kLong));
   if (grad_mode == kGradInForward) {
-    for (const at::Tensor& head : v.heads) {
-      out.grads.push_back(allocate_head_grads({head}, grad_allocator).select(0, 0));
-    }
+    for (int64_t h = 0; h < H; ++h) out.grads.push_back(allocate_head_grad(heads_in[h], v.heads[h], grad_allocator));
   }
   return out;
 }

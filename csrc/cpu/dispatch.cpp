@@ -76,9 +76,10 @@ PerHeadResult forward_per_head_cpu(at::TensorList heads, at::TensorList targets,
   const PerHeadViews inputs =
       check_per_head_inputs(heads, targets, target_positions, class_weights, head_weights, reduction, grad_mode);
   TORCH_CHECK(inputs.heads[0].device().is_cpu(), "auxfuse: the CPU kernel got tensors on ", inputs.heads[0].device());
-  const PerHeadOutputs outputs = allocate_per_head_outputs(inputs, reduction, grad_mode, cpu_gradient_allocator());
+  const PerHeadOutputs outputs =
+      allocate_per_head_outputs(heads, inputs, reduction, grad_mode, cpu_gradient_allocator());
   chosen_copy().kernels->forward_per_head(inputs, outputs, head_weights, ignore_index, label_smoothing, reduction);
-  return outputs.result(heads);
+  return outputs.result();
 }
 
 }  // namespace

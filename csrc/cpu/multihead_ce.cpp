@@ -1121,18 +1121,20 @@ HeadTotals run_forward(const Args<scalar_t>& a, at::opmath_type<scalar_t>* loss_
   return totals;
 }
 
-// Points head h's table entry at its outputs: its gradient `grad` (N, C, S), laid out like the head (the row
-// path writes rows contiguous along the classes, the spatial path planes contiguous along S), or its
-// log-sum-exp rows `lse`; and folds the mean's divisor into its gradient scale.
+// Points head h's table entry at its outputs: its gradient `grad` ((N, C, S), or in the head's shape), laid out
+// like the head (the row path writes rows contiguous along the classes, the spatial path planes contiguous along
+// S), or its log-sum-exp rows `lse`; and folds the mean's divisor into its gradient scale.
 template <typename scalar_t>
 void attach_outputs(Head<scalar_t>& d, const at::Tensor& grad,
                     at::opmath_type<scalar_t>* lse, const TargetStats& stats, int64_t reduction) {
   using acc_t = at::opmath_type<scalar_t>;
   if (grad.defined()) {
     d.grad = grad.data_ptr<scalar_t>();
+    // grad_row_strides (ops_common.h), spelled out here: an inline function of the shared header called from
+    // this file could be linked into another instruction-set copy (tests/test_cpu_capability.py).
     d.gN = grad.stride(0);
     d.gC = grad.stride(1);
-    d.gS = grad.stride(2);
+    d.gS = grad.dim() > 2 ? grad.stride(grad.dim() - 1) : 1;
     TORCH_INTERNAL_ASSERT(row_path(d) ? (d.gC == 1 || d.C == 1) : d.gS == 1);
   }
   d.lse = lse;

@@ -1572,7 +1572,7 @@ PerHeadResult per_head_forward_impl(Launcher& launcher, at::TensorList heads_in,
   const bool none = reduction == auxfuse::kReductionNone;
   const at::Tensor& h0_in = heads_in[0];
   // Outputs as on CPU: the acc dtype is float32 (the CUDA kernels take float32, float16 and bfloat16 heads).
-  const auxfuse::PerHeadOutputs out = auxfuse::allocate_per_head_outputs(v, reduction, grad_mode, nullptr);
+  const auxfuse::PerHeadOutputs out = auxfuse::allocate_per_head_outputs(heads_in, v, reduction, grad_mode, nullptr);
   const at::Tensor &loss = out.loss, &head_losses = out.head_losses, &head_correct = out.head_correct;
   const at::Tensor &count = out.count, &denom = out.denom, &invalid = out.invalid;
 
@@ -1602,7 +1602,7 @@ PerHeadResult per_head_forward_impl(Launcher& launcher, at::TensorList heads_in,
     count.zero_();
     denom.zero_();
     invalid.zero_();
-    return out.result(heads_in);
+    return out.result();
   }
   const int grid = static_cast<int>(std::min<int64_t>(items, max_blocks));
   // grad_mode 1 with mean: a pre-pass over the targets computes each head's denominator first.
@@ -1653,11 +1653,12 @@ PerHeadResult per_head_forward_impl(Launcher& launcher, at::TensorList heads_in,
       desc.weight_sum = static_cast<float>(desc.C);  // with class weights: summed on the device
       desc.grad_scale = desc.weight;  // for mean: divided on the device by the pre-pass's denominator
       if (grad_mode == auxfuse::kGradInForward) {
-        const at::Tensor& g = out.grads[h];  // (N, C, S), laid out like the head
+        const at::Tensor& g = out.grads[h];  // in the head's shape, laid out like it
         desc.grad = static_cast<T*>(g.data_ptr());
-        desc.gN = g.stride(0);
-        desc.gC = g.stride(1);
-        desc.gS = g.stride(2);
+        const std::array<int64_t, 3> strides = auxfuse::grad_row_strides(g);
+        desc.gN = strides[0];
+        desc.gC = strides[1];
+        desc.gS = strides[2];
       }
       std::memcpy(bytes + h * sizeof(Desc), &desc, sizeof(Desc));
     }
@@ -1681,7 +1682,7 @@ PerHeadResult per_head_forward_impl(Launcher& launcher, at::TensorList heads_in,
     pp.num_spans = static_cast<int>(spans.size());
     launcher.template per_head<T>(mapping, grid, pp, grad_mode == auxfuse::kGradInForward);
   });
-  return out.result(heads_in);
+  return out.result();
 }
 
 #ifndef AUXFUSE_EMULATE
