@@ -242,8 +242,15 @@ class PerHeadCrossEntropy : public torch::autograd::Function<PerHeadCrossEntropy
     if (!grad_loss.defined()) return grad_inputs;
     const variable_list saved = ctx->get_saved_variables();
     const int64_t num_grads = ctx->saved_data["num_grads"].toInt();
+    // loss.backward() on CPU: grad_output is read once here and every head's buffer handed out as it is, instead
+    // of a dispatcher call and a host read per head in scaled_saved_grad.
+    const bool hand_out = num_grads > 0 && reduction != kReductionNone && grad_loss.is_cpu() &&
+                          !torch::autograd::get_current_graph_task_keep_graph() && !is_traced(grad_loss) &&
+                          grad_loss.item<double>() == 1.0;
     for (int64_t h = 0; h < num_grads; ++h) {
-      grad_inputs[h] = scaled_saved_grad(saved[h], grad_loss, reduction, /*stacked=*/false);
+      grad_inputs[h] = hand_out && !is_traced(saved[h])
+                           ? saved[h]
+                           : scaled_saved_grad(saved[h], grad_loss, reduction, /*stacked=*/false);
     }
     const at::Tensor& denom = saved[num_grads];
     const std::vector<int64_t> target_grad_heads = ctx->saved_data["target_grad_heads"].toIntVector();
