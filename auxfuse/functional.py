@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
 
 from .backends import AUTO_ORDER, BACKENDS, select_backend
-from .backends.problem import Problem, acc_dtype_of, check_reduction_and_smoothing
+from .backends.problem import BackendResult, Problem, acc_dtype_of, check_reduction_and_smoothing
 from .outputs import DEFAULT_AUX_WEIGHT, Heads, Weights, collect_heads, is_namedtuple
 from .targets import TARGET_RESIZE_MODES, is_per_head, per_head_values, target_positions
 
@@ -261,10 +262,23 @@ def multi_head_cross_entropy(
         (torch.Size([2]), 8)
     """
     if _takes_per_head_path(target, weight, target_resize):
+        options = (aux_weight, main, ignore_index, label_smoothing, reduction, backend, check_targets, return_details,
+                   target_resize, "per head")
+        found = None if torch.compiler.is_compiling() else _signature(outputs, target, weights, weight, options)
+        plan = None if found is None else _PLANS.get(found[0])
+        if (plan is not None and plan.direct_options is not None
+                and _per_head_unavailable_reason(plan.backends[0]) is None):
+            # A known signature on a native backend: the op's arguments straight from the plan, no Problem per
+            # head (at classifier sizes the front end's Python is a good part of a step: keep this path short).
+            out = plan.run_direct(found[1], target, weight)
+            if not return_details and reduction != "none":
+                return out[0]
+            return _per_head_output(BackendResult(out[0], out[1], out[2], out[3], out[6]), plan.index_shapes[0],
+                                    reduction, return_details)
         return _per_head_cross_entropy(
-            outputs, target, weights, aux_weight=aux_weight, main=main, weight=weight, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, reduction=reduction, backend=backend, check_targets=check_targets,
-            target_resize=target_resize, return_details=return_details,
+            outputs, target, weights, found, plan, aux_weight=aux_weight, main=main, weight=weight,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction, backend=backend,
+            check_targets=check_targets, target_resize=target_resize, return_details=return_details,
         )
     options = (aux_weight, main, ignore_index, label_smoothing, reduction, backend, check_targets, return_details)
     found = None if torch.compiler.is_compiling() else _signature(outputs, target, weights, weight, options)
@@ -389,19 +403,13 @@ def _per_head_problems(outputs: Any, target: Targets, weights: Weights, *, aux_w
     return heads, problems
 
 
-def _per_head_cross_entropy(outputs: Any, target: Targets, weights: Weights, *, backend: str, check_targets: bool,
-                            return_details: bool, **options: Any):
-    """multi_head_cross_entropy with a target (and class weight) per head: one call of the fused op for all heads
-    when every head picks the same backend and it offers one (compute_per_head); else one call per head. The
-    loss is the weighted sum, the details per head."""
-    key = (options["aux_weight"], options["main"], options["ignore_index"], options["label_smoothing"],
-           options["reduction"], backend, check_targets, return_details, options["target_resize"], "per head")
-    found = None if torch.compiler.is_compiling() else _signature(outputs, target, weights, options["weight"], key)
-    plan = None if found is None else _PLANS.get(found[0])
-    if plan is not None and plan.direct_options is not None and _per_head_unavailable_reason(plan.backends[0]) is None:
-        # A known signature on a native backend: the op's arguments straight from the plan, no Problem per head.
-        result = plan.run_direct(found[1], target, options["weight"])
-        return _per_head_output(result, plan.index_shapes[0], options["reduction"], return_details)
+def _per_head_cross_entropy(outputs: Any, target: Targets, weights: Weights, found: Optional[tuple],
+                            plan: Optional["_PerHeadPlan"], *, backend: str, check_targets: bool, return_details: bool,
+                            **options: Any):
+    """multi_head_cross_entropy with a target (and class weight) per head, past the direct path: one call of the
+    fused op for all heads when every head picks the same backend and it offers one (compute_per_head); else one
+    call per head. The loss is the weighted sum, the details per head. `found`: the call's signature and values
+    (None: not plain, no plan kept); `plan`: the plan stored for it, if any."""
     if plan is not None:
         problems = plan.problems(found[1], target, options["weight"])
     else:
@@ -459,7 +467,9 @@ class _PerHeadPlan(NamedTuple):
     target_resize positions), the shape of its 'none' loss and backend, and whether all heads (more than one)
     chose one backend. `direct_options`: the op's arguments after the tensors when a later call may go straight
     to that backend's op (a native backend, batched heads, int64 class-index targets, no target_resize and no
-    check left to the front end), else None."""
+    check left to the front end), else None. `take_heads`: the heads from the output's values (more than one: a
+    tuple); `no_tensors`: None for every head (the op's target positions, and its class weights when there are
+    none)."""
 
     positions: tuple[int, ...]
     names: list[str]
@@ -469,6 +479,8 @@ class _PerHeadPlan(NamedTuple):
     same_backend: bool
     target_resize: Optional[str]
     direct_options: Optional[tuple]
+    take_heads: Callable[[tuple], tuple]
+    no_tensors: list[None]
 
     @staticmethod
     def of(heads: Heads, problems: list, backends: list, target: Targets, target_resize: Optional[str],
@@ -482,15 +494,22 @@ class _PerHeadPlan(NamedTuple):
                   and all(t.dtype == torch.int64 for t in _each_head(target, heads.names)))
         return _PerHeadPlan(heads.positions, heads.names, templates, [shape for _, _, shape in problems], backends,
                             same_backend, target_resize,
-                            fused.per_head_options([p for _, p, _ in problems]) if direct else None)
+                            fused.per_head_options([p for _, p, _ in problems]) if direct else None,
+                            operator.itemgetter(*heads.positions), [None] * len(problems))
 
-    def run_direct(self, values: tuple, target: Targets, weight: ClassWeights):
-        """This call's heads, targets and class weights straight into the backend's op (direct_options set)."""
-        heads = [values[position] for position in self.positions]
-        class_weights = [None if w is None else _kernel_class_weight(w, heads[0].dtype)
-                         for w in _each_head(weight, self.names)]
-        return self.backends[0].run_per_head(self.names, heads, _each_head(target, self.names),
-                                             [None] * len(heads), class_weights, self.direct_options)
+    def run_direct(self, values: tuple, target: Targets, weight: ClassWeights) -> tuple:
+        """This call's heads, targets and class weights straight into the backend's op (direct_options set);
+        the op's outputs."""
+        no_tensors = self.no_tensors
+        if weight is None:
+            class_weights = no_tensors
+        else:
+            dtype = values[self.positions[0]].dtype
+            class_weights = [None if w is None else _kernel_class_weight(w, dtype)
+                             for w in _each_head(weight, self.names)]
+        targets = target if type(target) is list or type(target) is tuple else _each_head(target, self.names)
+        return self.backends[0].run_per_head(self.names, self.take_heads(values), targets, no_tensors, class_weights,
+                                             self.direct_options)
 
     def problems(self, values: tuple, target: Targets, weight: ClassWeights) -> list:
         """(name, Problem, index shape) per head for this call's tensors, as _per_head_problems gives them."""
@@ -543,7 +562,8 @@ class _Plan(NamedTuple):
 # sees the full path once).
 _PLANS: dict = {}
 _MAX_PLANS = 64
-_SCALARS = (int, float, str, bool, type(None))
+_SCALARS = frozenset((int, float, str, bool, type(None)))
+_NUMBERS = frozenset((int, float))
 
 
 def _signature(outputs: Any, target: Any, weights: Weights, weight: Any, options: tuple) -> Optional[tuple]:
@@ -584,12 +604,10 @@ def _signature(outputs: Any, target: Any, weights: Weights, weight: Any, options
             weights_key = numbers = tuple(weights)
         else:
             return None
-        for number in numbers:  # plain numbers only: a 0-dim tensor could change in place
-            if type(number) is not float and type(number) is not int:
-                return None
-    for option in options:
-        if type(option) not in _SCALARS:
+        if not _NUMBERS.issuperset(map(type, numbers)):  # plain numbers only: a 0-dim tensor could change in place
             return None
+    if not _SCALARS.issuperset(map(type, options)):
+        return None
     if type(options[1]) is bool:  # main=True is no position (True == 1 as a key)
         return None
     key = (layout, tuple(facts), target_facts, weight_facts, weights_key, options, torch.is_grad_enabled())
@@ -602,20 +620,19 @@ def _tensor_facts(value: Any) -> Optional[tuple]:
     if type(value) is torch.Tensor:
         return (value.shape, value.dtype, value.device, value.requires_grad)
     if type(value) is list or type(value) is tuple:
-        items = tuple(enumerate(value))
+        facts, items = [type(value)], value
     elif type(value) is dict:
-        items = tuple(value.items())
+        facts, items = [dict, tuple(value)], value.values()  # the keys, in order, then each value's facts
     else:
         return None
-    facts = []
-    for key, item in items:
+    for item in items:
         if item is None:
-            facts.append((key, None))
+            facts.append(None)
         elif type(item) is torch.Tensor:
-            facts.append((key, item.shape, item.dtype, item.device, item.requires_grad))
+            facts.append((item.shape, item.dtype, item.device, item.requires_grad))
         else:
             return None
-    return (type(value), tuple(facts))
+    return tuple(facts)
 
 
 def explain_backend(outputs: Any, target: Targets, weights: Weights = None, *, backend: str = "auto",

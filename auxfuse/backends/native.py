@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -211,9 +212,10 @@ class NativeBackend:
     def compute_per_head(self, problems: list[Problem]) -> BackendResult:
         """Every head with its own target and class weight (one one-head Problem each, validated) in one call
         of the fused op; count is per head, (H,)."""
-        return self.run_per_head([p.names[0] for p in problems], [p.inputs[0] for p in problems],
-                                 [p.input_target for p in problems], [p.target_positions for p in problems],
-                                 [p.class_weight for p in problems], self.per_head_options(problems))
+        loss, head_losses, head_correct, count, _, _, invalid = self.run_per_head(
+            [p.names[0] for p in problems], [p.inputs[0] for p in problems], [p.input_target for p in problems],
+            [p.target_positions for p in problems], [p.class_weight for p in problems], self.per_head_options(problems))
+        return BackendResult(loss, head_losses, head_correct, count, invalid)
 
     @staticmethod
     def per_head_options(problems: list[Problem]) -> tuple:
@@ -225,21 +227,19 @@ class NativeBackend:
                 first.reduction_code, grad_mode)
 
     @staticmethod
-    def run_per_head(names: list[str], heads: list[torch.Tensor], targets: list[torch.Tensor],
-                     positions: list[Optional[torch.Tensor]], class_weights: list[Optional[torch.Tensor]],
-                     options: tuple) -> BackendResult:
+    def run_per_head(names: list[str], heads: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+                     positions: Sequence[Optional[torch.Tensor]], class_weights: Sequence[Optional[torch.Tensor]],
+                     options: tuple) -> tuple:
         """One call of the per-head op on validated tensors as the kernels take them (class indices int64,
-        class weights contiguous in the accumulation dtype); an invalid class index raises a ValueError that
-        names its head."""
+        class weights contiguous in the accumulation dtype): the op's outputs (loss, head_losses, head_correct,
+        count, denom, grads, invalid). An invalid class index raises a ValueError that names its head."""
         try:
-            loss, head_losses, head_correct, count, _, _, invalid = _PER_HEAD_FORWARD(
-                heads, targets, positions, class_weights, *options)
+            return _PER_HEAD_FORWARD(heads, targets, positions, class_weights, *options)
         except ValueError as error:  # the kernel names a head by its index (an invalid class index): say its name
             found = _HEAD_INDEX.match(str(error))
             if found is None:
                 raise
             raise ValueError(f"auxfuse: head {names[int(found.group(1))]!r}: {str(error)[found.end():]}") from None
-        return BackendResult(loss, head_losses, head_correct, count, invalid)
 
 
 cpu = NativeBackend("cpu")
