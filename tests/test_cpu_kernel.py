@@ -248,6 +248,29 @@ def test_a_nan_logit_is_the_argmax_of_its_row():
     assert out.head_correct.tolist() == [hits, int((x[:, :5].argmax(1) == target.clamp(max=4)).sum())]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("classes", [70, 423])
+def test_row_path_rows_with_nan_or_inf_logits(classes, dtype):
+    """The row path's pass 1 takes the max ignoring NaN and scans a row again for the true max only when its sum
+    of exponentials comes out NaN (row_pass1): a NaN in the first 64 classes or in the tail, a +inf, a row of -inf,
+    a NaN as the target, a NaN beside a target that holds the others' max, a single -inf: loss (NaN rows),
+    gradients and argmax hits as the naive loop's, for both heads of a shared target."""
+    nan, inf = float("nan"), float("inf")
+    g = generator(("nan rows", classes))
+    x = torch.randn(9, classes, generator=g)
+    target = torch.randint(0, classes, (9,), generator=g)
+    x[0, 3] = nan
+    x[1, classes - 2] = nan
+    x[2, 5] = inf
+    x[3] = -inf
+    x[4, 7], target[4] = nan, 7
+    x[5, 9], x[5, 11], target[5] = x[5].max() + 1, nan, 9
+    x[6, 1] = -inf
+    x[7, 2], x[7, classes - 1], target[7] = inf, nan, 2
+    for reduction in ("none", "sum"):
+        check_backend("cpu", [x.to(dtype), x.flip(0).to(dtype)], target, [1.0, 0.3], reduction=reduction)
+
+
 def test_nan_logit_poisons_its_row_only():
     g = generator(6)
     for shape in ((6, 50), (2, 7, 3, 5)):

@@ -363,6 +363,23 @@ struct RowPass1 {
   acc_t tmax;
 };
 
+// max(a, b) without NaN propagation: one instruction on x86 (at::vec::maximum's NaN test is two more). Only for
+// a max whose row's NaN shows up later anyway (class-index rows: see row_pass1).
+template <typename acc_t>
+inline Vectorized<acc_t> max_ignoring_nan(const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) return _mm512_max_ps(a, b);
+  if constexpr (std::is_same_v<acc_t, double>) return _mm512_max_pd(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) return _mm256_max_ps(a, b);
+  if constexpr (std::is_same_v<acc_t, double>) return _mm256_max_pd(a, b);
+#endif
+  return at::vec::maximum(a, b);
+}
+
+// For class-index rows (!kProb) pass 1 takes the max with max_ignoring_nan: it is the true (NaN-propagating) max
+// whenever pass 2's sum of exp(x - max) is not NaN, and a NaN, a +inf or an all -inf row always makes that sum
+// NaN; only such a row scans again for the true max (row_true_max), which the loss and the argmax then use.
 template <typename scalar_t, bool kProb>
 RowPass1<at::opmath_type<scalar_t>> row_pass1(const scalar_t* x, const scalar_t* t, const at::opmath_type<scalar_t>* cw,
                                               int64_t C) {
@@ -374,21 +391,22 @@ RowPass1<at::opmath_type<scalar_t>> row_pass1(const scalar_t* x, const scalar_t*
   Vec vmax(ninf), vwt(0), vtmax(ninf);
   int64_t c0 = 0;
   if (!kProb) {
-    // The common case: the max alone, with four independent chains (NaN-propagating max is 4 dependent ops).
+    // The common case: the max alone, with four independent chains.
     Vec m1(ninf), m2(ninf), m3(ninf);
     for (; c0 + 4 * kW <= C; c0 += 4 * kW) {
-      vmax = at::vec::maximum(vmax, io::load(x + c0));
-      m1 = at::vec::maximum(m1, io::load(x + c0 + kW));
-      m2 = at::vec::maximum(m2, io::load(x + c0 + 2 * kW));
-      m3 = at::vec::maximum(m3, io::load(x + c0 + 3 * kW));
+      vmax = max_ignoring_nan(vmax, io::load(x + c0));
+      m1 = max_ignoring_nan(m1, io::load(x + c0 + kW));
+      m2 = max_ignoring_nan(m2, io::load(x + c0 + 2 * kW));
+      m3 = max_ignoring_nan(m3, io::load(x + c0 + 3 * kW));
     }
-    vmax = at::vec::maximum(at::vec::maximum(vmax, m1), at::vec::maximum(m2, m3));
+    vmax = max_ignoring_nan(max_ignoring_nan(vmax, m1), max_ignoring_nan(m2, m3));
   }
   for_chunks<kW>(C - c0, [&](int64_t c, int n) {
     c += c0;
     const bool full = n == kW;
     const Vec xv = full ? io::load(x + c) : io::load(x + c, n);
-    vmax = at::vec::maximum(vmax, full ? xv : Vec::set(ninf, xv, n));
+    const Vec masked = full ? xv : Vec::set(ninf, xv, n);
+    vmax = kProb ? at::vec::maximum(vmax, masked) : max_ignoring_nan(vmax, masked);
     if (kProb) {
       const Vec tv = full ? io::load(t + c) : io::load(t + c, n);  // zero beyond n: harmless in the sum
       vwt = vwt + (cw ? (full ? Vec::loadu(cw + c) : Vec::loadu(cw + c, n)) * tv : tv);
@@ -406,6 +424,18 @@ RowPass1<at::opmath_type<scalar_t>> row_pass1(const scalar_t* x, const scalar_t*
 // to kW). With kSums, the sums the loss needs for label smoothing / probability targets, taken relative to the
 // max (d_c = x_c - m) so that they do not cancel against the log-sum-exp for large logits:
 //   wd = sum_c w_c d_c,  wtd = sum_c w_c t_c d_c  (probability targets).
+// The NaN-propagating max of a row (a row whose pass 2 sum came out NaN: see row_pass1).
+template <typename scalar_t>
+at::opmath_type<scalar_t> row_true_max(const scalar_t* x, int64_t C) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t c = 0; c < C && !std::isnan(m); ++c) {
+    const acc_t v = static_cast<acc_t>(x[c]);
+    m = std::isnan(v) ? v : std::max(m, v);
+  }
+  return m;
+}
+
 // `next` (optional): the row processed after this one, prefetched into L2 while the exponentials are computed
 // (a new row's first pass otherwise waits on memory at every 4 KiB page).
 template <typename acc_t>
@@ -729,11 +759,12 @@ void forward_row_block(const Args<scalar_t>& a, const Group& g, int64_t r0, int6
                   ? row_pass2<scalar_t, true, false>(x, nullptr, d.cw, C, p1.max, row_exps, next, next_grad)
                   : row_pass2<scalar_t, false, false>(x, nullptr, d.cw, C, p1.max, row_exps, next, next_grad);
           const acc_t sum = p2.sum;
-          if (d.lse) d.lse[r] = p1.max + std::log(sum);
+          const acc_t max = std::isnan(sum) ? row_true_max(x, C) : p1.max;
+          if (d.lse) d.lse[r] = max + std::log(sum);
           if (!counted) {
             if (gr) write_ignored_row_grad(gr, x, C);
           } else {
-            const bool finite = std::isfinite(p1.max);
+            const bool finite = std::isfinite(max);
             const acc_t w_y = d.class_weight(y);
             const RowCoeffs<acc_t> k = index_target_coeffs(w_y, d.weight_sum, a.eps, C);
             // Shifted by the max, as above: max 0, x_y - m, and sum_c w_c (x_c - m).
@@ -741,7 +772,7 @@ void forward_row_block(const Args<scalar_t>& a, const Group& g, int64_t r0, int6
             const acc_t x_y = static_cast<acc_t>(x[y]);
             row_loss = finite ? index_target_row_loss(st, log_acc(sum), x_y - p1.max, p2.wd, d.weight_sum, k)
                               : nan_value<acc_t>();
-            hits += is_first_max(x, y, x_y, p1.max);
+            hits += is_first_max(x, y, x_y, max);
             if (gr) {
               const acc_t ga = finite ? scale * k.lse_coef / sum : nan_value<acc_t>();
               const acc_t gb = scale * k.smooth_coef;
