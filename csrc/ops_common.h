@@ -6,10 +6,12 @@
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
+#include <ATen/TensorUtils.h>
 #include <ATen/core/List.h>
 #include <c10/util/accumulate.h>
 
 #include <array>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -36,6 +38,19 @@ struct RowViews {
   at::Tensor target;
 };
 
+// t.reshape(sizes) for the kernels' own views: where the strides allow a view, it is made directly, without the
+// two dispatcher calls of a reshape (for classifier heads, one per head and target and call, as costly as a small
+// head's kernel); else the reshape's copy. The view never leaves the op, so it needs no autograd or version
+// counter of its own.
+inline at::Tensor row_view(const at::Tensor& t, at::IntArrayRef sizes) {
+  const std::optional<std::vector<int64_t>> strides = at::detail::computeStride(t.sizes(), t.strides(), sizes);
+  if (!strides.has_value()) return t.reshape(sizes);
+  at::Tensor view = at::detail::make_tensor<c10::TensorImpl>(c10::TensorImpl::VIEW, c10::Storage(t.storage()),
+                                                            t.key_set(), t.dtype());
+  view.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, *strides, t.storage_offset());
+  return view;
+}
+
 inline RowViews as_row_views(at::TensorList heads, const at::Tensor& target) {
   RowViews rows;
   rows.heads = heads.vec();
@@ -46,12 +61,12 @@ inline RowViews as_row_views(at::TensorList heads, const at::Tensor& target) {
   const at::IntArrayRef sizes = heads[0].sizes();
   const int64_t N = sizes[0], C = sizes[1], S = c10::multiply_integers(sizes.slice(2));
   for (at::Tensor& h : rows.heads) {
-    if (h.sizes() == sizes) h = h.reshape({N, C, S});
+    if (h.sizes() == sizes) h = row_view(h, {N, C, S});
   }
   if (target.dim() == heads[0].dim() - 1 && target.size(0) == N && target.sizes().slice(1) == sizes.slice(2)) {
-    rows.target = target.reshape({N, S});
+    rows.target = row_view(target, {N, S});
   } else if (target.sizes() == sizes) {
-    rows.target = target.reshape({N, C, S});
+    rows.target = row_view(target, {N, C, S});
   }
   return rows;
 }
