@@ -206,17 +206,22 @@ class PerHeadCrossEntropy : public torch::autograd::Function<PerHeadCrossEntropy
                   reduction, grad_mode);
     }
     ctx->set_materialize_grads(false);
-    variable_list out{loss, head_losses, head_correct, count, denom, invalid};
+    variable_list out;
+    out.reserve(6 + grads.size());
+    out.insert(out.end(), {loss, head_losses, head_correct, count, denom, invalid});
     out.insert(out.end(), grads.begin(), grads.end());
     ctx->mark_non_differentiable(variable_list(out.begin() + 1, out.end()));
     const int64_t H = heads.size();
     ctx->saved_data["num_heads"] = H;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["num_grads"] = static_cast<int64_t>(grads.size());  // 0 for grad_mode 0
-    // Probability targets that require grad (prob_target_grad): their head, target, class weight and head weight.
+    // Probability targets that require grad (prob_target_grad): their head, target, class weight and head weight;
+    // kept only when there are any (the common call saves no list).
     std::vector<int64_t> target_grad_heads;
     std::vector<double> target_grad_weights;
-    variable_list to_save(grads.begin(), grads.end());
+    variable_list to_save;
+    to_save.reserve(grads.size() + 1);
+    to_save.insert(to_save.end(), grads.begin(), grads.end());
     to_save.push_back(denom);
     for (int64_t h = 0; h < H; ++h) {
       if (targets[h].is_floating_point() && targets[h].requires_grad()) {
@@ -225,9 +230,11 @@ class PerHeadCrossEntropy : public torch::autograd::Function<PerHeadCrossEntropy
         to_save.insert(to_save.end(), {heads[h], targets[h], class_weights.get(h).value_or(at::Tensor())});
       }
     }
-    ctx->saved_data["target_grad_heads"] = target_grad_heads;
-    ctx->saved_data["target_grad_weights"] = target_grad_weights;
-    ctx->saved_data["label_smoothing"] = label_smoothing;
+    if (!target_grad_heads.empty()) {
+      ctx->saved_data["target_heads"] = target_grad_heads;
+      ctx->saved_data["target_weights"] = target_grad_weights;
+      ctx->saved_data["label_smoothing"] = label_smoothing;
+    }
     ctx->save_for_backward(std::move(to_save));
     return out;
   }
@@ -252,9 +259,10 @@ class PerHeadCrossEntropy : public torch::autograd::Function<PerHeadCrossEntropy
                            ? saved[h]
                            : scaled_saved_grad(saved[h], grad_loss, reduction, /*stacked=*/false);
     }
+    if (ctx->saved_data.find("target_heads") == ctx->saved_data.end()) return grad_inputs;
     const at::Tensor& denom = saved[num_grads];
-    const std::vector<int64_t> target_grad_heads = ctx->saved_data["target_grad_heads"].toIntVector();
-    const std::vector<double> target_grad_weights = ctx->saved_data["target_grad_weights"].toDoubleVector();
+    const std::vector<int64_t> target_grad_heads = ctx->saved_data["target_heads"].toIntVector();
+    const std::vector<double> target_grad_weights = ctx->saved_data["target_weights"].toDoubleVector();
     for (size_t i = 0; i < target_grad_heads.size(); ++i) {
       const int64_t h = target_grad_heads[i];
       const at::Tensor &head = saved[num_grads + 1 + 3 * i], &target = saved[num_grads + 2 + 3 * i];

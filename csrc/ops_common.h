@@ -255,6 +255,11 @@ inline PerHeadViews check_per_head_inputs(at::TensorList heads_in, at::TensorLis
   TORCH_CHECK(grad_mode == kNoGrad || grad_mode == kGradInForward,
               "auxfuse: multihead_ce_per_head_forward takes grad_mode 0 or 1, not ", grad_mode);
   PerHeadViews v;
+  v.heads.reserve(H);
+  v.targets.reserve(H);
+  v.positions.reserve(H);
+  v.class_weights.reserve(H);
+  v.shapes.reserve(H);
   for (size_t h = 0; h < H; ++h) {
     TORCH_CHECK(heads_in[h].scalar_type() == heads_in[0].scalar_type() && heads_in[h].device() == heads_in[0].device(),
                 "auxfuse: head ", h, " differs from head 0 in dtype or device");
@@ -331,6 +336,7 @@ inline PerHeadOutputs allocate_per_head_outputs(at::TensorList heads_in, const P
   out.denom = at::empty({H}, acc_options);
   out.invalid = at::empty({}, h0.options().dtype(at::kLong));
   if (grad_mode == kGradInForward) {
+    out.grads.reserve(H);
     for (int64_t h = 0; h < H; ++h) out.grads.push_back(allocate_head_grad(heads_in[h], v.heads[h], grad_allocator));
   }
   return out;

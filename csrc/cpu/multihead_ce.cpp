@@ -250,8 +250,8 @@ TargetStats scan_targets(const Head& d, int64_t ignore_index, int64_t head = -1)
   }
   constexpr int64_t kBlock = 8192;
   const int64_t blocks = (rows + kBlock - 1) / kBlock;
-  std::vector<int64_t> counts(blocks, 0), bad(blocks, -1);
-  std::vector<double> denoms(blocks, 0.0);
+  c10::SmallVector<int64_t, 4> counts(blocks, 0), bad(blocks, -1);  // heap memory only past 32K targets
+  c10::SmallVector<double, 4> denoms(blocks, 0.0);
   // Parallel only from 1M targets on: below, a parallel region costs more than the scan.
   at::parallel_for(0, blocks, 128, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -301,6 +301,7 @@ TargetStats scan_targets(const Head& d, int64_t ignore_index, int64_t head = -1)
 template <typename scalar_t>
 std::vector<TargetStats> scan_head_targets(const Args<scalar_t>& a, bool name_heads) {
   std::vector<TargetStats> stats;
+  stats.reserve(a.head.size());
   for (size_t h = 0; h < a.head.size(); ++h) {
     const auto& d = a.head[h];
     if (h > 0) {
@@ -1211,6 +1212,7 @@ ForwardResult forward_cpu(at::TensorList heads_in, const at::Tensor& target_in,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, heads[0].scalar_type(), "auxfuse_multihead_ce_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Args<scalar_t> a = make_args<scalar_t>(ignore_index, label_smoothing, reduction);
+    a.head.reserve(heads.size());
     for (size_t h = 0; h < heads.size(); ++h) {
       a.head.push_back(describe_head<scalar_t>(heads[h], target, at::Tensor(), class_weight, head_weights[h], shape));
     }
@@ -1242,6 +1244,7 @@ void forward_per_head_cpu(const PerHeadViews& v, const PerHeadOutputs& outs, at:
                                   "auxfuse_multihead_ce_per_head_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Args<scalar_t> a = make_args<scalar_t>(ignore_index, label_smoothing, reduction);
+    a.head.reserve(H);
     for (int64_t h = 0; h < H; ++h) {
       a.head.push_back(
           describe_head<scalar_t>(v.heads[h], v.targets[h], v.positions[h], v.class_weights[h], head_weights[h],
@@ -1471,6 +1474,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss_in, at::TensorList heads_in,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, heads[0].scalar_type(), "auxfuse_multihead_ce_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Args<scalar_t> a = make_args<scalar_t>(ignore_index, label_smoothing, reduction);
+    a.head.reserve(heads.size());
     for (size_t h = 0; h < heads.size(); ++h) {
       a.head.push_back(describe_head<scalar_t>(heads[h], target, at::Tensor(), class_weight, head_weights[h], shape));
     }
