@@ -19,6 +19,11 @@ TARGET_RESIZE_MODES = ("nearest", "nearest-exact")
 
 def is_per_head(value: Any) -> bool:
     """Whether `value` gives one entry per head (a sequence or a mapping) rather than one for all heads."""
+    kind = type(value)
+    if kind is list or kind is tuple or kind is dict:  # the common answers first, without the ABCs' checks
+        return True
+    if kind is torch.Tensor or value is None:
+        return False
     return isinstance(value, Mapping) or (isinstance(value, Sequence) and not isinstance(value, (str, bytes)))
 
 

@@ -149,6 +149,7 @@ class NativeBackend:
         self.checks_targets = device_type == "cpu"
         # compute_per_head reads a resized target through Problem.target_positions (no copy per head).
         self.reads_target_positions = True
+        self._per_head_reason: Optional[tuple[Optional[str]]] = None  # per_head_unavailable_reason's, once found
 
     def unavailable_reason(self) -> Optional[str]:
         if _LOAD_ERROR is not None:
@@ -199,15 +200,15 @@ class NativeBackend:
         )
         return BackendResult(loss, head_losses, head_correct, count, invalid)
 
-
     def per_head_unavailable_reason(self) -> Optional[str]:
-        """Why this backend cannot take heads with a target each in one call (None when it can)."""
-        unavailable = self.unavailable_reason()
-        if unavailable:
-            return unavailable
-        if not _has_kernel(self.dispatch_key, "multihead_ce_per_head_forward"):
-            return f"auxfuse._C was built without a {self.dispatch_key} kernel for one target per head"
-        return None
+        """Why this backend cannot take heads with a target each in one call (None when it can). Asked on every
+        per-head call; found once, since the extension, its kernels and the device do not change."""
+        if self._per_head_reason is None:
+            reason = self.unavailable_reason()
+            if not reason and not _has_kernel(self.dispatch_key, "multihead_ce_per_head_forward"):
+                reason = f"auxfuse._C was built without a {self.dispatch_key} kernel for one target per head"
+            self._per_head_reason = (reason or None,)
+        return self._per_head_reason[0]
 
     def compute_per_head(self, problems: list[Problem]) -> BackendResult:
         """Every head with its own target and class weight (one one-head Problem each, validated) in one call
