@@ -612,8 +612,8 @@ constexpr int64_t kBlockElements = 8192;  // logits of all heads per block (fixe
 // The unit of the block partition: consecutive heads with the same rows (N, S), path and kind of target, cut
 // into blocks of rows (row path) or of spatial tiles (spatial path) covering every head of the group, so that a
 // shared target is read once per block for all heads. Heads of other sizes are groups of their own; every block
-// holds about kBlockElements logits and the blocks of all groups are handed out from one queue, so a 128 x 128
-// head and a 16 x 16 head are balanced across the threads.
+// holds about kBlockElements logits and the blocks of all groups are numbered in one sequence that the threads
+// share out (parallel_blocks), so a 128 x 128 head and a 16 x 16 head are balanced across the threads.
 struct Group {
   int64_t h0, h1;  // heads [h0, h1)
   bool rows;       // row path, else spatial tiles
