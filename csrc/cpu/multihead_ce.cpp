@@ -498,25 +498,33 @@ RowPass2<at::opmath_type<scalar_t>> row_pass2(const scalar_t* x, const scalar_t*
   return {hsum(s0 + s1), kSums ? hsum(vwd) : acc_t(0), kProb ? hsum(vwtd) : acc_t(0)};
 }
 
-// Gradient of a class-index row: g_c = e_c * a - b * w_c (b = 0 without smoothing).
+// Gradient of a class-index row: g_c = e_c * a - b * w_c (b = 0 without smoothing). Returns sum_c e_c (the
+// caller zeroes the true class's e first: the sum of the others, see forward_row_block).
 template <typename scalar_t>
-void row_write_index_grad(scalar_t* g, const at::opmath_type<scalar_t>* e, const at::opmath_type<scalar_t>* cw,
-                          int64_t C, at::opmath_type<scalar_t> a, at::opmath_type<scalar_t> b) {
+at::opmath_type<scalar_t> row_write_index_grad(scalar_t* g, const at::opmath_type<scalar_t>* e,
+                                               const at::opmath_type<scalar_t>* cw, int64_t C,
+                                               at::opmath_type<scalar_t> a, at::opmath_type<scalar_t> b) {
   using io = IO<scalar_t>;
   using Vec = typename io::Vec;
   constexpr int kW = io::kW;
   const Vec av(a), bv(b);
+  Vec sum(0);
   if (cw && b != 0) {
     for_chunks<kW>(C, [&](int64_t c, int n) {
-      const Vec gv = at::vec::fmsub(Vec::loadu(e + c), av, bv * Vec::loadu(cw + c, n));
+      const Vec ev = n == kW ? Vec::loadu(e + c) : Vec::loadu(e + c, n);
+      sum = sum + ev;
+      const Vec gv = at::vec::fmsub(ev, av, bv * Vec::loadu(cw + c, n));
       n == kW ? io::store(g + c, gv) : io::store(g + c, gv, n);
     });
   } else {
     for_chunks<kW>(C, [&](int64_t c, int n) {
-      const Vec gv = at::vec::fmsub(Vec::loadu(e + c), av, bv);
+      const Vec ev = n == kW ? Vec::loadu(e + c) : Vec::loadu(e + c, n);
+      sum = sum + ev;
+      const Vec gv = at::vec::fmsub(ev, av, bv);
       n == kW ? io::store(g + c, gv) : io::store(g + c, gv, n);
     });
   }
+  return hsum(sum);
 }
 
 // Gradient of a probability-target row: g_c = e_c * a - (b1 * t_c + b0) * w_c.
@@ -777,9 +785,17 @@ void forward_row_block(const Args<scalar_t>& a, const Group& g, int64_t r0, int6
             if (gr) {
               const acc_t ga = finite ? scale * k.lse_coef / sum : nan_value<acc_t>();
               const acc_t gb = scale * k.smooth_coef;
-              row_write_index_grad(gr, e, d.cw, C, ga, gb);
-              // The true class, from fp32 / fp64: p_y * a - b * w_y - (1 - eps) * w_y * scale.
-              gr[y] = static_cast<scalar_t>(e[y] * ga - gb * w_y - scale * k.target_coef);
+              const acc_t e_y = e[y];
+              e[y] = 0;
+              const acc_t others = row_write_index_grad(gr, e, d.cw, C, ga, gb);
+              // The true class, from fp32 / fp64: p_y * a - b * w_y - (1 - eps) * w_y * scale. A confident row
+              // (p_y > 1/2) takes p_y = 1 - others / sum: e_y * a - scale * target_coef cancels there, and the
+              // running sum (1 plus many tiny exponentials) has lost the last bits that 1 - p_y is made of (1%
+              // of 1 - p_y at p_y = 1 - 1e-4 over 1000 classes); the others' sum, with no 1 in its lanes, has not.
+              gr[y] = static_cast<scalar_t>(
+                  finite && e_y > others
+                      ? scale * ((k.lse_coef - k.target_coef) - k.lse_coef * (others / sum)) - gb * w_y
+                      : e_y * ga - gb * w_y - scale * k.target_coef);
             }
           }
         }
