@@ -421,10 +421,6 @@ RowPass1<at::opmath_type<scalar_t>> row_pass1(const scalar_t* x, const scalar_t*
   return r;
 }
 
-// Pass 2 of a row: s = sum_c exp(x_c - m); with `e` non-null it also stores the exponentials there (C rounded up
-// to kW). With kSums, the sums the loss needs for label smoothing / probability targets, taken relative to the
-// max (d_c = x_c - m) so that they do not cancel against the log-sum-exp for large logits:
-//   wd = sum_c w_c d_c,  wtd = sum_c w_c t_c d_c  (probability targets).
 // The NaN-propagating max of a row (a row whose pass 2 sum came out NaN: see row_pass1).
 template <typename scalar_t>
 at::opmath_type<scalar_t> row_true_max(const scalar_t* x, int64_t C) {
@@ -437,6 +433,10 @@ at::opmath_type<scalar_t> row_true_max(const scalar_t* x, int64_t C) {
   return m;
 }
 
+// Pass 2 of a row: s = sum_c exp(x_c - m); with `e` non-null it also stores the exponentials there (C rounded up
+// to kW). With kSums, the sums the loss needs for label smoothing / probability targets, taken relative to the
+// max (d_c = x_c - m) so that they do not cancel against the log-sum-exp for large logits:
+//   wd = sum_c w_c d_c,  wtd = sum_c w_c t_c d_c  (probability targets).
 // `next` (optional): the row processed after this one, prefetched into L2 while the exponentials are computed
 // (a new row's first pass otherwise waits on memory at every 4 KiB page).
 template <typename acc_t>
