@@ -507,9 +507,8 @@ class _PerHeadPlan(NamedTuple):
             dtype = values[self.positions[0]].dtype
             class_weights = [None if w is None else _kernel_class_weight(w, dtype)
                              for w in _each_head(weight, self.names)]
-        targets = target if type(target) is list or type(target) is tuple else _each_head(target, self.names)
-        return self.backends[0].run_per_head(self.names, self.take_heads(values), targets, no_tensors, class_weights,
-                                             self.direct_options)
+        return self.backends[0].run_per_head(self.names, self.take_heads(values), _each_head(target, self.names),
+                                             no_tensors, class_weights, self.direct_options)
 
     def problems(self, values: tuple, target: Targets, weight: ClassWeights) -> list:
         """(name, Problem, index shape) per head for this call's tensors, as _per_head_problems gives them."""
@@ -522,11 +521,13 @@ class _PerHeadPlan(NamedTuple):
                        _each_head(weight, self.names))]
 
 
-def _each_head(value: Any, names: list[str]) -> list:
+def _each_head(value: Any, names: list[str]) -> Sequence:
     """One entry per head from a validated target or class weight: one Tensor (or None) for all heads, a sequence
-    in the heads' order, or a mapping by head name."""
+    in the heads' order (a list or tuple as it is: nothing here changes it), or a mapping by head name."""
     if value is None or type(value) is torch.Tensor:
         return [value] * len(names)
+    if type(value) is list or type(value) is tuple:
+        return value
     if type(value) is dict or isinstance(value, Mapping):
         return [value[name] for name in names]
     return list(value)
